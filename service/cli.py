@@ -1,0 +1,154 @@
+"""`rankmerge` command line. User mistakes print one line (`error: problem — fix`) and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from workers.errors import MergeInputError
+
+EXIT_USER_ERROR = 2
+
+
+def _key_value(text: str, flag: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise MergeInputError(f"{flag} {text!r} is not KEY=VALUE", f"write it as {flag} name=value")
+    key, value = text.split("=", 1)
+    if not key:
+        raise MergeInputError(f"{flag} {text!r} has an empty name", f"write it as {flag} name=value")
+    return key, value
+
+
+def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """Build the job dict from a YAML file and/or flags; flags win over the file."""
+    from service.spec import load_job_file
+
+    if args.job:
+        data, root = load_job_file(args.job), Path(args.job).resolve().parent
+    else:
+        data, root = {}, Path.cwd()
+        missing = [f for f, v in (("--base", args.base), ("--model", args.model), ("--method", args.method), ("--out", args.out)) if not v]
+        if missing:
+            raise MergeInputError(f"missing {', '.join(missing)}", "give a job.yaml or all of --base, --model, --method, --out")
+    if args.base:
+        data["base"] = args.base
+    if args.model:
+        models: dict[str, str] = {}
+        for item in args.model:
+            name, path = _key_value(item, "--model")
+            if name in models:
+                raise MergeInputError(f"duplicate task name {name!r}", "give every --model a unique NAME")
+            models[name] = path
+        data["models"] = models
+    if args.method:
+        data["method"] = args.method
+    if args.out:
+        data["output"] = args.out
+    params = dict(data.get("params") or {})
+    for item in args.set or []:
+        key, value = _key_value(item, "--set")
+        params[key] = yaml.safe_load(value)
+    data["params"] = params
+    for flag in ("overwrite", "allow_pickle"):
+        if getattr(args, flag):
+            data[flag] = True
+    if args.out_dtype:
+        data["out_dtype"] = args.out_dtype
+    if args.max_shard_size:
+        data["max_shard_size"] = args.max_shard_size
+    return data, root
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from service.merge_job import run_merge_job, summarize_report
+    from service.spec import job_from_dict
+
+    data, root = job_data_from_args(args)
+    job = job_from_dict(data, root)
+    result = run_merge_job(job, dry_run=args.dry_run)
+    if isinstance(result, str):
+        print(result)
+    else:
+        print(summarize_report(result))
+        print(f"output: {job.output} (report: {job.output / 'merge_report.json'})")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from service.spec import MergeJob
+    from workers.methods.registry import method_class
+
+    schema = method_class(args.method).Params.model_json_schema(by_alias=True) if args.method else MergeJob.model_json_schema()
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from workers.methods.registry import METHODS
+
+    for name, cls in METHODS.items():
+        params = ", ".join(f"{f.alias or n}={f.default}" for n, f in cls.Params.model_fields.items())
+        print(f"{name:<16} {cls.summary}\n{'':<16} defaults: {params or '-'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from service.demo import run_demo
+
+    print(run_demo(Path(args.workdir)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankmerge", description="Merge fine-tuned checkpoints of one base model.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="run a static merge in-process")
+    merge.add_argument("job", nargs="?", help="job spec YAML (flags below override it)")
+    merge.add_argument("--base", help="pretrained HF directory")
+    merge.add_argument("--model", action="append", metavar="NAME=PATH", help="fine-tuned HF directory (repeat)")
+    merge.add_argument("--method", help="merge method (see `rankmerge methods`)")
+    merge.add_argument("--set", action="append", metavar="KEY=VALUE", help="method parameter, e.g. lambda=0.3 (repeat)")
+    merge.add_argument("--out", help="output directory")
+    merge.add_argument("--out-dtype", choices=["float32", "float16", "bfloat16"])
+    merge.add_argument("--max-shard-size", help="largest output shard, e.g. 2GB")
+    merge.add_argument("--dry-run", action="store_true", help="print the plan and predicted memory; write nothing")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    merge.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle checkpoints (weights_only load)")
+    merge.set_defaults(func=cmd_merge)
+
+    schema = sub.add_parser("schema", help="print the JSON schema of a job spec, or of one method's parameters")
+    schema.add_argument("--method")
+    schema.set_defaults(func=cmd_schema)
+
+    methods = sub.add_parser("methods", help="list merge methods and their default parameters")
+    methods.set_defaults(func=cmd_methods)
+
+    demo = sub.add_parser("demo", help="create small real checkpoints, merge them with every static method, print a table")
+    demo.add_argument("--workdir", default=".demo")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MergeInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: nothing was published", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Run a static merge job in-process: open inputs (headers only), plan, check, then stream the merge."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.checkpoint_reader import ModelCheckpoint
+from workers.checkpoint_writer import check_output_free, parse_size
+from workers.errors import MergeInputError
+from workers.methods.registry import MergeContext, MergeMethod, make_method
+from workers.plan import MergePlan, build_plan
+from workers.roles import Role
+from workers.static_merge import run_static_merge
+
+from service.spec import MergeJob
+
+log = logging.getLogger(__name__)
+SPECTRAL_METHODS = {"star", "cart", "tsv_m", "iso_c", "iso_cts"}
+
+
+@dataclass
+class PreparedMerge:
+    job: MergeJob
+    base: ModelCheckpoint
+    tasks: list[ModelCheckpoint]
+    plan: MergePlan
+    method: MergeMethod
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        return self.plan.predicted_peak_bytes(self.job.method in SPECTRAL_METHODS)
+
+
+def _check_output_location(job: MergeJob) -> None:
+    """The output may never be, or sit inside, an input: --overwrite would destroy the input."""
+    out = job.output
+    for name, path in [("base", job.base), *job.models.items()]:
+        if out == path or path in out.parents or out in path.parents:
+            raise MergeInputError(f"output {out} overlaps the input {name!r} at {path}", "write the output to a separate folder")
+    check_output_free(out, job.overwrite)
+
+
+def prepare(job: MergeJob, stack: ExitStack) -> PreparedMerge:
+    """Everything cheap, in order: output location, headers, key/shape agreement, method parameters."""
+    _check_output_location(job)
+    base = stack.enter_context(ModelCheckpoint(job.base, "base", job.allow_pickle))
+    tasks = [stack.enter_context(ModelCheckpoint(path, name, job.allow_pickle)) for name, path in job.models.items()]
+    out_dtype = getattr(torch, job.out_dtype) if job.out_dtype else None
+    plan = build_plan(base, {t.name: t for t in tasks}, out_dtype)
+    if not plan.merged:
+        raise MergeInputError("the base has no floating-point tensors to merge", "check that --base is a model checkpoint")
+    method = make_method(job.method, job.params, MergeContext(tuple(job.models), plan.merged_numel))
+    return PreparedMerge(job, base, tasks, plan, method)
+
+
+def describe_plan(prepared: PreparedMerge) -> str:
+    """The --dry-run text: every tensor's role, shape and dtype, then totals and predicted peak memory."""
+    plan, job = prepared.plan, prepared.job
+    lines = [f"{'tensor':<60} {'role':<12} {'shape':<18} dtype"]
+    for t in plan.tensors:
+        dtype = str(t.out_dtype).removeprefix("torch.")
+        lines.append(f"{t.key:<60} {t.role.value:<12} {'x'.join(map(str, t.shape)) or 'scalar':<18} {dtype}")
+        lines.extend(f"{a:<60} {'tied':<12} (copy of {t.key})" for a in t.aliases)
+    for task, heads in plan.heads.items():
+        lines.extend(f"{h.key:<60} {'head':<12} {'x'.join(map(str, h.shape)):<18} (task {task})" for h in heads)
+    counts = ", ".join(f"{n} {role}" for role, n in plan.role_counts().items())
+    passes = [p.description for p in prepared.method.stat_passes()]
+    lines += [
+        "",
+        f"architecture rules: {plan.rules.name}; tasks: {', '.join(plan.task_names)}",
+        f"method: {job.method} {prepared.method.params.model_dump(by_alias=True)}",
+        f"tensors: {counts}; merged entries per model: {plan.merged_numel:,}",
+        f"passes over the inputs: {len(passes) + 1} ({', '.join(passes + ['merge'])})",
+        f"predicted peak memory: {prepared.predicted_peak_bytes / 2**30:.2f} GiB",
+        f"output: {job.output} (nothing written: dry run)",
+    ]
+    return "\n".join(lines)
+
+
+def run_merge_job(job: MergeJob, dry_run: bool = False) -> dict[str, Any] | str:
+    """Dry run → the plan text; otherwise merge and return the report."""
+    with ExitStack() as stack:
+        prepared = prepare(job, stack)
+        if dry_run:
+            return describe_plan(prepared)
+        report = {
+            "method": job.method,
+            "params": prepared.method.params.model_dump(by_alias=True),
+            "base": {"path": str(job.base), "fingerprint": prepared.base.fingerprint()},
+            "models": {t.name: {"path": str(t.path), "fingerprint": t.fingerprint()} for t in prepared.tasks},
+            "out_dtype": job.out_dtype,
+            "predicted_peak_bytes": prepared.predicted_peak_bytes,
+        }
+        log.info("merging %d models with %s into %s", len(prepared.tasks), job.method, job.output)
+        return run_static_merge(
+            prepared.plan, prepared.method, prepared.base, prepared.tasks, job.output,
+            job.overwrite, parse_size(job.max_shard_size), report,
+        )
+
+
+def summarize_report(report: dict[str, Any]) -> str:
+    merged = [t for t in report["tensors"] if t["role"] in (Role.SPECTRAL.value, Role.ELEMENTWISE.value)]
+    return (
+        f"merged {len(report['models'])} models with {report['method']} ({len(merged)} tensors merged, "
+        f"roles {report['roles']}) in {report['wall_seconds']:.2f} s, peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB"
+    )

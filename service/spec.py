@@ -1,0 +1,114 @@
+"""The merge job spec: a pydantic model loaded from YAML (or built from CLI flags), validated cheaply and completely."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workers.checkpoint_writer import parse_size
+from workers.errors import MergeInputError
+from workers.methods.registry import METHODS, parse_params
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class MergeJob(BaseModel):
+    """A static merge: one base checkpoint, T fine-tuned checkpoints of it, one method."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: Path = Field(description="HF directory of the pretrained checkpoint the models were fine-tuned from")
+    models: dict[str, Path] = Field(description="task name -> HF directory of the model fine-tuned on that task")
+    method: str = Field(description="one of: " + ", ".join(METHODS))
+    params: dict[str, Any] = Field(default_factory=dict, description="method parameters (see `rankmerge schema --method M`)")
+    output: Path = Field(description="output directory; written atomically")
+    out_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="default: each tensor's input dtype")
+    overwrite: bool = False
+    allow_pickle: bool = Field(False, description="allow .bin/.pt pickle checkpoints (loaded with weights_only=True)")
+    max_shard_size: str = Field("2GB", description="largest output shard, e.g. 500MB, 5GB")
+
+    @field_validator("models")
+    @classmethod
+    def _names(cls, models: dict[str, Path]) -> dict[str, Path]:
+        if not models:
+            raise ValueError("needs at least one fine-tuned model")
+        for name in models:
+            if not TASK_NAME.match(name):
+                raise ValueError(f"task name {name!r} must be letters, digits, '_', '.', '-'")
+        return models
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
+        return method
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard(cls, size: str) -> str:
+        try:
+            if parse_size(size) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{size!r} is not a size like 500MB or 2GB") from None
+        return size
+
+    @model_validator(mode="after")
+    def _params(self) -> "MergeJob":
+        parse_params(self.method, self.params, len(self.models))
+        return self
+
+    def resolved(self, root: Path) -> "MergeJob":
+        """Paths relative to the spec file's folder, made absolute."""
+        fix = lambda p: p if p.is_absolute() else (root / p)  # noqa: E731
+        return self.model_copy(
+            update={"base": fix(self.base).resolve(), "output": fix(self.output).resolve(),
+                    "models": {k: fix(v).resolve() for k, v in self.models.items()}}
+        )
+
+
+def job_from_dict(data: dict[str, Any], root: Path) -> MergeJob:
+    try:
+        return MergeJob.model_validate(data).resolved(root)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise MergeInputError(f"job spec field {where!r}: {msg}", "fix the spec (see `rankmerge schema`)") from None
+    except MergeInputError:
+        raise
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (plain YAML silently keeps the last one: a lost task)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise MergeInputError(f"duplicate key {key!r} in the job spec (line {key_node.start_mark.line + 1})", "give every task a unique name")
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_job_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MergeInputError(f"job spec {path} does not exist", "check the path")
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise MergeInputError(f"job spec {path} is not valid YAML ({str(exc).splitlines()[0]})", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise MergeInputError(f"job spec {path} is not a mapping", "write it as `key: value` lines (see `rankmerge schema`)")
+    return data

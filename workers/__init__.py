@@ -1,0 +1,1 @@
+"""Compute that runs in-process or inside Ray actors: checkpoint I/O, merge math, planning."""

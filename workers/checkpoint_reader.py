@@ -1,0 +1,173 @@
+"""Lazy reading of HF model directories: headers first, then one tensor at a time.
+
+Tensors are read with positional reads into fresh buffers rather than through a memory map: mapped pages of every
+input file would otherwise count towards (and inflate) the process's resident memory as a merge walks the files, and
+freeing a tensor here returns its memory at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from workers.errors import MergeInputError
+from workers.safetensors_format import TensorEntry, read_header
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin.index.json", "pytorch_model.bin", "model.pt", "model.bin")
+
+
+class ModelCheckpoint:
+    """One HF model directory, opened lazily. Only headers are read at construction."""
+
+    def __init__(self, path: str | os.PathLike, name: str = "model", allow_pickle: bool = False) -> None:
+        self.path = Path(path)
+        self.name = name
+        if not self.path.exists():
+            raise MergeInputError(f"{name}: path {self.path} does not exist", "check the path in the job spec")
+        if not self.path.is_dir():
+            raise MergeInputError(
+                f"{name}: {self.path} is not a model directory", "pass the folder that holds config.json and the weights"
+            )
+        self.config: dict = self._read_config()
+        self._fds: dict[Path, int] = {}
+        self._pickled: dict[str, torch.Tensor] | None = None
+        self.entries: dict[str, TensorEntry] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        files = self._weight_files()
+        if files[0].suffix == ".safetensors":
+            self._open_safetensors(files)
+        else:
+            self._open_pickle(files, allow_pickle)
+
+    # ---- discovery -------------------------------------------------------------------------------------------------
+    def _read_config(self) -> dict:
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as exc:
+            raise MergeInputError(f"{self.name}: {cfg} is not valid JSON ({exc.msg})", "fix or restore config.json") from None
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / SAFETENSORS_INDEX
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise MergeInputError(f"{self.name}: {index} is not a valid index", "re-save the checkpoint") from None
+            self._index_map = {k: self.path / v for k, v in weight_map.items()}
+            files = sorted(set(self._index_map.values()))
+            for f in files:
+                if not f.exists():
+                    raise MergeInputError(f"{self.name}: shard {f.name} named in {index.name} is missing", "copy the whole checkpoint directory")
+            return files
+        self._index_map = None
+        single = self.path / SAFETENSORS_SINGLE
+        if single.exists():
+            return [single]
+        others = sorted(self.path.glob("*.safetensors"))
+        if len(others) == 1:
+            return others
+        for pickle_name in PICKLE_NAMES:
+            if (self.path / pickle_name).exists():
+                return [self.path / pickle_name]
+        raise MergeInputError(
+            f"{self.name}: {self.path} is not a model directory (no model.safetensors, no shard index)",
+            "pass a folder written by save_pretrained",
+        )
+
+    def _open_safetensors(self, files: list[Path]) -> None:
+        for f in files:
+            entries, _ = read_header(f)
+            for key, entry in entries.items():
+                if self._index_map is not None and self._index_map.get(key) != f:
+                    continue  # the index is authoritative for which shard holds a key
+                self.entries[key] = entry
+        if self._index_map is not None:
+            missing = [k for k in self._index_map if k not in self.entries]
+            if missing:
+                raise MergeInputError(
+                    f"{self.name}: {len(missing)} tensors listed in the index are absent from their shards (e.g. {missing[0]!r})",
+                    "re-download the checkpoint",
+                )
+        self.shapes = {k: e.shape for k, e in self.entries.items()}
+        self.dtypes = {k: e.dtype for k, e in self.entries.items()}
+
+    def _open_pickle(self, files: list[Path], allow_pickle: bool) -> None:
+        target = files[0]
+        if not allow_pickle:
+            raise MergeInputError(
+                f"{self.name}: {target.name} is a pickle checkpoint, which can run code when loaded",
+                "convert it to safetensors, or pass --allow-pickle (allow_pickle: true) if you trust it",
+            )
+        paths = [target]
+        if target.name.endswith(".index.json"):
+            weight_map = json.loads(target.read_text())["weight_map"]
+            paths = sorted({self.path / v for v in weight_map.values()})
+        state: dict[str, torch.Tensor] = {}
+        for p in paths:
+            try:
+                loaded = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for bad pickles
+                raise MergeInputError(f"{self.name}: cannot load {p.name} safely ({type(exc).__name__})", "convert it to safetensors") from None
+            if not isinstance(loaded, dict):
+                raise MergeInputError(f"{self.name}: {p.name} does not hold a state dict", "save model.state_dict()")
+            state.update({k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
+        self._pickled = state
+        self.shapes = {k: tuple(v.shape) for k, v in state.items()}
+        self.dtypes = {k: v.dtype for k, v in state.items()}
+
+    # ---- access ----------------------------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def read(self, key: str) -> torch.Tensor:
+        """Read one tensor into freshly owned memory (never a view of a shared mapping)."""
+        if self._pickled is not None:
+            return self._pickled[key].clone()
+        entry = self.entries[key]
+        if entry.numel == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        fd = self._fds.get(entry.path)
+        if fd is None:
+            fd = self._fds[entry.path] = os.open(entry.path, os.O_RDONLY)
+        buf = bytearray(entry.nbytes)
+        view = memoryview(buf)
+        done = 0
+        while done < entry.nbytes:
+            n = os.preadv(fd, [view[done:]], entry.start + done)
+            if n <= 0:
+                raise MergeInputError(f"{self.name}: {entry.path.name} ended while reading {key!r}", "re-download the checkpoint")
+            done += n
+        return torch.frombuffer(buf, dtype=entry.dtype).reshape(entry.shape)
+
+    def fingerprint(self) -> str:
+        """Cheap identity of the weights: hash of headers (names, shapes, dtypes, offsets) and file sizes."""
+        h = hashlib.sha256()
+        for key in sorted(self.shapes):
+            h.update(f"{key}:{self.shapes[key]}:{self.dtypes[key]}".encode())
+        for f in sorted({e.path for e in self.entries.values()}):
+            h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "ModelCheckpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

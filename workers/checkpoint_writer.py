@@ -1,0 +1,181 @@
+"""Streaming, pre-planned, atomically published HF checkpoint writer.
+
+Every output shape and dtype is known from the plan before any tensor is computed, so the writer lays out each shard's
+header up front and writes each tensor straight to its byte range with `pwrite`, in any order. Nothing is buffered,
+so peak memory is independent of shard size. Everything goes to a temp directory beside the output that is renamed
+into place only when every tensor has been written and fsynced; a failed or interrupted run leaves the output untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from workers.errors import MergeInputError
+from workers.safetensors_format import build_header, dtype_size
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+SKIPPED_SIDE_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "merge_report.json"}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' / '500MB' / bytes → bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
+def check_output_free(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber a non-empty output unless asked; called before any heavy work."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise MergeInputError(f"output {out} already exists and is not empty", "choose another --out or pass --overwrite")
+
+
+class StreamingCheckpointWriter:
+    """Write an HF-style (sharded) safetensors checkpoint whose layout is fixed in advance."""
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        max_shard_bytes: int = 2 * 10**9,
+        overwrite: bool = False,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.out = Path(out).resolve()
+        check_output_free(self.out, overwrite)
+        self.overwrite = overwrite
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._layout = {name: (dtype, shape) for name, dtype, shape in layout}
+        self._shards = self._split(layout, max_shard_bytes)
+        self._metadata = {"format": "pt", **(metadata or {})}
+        self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
+        self._fds: list[int] = []
+        self._written: set[str] = set()
+        self._committed = False
+
+    @staticmethod
+    def _split(layout, max_bytes):
+        shards, current, size = [], [], 0
+        for item in layout:
+            n = dtype_size(item[1])
+            for d in item[2]:
+                n *= d
+            if current and size + n > max_bytes:
+                shards.append(current)
+                current, size = [], 0
+            current.append(item)
+            size += n
+        if current or not shards:
+            shards.append(current)
+        return shards
+
+    def shard_names(self) -> list[str]:
+        if len(self._shards) == 1:
+            return ["model.safetensors"]
+        n = len(self._shards)
+        return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+    def __enter__(self) -> "StreamingCheckpointWriter":
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        for fname, shard in zip(self.shard_names(), self._shards):
+            header, offsets = build_header(shard, self._metadata)
+            fd = os.open(self.tmp / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            total = len(header) + (max(e for _, e in offsets.values()) if offsets else 0)
+            os.ftruncate(fd, total)
+            os.pwrite(fd, header, 0)
+            for name, (b, e) in offsets.items():
+                self._where[name] = (fd, len(header) + b, e - b)
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor (cast to its planned dtype) to its reserved byte range."""
+        dtype, shape = self._layout[name]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: planned shape {shape}, got {tuple(tensor.shape)}")
+        fd, offset, nbytes = self._where[name]
+        if nbytes:
+            data = tensor.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+            view = memoryview(data)
+            done = 0
+            while done < nbytes:
+                done += os.pwrite(fd, view[done:], offset + done)
+        self._written.add(name)
+
+    def write_side_file(self, relpath: str, data: bytes) -> None:
+        target = self.tmp / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+    def copy_side_files(self, source: Path, config_updates: dict | None = None) -> list[str]:
+        """Copy config/tokenizer/processor files (every top-level non-weight file) from `source`."""
+        copied = []
+        for f in sorted(source.iterdir()):
+            if not f.is_file() or f.name in SKIPPED_SIDE_FILES or f.name.endswith(WEIGHT_SUFFIXES):
+                continue
+            if f.name == "config.json" and config_updates:
+                cfg = json.loads(f.read_text())
+                cfg.update(config_updates)
+                (self.tmp / f.name).write_text(json.dumps(cfg, indent=2) + "\n")
+            else:
+                shutil.copy2(f, self.tmp / f.name)
+            copied.append(f.name)
+        return copied
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._commit()
+        finally:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds.clear()
+            if not self._committed:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _commit(self) -> None:
+        missing = set(self._layout) - self._written
+        if missing:
+            raise RuntimeError(f"writer closed with {len(missing)} planned tensors unwritten, e.g. {sorted(missing)[0]}")
+        names = self.shard_names()
+        if len(names) > 1:
+            weight_map = {t[0]: fname for fname, shard in zip(names, self._shards) for t in shard}
+            total = sum(n for _, _, n in self._where.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for fd in self._fds:
+            os.fsync(fd)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Swap the finished temp dir into place; an old output is moved aside first and removed last."""
+        old = None
+        if self.out.exists():
+            check_output_free(self.out, self.overwrite)
+            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.out, old)
+        os.rename(self.tmp, self.out)
+        self._committed = True
+        dir_fd = os.open(self.out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("wrote %s (%d tensors in %d shard(s))", self.out, len(self._layout), len(self._shards))

@@ -1,0 +1,129 @@
+"""Elementwise merge math on stacked task vectors `taus` of shape [T, ...]. Pure torch: no I/O, no Ray.
+
+Every function returns a *delta* to add to the origin (the base, unless a method says otherwise).
+Formulas follow the project's ALGORITHMS.md, sections 3 and 7.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import Tensor
+
+
+def weight_average(taus: Tensor) -> Tensor:
+    """θ = mean_t θ_t, written as a delta: (1/T) Σ_t τ_t."""
+    return taus.mean(0)
+
+
+def task_arithmetic(taus: Tensor, lam: float) -> Tensor:
+    """θ = θ0 + λ Σ_t τ_t."""
+    return taus.sum(0).mul_(lam)
+
+
+# ---- TIES ---------------------------------------------------------------------------------------------------------
+def trim_rank(numel: int, keep_fraction: float) -> int:
+    """1-based rank of the threshold among |τ| sorted ascending (the reference's d − ⌊K·d⌋); 0 means keep all."""
+    return numel - int(numel * keep_fraction)
+
+
+def kth_smallest_threshold(values: Tensor, keep_fraction: float) -> Tensor:
+    """In-memory trim threshold of one flat vector: keep entries with |τ| >= this value (ties kept)."""
+    k = trim_rank(values.numel(), keep_fraction)
+    if k <= 0:
+        return torch.tensor(0.0)
+    return values.abs().reshape(-1).float().kthvalue(k).values
+
+
+def trim(taus: Tensor, thresholds: Tensor) -> Tensor:
+    """Zero entries of task t whose magnitude is below thresholds[t]."""
+    shape = (-1,) + (1,) * (taus.dim() - 1)
+    return taus * (taus.abs() >= thresholds.reshape(shape).to(taus.dtype))
+
+
+def elected_signs(trimmed: Tensor) -> Tensor:
+    """γ = sign(Σ_t τ̂_t) per entry, 0 where the mass cancels (resolved later by the global majority sign)."""
+    return torch.sign(trimmed.sum(0))
+
+
+def disjoint_merge(trimmed: Tensor, majority_sign: float, mode: str = "sum") -> Tensor:
+    """Keep, per entry, the task values whose sign agrees with the elected sign; sum or mean them."""
+    gamma = elected_signs(trimmed)
+    gamma = torch.where(gamma == 0, torch.full_like(gamma, majority_sign), gamma)
+    agree = torch.where(gamma > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * agree
+    total = selected.sum(0)
+    if mode == "sum":
+        return total
+    if mode == "mean":
+        return total / agree.sum(0).clamp(min=1)
+    raise ValueError(f"unknown TIES merge mode {mode!r}")
+
+
+def ties(taus: Tensor, keep_fraction: float, lam: float, mode: str = "sum") -> Tensor:
+    """Whole-model TIES on flat task vectors [T, d] (reference for tests; the executor streams the same steps)."""
+    thresholds = torch.stack([kth_smallest_threshold(t, keep_fraction) for t in taus])
+    trimmed = trim(taus, thresholds)
+    majority = float(torch.sign(elected_signs(trimmed).sum()))
+    return disjoint_merge(trimmed, majority, mode).mul_(lam)
+
+
+# ---- DARE ---------------------------------------------------------------------------------------------------------
+def stable_seed(*parts: object) -> int:
+    """A seed derived from names, identical across processes and runs (unlike hash())."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def dare_drop(tau: Tensor, p: float, seed: int, rescale: bool = True) -> Tensor:
+    """Drop each entry with probability p (Bernoulli, seeded); scale survivors by 1/(1−p)."""
+    if p == 0:
+        return tau.clone()
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(tau.shape, generator=gen) >= p
+    out = tau * keep
+    return out.div_(1.0 - p) if rescale else out
+
+
+# ---- TALL masks / Consensus ---------------------------------------------------------------------------------------
+def tall_masks(taus: Tensor, tall_lambdas: Tensor) -> Tensor:
+    """m_t = 1[|τ_t| > λ_t |τ_MTL − τ_t|] with τ_MTL = Σ_t τ_t (strict >)."""
+    mtl = taus.sum(0)
+    shape = (-1,) + (1,) * (taus.dim() - 1)
+    return taus.abs() > tall_lambdas.reshape(shape) * (mtl - taus).abs()
+
+
+def consensus(taus: Tensor, tall_lambdas: Tensor, min_tasks: int, alpha: float) -> Tensor:
+    """Consensus TA: keep entries of τ_MTL used by at least `min_tasks` TALL masks, scale by α."""
+    votes = tall_masks(taus, tall_lambdas).sum(0)
+    return taus.sum(0).mul_(votes >= min_tasks).mul_(alpha)
+
+
+# ---- distribution-aware per-tensor drop (our design, in the spirit of TADrop) --------------------------------------
+def concentration(taus: Tensor, top_fraction: float = 0.01) -> float:
+    """Share of the tensor's L1 task-vector mass (pooled over tasks) held by its top `top_fraction` entries.
+
+    High = sparse/heavy-tailed (few entries matter: critical, drop less); low = dense/Gaussian-like (redundant).
+    """
+    flat = taus.abs().reshape(-1).float()
+    total = float(flat.sum())
+    if total == 0.0:
+        return 0.0
+    k = max(1, math.ceil(top_fraction * flat.numel()))
+    return float(flat.topk(k).values.sum()) / total
+
+
+def drop_rates(concentrations: Tensor, p_mean: float, beta: float, p_min: float, p_max: float) -> Tensor:
+    """p_k = clip(p̄ − β·(z_k − median z), p_min, p_max), z the standardised concentration across tensors."""
+    c = concentrations.double()
+    std = c.std(unbiased=False) if c.numel() > 1 else torch.tensor(0.0, dtype=c.dtype)
+    z = (c - c.mean()) / std if float(std) > 0 else torch.zeros_like(c)
+    return (p_mean - beta * (z - z.median())).clamp(p_min, p_max).float()
+
+
+def magnitude_drop(taus: Tensor, p: float) -> Tensor:
+    """Per task, drop the fraction p of smallest-magnitude entries of this tensor (ties kept)."""
+    thresholds = torch.stack([kth_smallest_threshold(t, 1.0 - p) for t in taus])
+    return trim(taus, thresholds)

@@ -1,0 +1,402 @@
+"""The method registry: each method binds a pydantic parameter model (its schema) to a per-tensor rule.
+
+The streaming executor calls, for every merged tensor, `method.merge(inputs)` → (delta from the base, report info).
+Methods that need whole-model statistics declare `stat_passes()`; each pass sees every merged tensor once before
+merging starts, so nothing ever needs a whole model in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import Tensor
+
+from workers.errors import MergeInputError
+from workers.methods import elementwise as ew
+from workers.methods import spectral as sp
+from workers.methods.streaming_stats import StreamingKthSmallest
+from workers.roles import Role
+
+
+@dataclass
+class TensorInputs:
+    """One merged tensor's inputs: key, role, fp32 base and stacked fp32 task vectors τ_t = θ_t − θ0 ([T, ...])."""
+
+    key: str
+    role: Role
+    base: Tensor
+    taus: Tensor
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    task_names: tuple[str, ...]
+    merged_numel: int  # entries over all merged (spectral + elementwise) tensors of one model
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class StatPass:
+    """One streaming pass over every merged tensor, run before merging."""
+
+    description = "statistics"
+
+    def observe(self, inputs: TensorInputs) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        pass
+
+
+class MergeMethod:
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]]
+    summary: ClassVar[str]
+
+    def __init__(self, params: Params, ctx: MergeContext) -> None:
+        self.params = params
+        self.ctx = ctx
+
+    def stat_passes(self) -> list[StatPass]:
+        return []
+
+    def merge(self, inputs: TensorInputs) -> tuple[Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[MergeMethod]] = {}
+
+
+def register(cls: type[MergeMethod]) -> type[MergeMethod]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def make_method(name: str, raw_params: dict[str, Any], ctx: MergeContext) -> MergeMethod:
+    cls = method_class(name)
+    return cls(parse_params(name, raw_params, len(ctx.task_names)), ctx)
+
+
+def method_class(name: str) -> type[MergeMethod]:
+    if name not in METHODS:
+        raise MergeInputError(f"unknown method {name!r}", f"use one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def parse_params(name: str, raw: dict[str, Any], num_tasks: int | None = None) -> Params:
+    """Validate a method's parameters; one line naming the bad parameter and the allowed range."""
+    cls = method_class(name)
+    try:
+        params = cls.Params.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "params"
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(f.alias or n for n, f in cls.Params.model_fields.items()) or "none"
+            raise MergeInputError(f"unknown parameter {field!r} for method {name}", f"its parameters are: {known}") from None
+        raise MergeInputError(f"parameter {field!r} of {name}: {err['msg']}", "fix the value (see `rankmerge schema --method " + name + "`)") from None
+    lambdas = getattr(params, "tall_lambda", None)
+    if num_tasks is not None and isinstance(lambdas, list) and len(lambdas) != num_tasks:
+        raise MergeInputError(f"tall_lambda has {len(lambdas)} values for {num_tasks} tasks", "give one value or one per task")
+    return params
+
+
+# ---- simple elementwise methods -----------------------------------------------------------------------------------
+Lambda = Field(0.3, alias="lambda", ge=-10.0, le=10.0, description="scale of the summed task vectors")
+
+
+@register
+class WeightAverage(MergeMethod):
+    name = "weight_average"
+    summary = "θ = mean of the fine-tuned models"
+
+    class Params(Params):
+        pass
+
+    def merge(self, inputs):
+        return ew.weight_average(inputs.taus), {}
+
+
+@register
+class TaskArithmetic(MergeMethod):
+    name = "task_arithmetic"
+    summary = "θ = θ0 + λ Σ τ_t"
+
+    class Params(Params):
+        lambda_: float = Lambda
+
+    def merge(self, inputs):
+        return ew.task_arithmetic(inputs.taus, self.params.lambda_), {}
+
+
+@register
+class Dare(MergeMethod):
+    name = "dare"
+    summary = "random drop with probability p and 1/(1-p) rescale per task, then λ Σ τ_t"
+
+    class Params(Params):
+        p: float = Field(0.5, ge=0.0, lt=1.0, description="drop probability")
+        lambda_: float = Lambda
+        seed: int = Field(0, ge=0)
+        rescale: bool = True
+
+    def merge(self, inputs):
+        p = self.params
+        dropped = torch.stack(
+            [ew.dare_drop(t, p.p, ew.stable_seed(p.seed, name, inputs.key), p.rescale) for name, t in zip(self.ctx.task_names, inputs.taus)]
+        )
+        return ew.task_arithmetic(dropped, p.lambda_), {}
+
+
+@register
+class Consensus(MergeMethod):
+    name = "consensus"
+    summary = "TALL masks per task, keep entries used by >= k tasks, α Σ τ_t"
+
+    class Params(Params):
+        alpha: float = Field(0.3, ge=-10.0, le=10.0)
+        tall_lambda: float | list[float] = Field(0.4, description="TALL mask λ_t: one value or one per task")
+        k: int = Field(2, ge=1, description="minimum number of tasks whose TALL mask keeps an entry")
+
+    def merge(self, inputs):
+        p = self.params
+        lambdas = torch.tensor(p.tall_lambda if isinstance(p.tall_lambda, list) else [p.tall_lambda] * len(inputs.taus))
+        delta = ew.consensus(inputs.taus, lambdas, p.k, p.alpha)
+        return delta, {}
+
+
+# ---- TIES (global trim from two streaming passes, then a majority-sign pass) ---------------------------------------
+class _KthHighPass(StatPass):
+    description = "trim thresholds (1/2)"
+
+    def __init__(self, kth: StreamingKthSmallest) -> None:
+        self.kth = kth
+
+    def observe(self, inputs):
+        for t, tau in enumerate(inputs.taus):
+            self.kth.observe_high(t, tau.abs())
+
+    def finish(self):
+        self.kth.finish_high()
+
+
+class _KthLowPass(_KthHighPass):
+    description = "trim thresholds (2/2)"
+
+    def observe(self, inputs):
+        for t, tau in enumerate(inputs.taus):
+            self.kth.observe_low(t, tau.abs())
+
+    def finish(self):
+        pass
+
+
+class _MajoritySignPass(StatPass):
+    """Σ over all entries of the elected sign; its sign resolves entries whose task mass cancels exactly."""
+
+    description = "sign election"
+
+    def __init__(self, trim_fn) -> None:
+        self.trim_fn = trim_fn
+        self.total = 0.0
+        self.majority = 0.0
+
+    def observe(self, inputs):
+        self.total += float(ew.elected_signs(self.trim_fn(inputs)).sum())
+
+    def finish(self):
+        self.majority = float(torch.sign(torch.tensor(self.total)))
+
+
+@register
+class Ties(MergeMethod):
+    name = "ties"
+    summary = "TIES: global top-k trim per task, sign election, disjoint sum/mean, × λ"
+
+    class Params(Params):
+        k: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector's entries kept")
+        lambda_: float = Lambda
+        merge: Literal["sum", "mean"] = "sum"
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        rank = ew.trim_rank(ctx.merged_numel, params.k)
+        self.kth = StreamingKthSmallest([rank] * len(ctx.task_names))
+        self._thresholds: Tensor | None = None
+        self.signs = _MajoritySignPass(self._trim)
+
+    def _trim(self, inputs):
+        return ew.trim(inputs.taus, self.thresholds())
+
+    def stat_passes(self):
+        return [_KthHighPass(self.kth), _KthLowPass(self.kth), self.signs]
+
+    def thresholds(self) -> Tensor:
+        """Per-task trim thresholds; valid once both histogram passes have run."""
+        if self._thresholds is None:
+            self._thresholds = self.kth.thresholds()
+        return self._thresholds
+
+    def merge(self, inputs):
+        trimmed = ew.trim(inputs.taus, self.thresholds())
+        delta = ew.disjoint_merge(trimmed, self.signs.majority, self.params.merge).mul_(self.params.lambda_)
+        kept = float((trimmed != 0).float().mean())
+        return delta, {"kept_fraction": round(kept, 6)}
+
+
+# ---- distribution-aware per-tensor drop (our design in the spirit of TADrop) ---------------------------------------
+class _ConcentrationPass(StatPass):
+    description = "tensor concentration"
+
+    def __init__(self, method: "DistributionAwareDrop") -> None:
+        self.method = method
+        self.values: dict[str, float] = {}
+
+    def observe(self, inputs):
+        self.values[inputs.key] = ew.concentration(inputs.taus, self.method.params.top_fraction)
+
+    def finish(self):
+        p = self.method.params
+        keys = list(self.values)
+        rates = ew.drop_rates(torch.tensor([self.values[k] for k in keys]), p.p, p.beta, p.p_min, p.p_max)
+        self.method.rates = dict(zip(keys, rates.tolist()))
+
+
+@register
+class DistributionAwareDrop(MergeMethod):
+    """Not a reproduction of TADrop (its statistic is unpublished here): our per-tensor rate from the concentration
+    of the task-vector mass — dense tensors are redundant and dropped harder, heavy-tailed ones are kept more."""
+
+    name = "tadrop"
+    summary = "distribution-aware per-tensor drop rates (our design, in the spirit of TADrop) on a TA/TIES/DARE host"
+
+    class Params(Params):
+        p: float = Field(0.5, ge=0.0, lt=1.0, description="mean target drop rate p̄")
+        beta: float = Field(0.1, ge=0.0, le=1.0, description="rate change per standard deviation of concentration")
+        p_min: float = Field(0.1, ge=0.0, lt=1.0)
+        p_max: float = Field(0.9, ge=0.0, lt=1.0)
+        top_fraction: float = Field(0.01, gt=0.0, le=1.0, description="top share of entries whose mass measures concentration")
+        host: Literal["ta", "ties", "dare"] = "ta"
+        lambda_: float = Lambda
+        seed: int = Field(0, ge=0)
+
+        @field_validator("p_max")
+        @classmethod
+        def _ordered(cls, v, info):
+            if v < info.data.get("p_min", 0.0):
+                raise ValueError("p_max must be >= p_min")
+            return v
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        self.rates: dict[str, float] = {}
+        self.signs = _MajoritySignPass(self._drop)
+
+    def stat_passes(self):
+        passes: list[StatPass] = [_ConcentrationPass(self)]
+        return passes + [self.signs] if self.params.host == "ties" else passes
+
+    def _drop(self, inputs):
+        rate = self.rates[inputs.key]
+        if self.params.host == "dare":
+            return torch.stack(
+                [ew.dare_drop(t, rate, ew.stable_seed(self.params.seed, n, inputs.key)) for n, t in zip(self.ctx.task_names, inputs.taus)]
+            )
+        return ew.magnitude_drop(inputs.taus, rate)
+
+    def merge(self, inputs):
+        dropped = self._drop(inputs)
+        if self.params.host == "ties":
+            delta = ew.disjoint_merge(dropped, self.signs.majority, "sum").mul_(self.params.lambda_)
+        else:
+            delta = ew.task_arithmetic(dropped, self.params.lambda_)
+        return delta, {"drop_rate": round(self.rates[inputs.key], 6)}
+
+
+# ---- spectral methods ---------------------------------------------------------------------------------------------
+@register
+class Star(MergeMethod):
+    name = "star"
+    summary = "STAR: per-task spectral truncation to η% of the nuclear norm, rescaled; averaged"
+
+    class Params(Params):
+        eta: float = Field(40.0, gt=0.0, le=100.0, description="percent of singular-value mass kept")
+
+    def merge(self, inputs):
+        if inputs.role is not Role.SPECTRAL:
+            return ew.weight_average(inputs.taus), {}
+        truncated = [sp.star_truncate(t, self.params.eta) for t in inputs.taus]
+        delta = torch.stack([d for d, _ in truncated]).mean(0)
+        return delta, {"ranks": [k for _, k in truncated]}
+
+
+@register
+class Cart(MergeMethod):
+    name = "cart"
+    summary = "CART: θ̄ + λ Σ low-rank(θ_t − θ̄), rank max(1, ⌊ρ r⌋)"
+
+    class Params(Params):
+        lambda_: float = Field(2.0, alias="lambda", ge=-10.0, le=10.0)
+        rho: float = Field(0.12, ge=0.0, le=1.0, description="fraction of each centered task vector's rank kept")
+
+    def merge(self, inputs):
+        mean = inputs.taus.mean(0)
+        if inputs.role is not Role.SPECTRAL:
+            return mean, {}
+        fac = sp.cart_factorization(inputs.taus - mean, self.params.rho)
+        return mean.add_(fac.materialize(scale=self.params.lambda_)), {"rank_per_task": sp.cart_keep(min(mean.shape), self.params.rho)}
+
+
+class _SpectralOnMean(MergeMethod):
+    """θ0 + α Δ: Δ from a factorization on spectral tensors, the mean task vector elsewhere."""
+
+    def factorize(self, taus: Tensor) -> sp.SpectralFactorization:
+        raise NotImplementedError
+
+    def merge(self, inputs):
+        if inputs.role is not Role.SPECTRAL:
+            return ew.weight_average(inputs.taus).mul_(self.params.alpha), {}
+        fac = self.factorize(inputs.taus)
+        return fac.materialize(scale=self.params.alpha), {"components": int(fac.initial_mask.sum())}
+
+
+@register
+class TsvM(_SpectralOnMean):
+    name = "tsv_m"
+    summary = "TSV-M: top ⌊r/T⌋ singular vectors per task, whitened (polar), × α"
+
+    class Params(Params):
+        alpha: float = Field(1.0, ge=-10.0, le=10.0)
+
+    def factorize(self, taus):
+        return sp.tsv_factorization(taus)
+
+
+@register
+class IsoC(_SpectralOnMean):
+    name = "iso_c"
+    summary = "Iso-C: spectrum of Σ τ_t flattened to its mean, × α"
+
+    class Params(Params):
+        alpha: float = Field(1.0, ge=-10.0, le=10.0)
+
+    def factorize(self, taus):
+        return sp.iso_c_factorization(taus)
+
+
+@register
+class IsoCts(_SpectralOnMean):
+    name = "iso_cts"
+    summary = "Iso-CTS: common + task-specific subspaces, orthogonalised, isotropic spectrum, × α"
+
+    class Params(Params):
+        alpha: float = Field(1.0, ge=-10.0, le=10.0)
+        common_fraction: float = Field(0.8, ge=0.0, le=1.0, description="share of the rank given to the common subspace")
+
+    def factorize(self, taus):
+        return sp.iso_cts_factorization(taus, self.params.common_fraction)

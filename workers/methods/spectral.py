@@ -1,0 +1,168 @@
+"""Spectral merge math: one factorization abstraction for every SVD method. Pure torch: no I/O, no Ray.
+
+A `SpectralFactorization` of one tensor's task vectors is (U, s, Vh, task_of_component, initial_mask). TA-SVD, CART,
+TSV-M and Iso-CTS differ only in how they build it; a static spectral merge materialises it with its initial mask, and
+AdaRank learns the mask over any of them. Formulas follow ALGORITHMS.md sections 4-6 and 7.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SHARED = -1  # task_of_component value for components that belong to no single task (Iso-CTS common block)
+
+
+def thin_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 thin SVD computed in the tall orientation (wide matrices are transposed: much faster on CPU)."""
+    a = a.float()
+    if a.shape[0] < a.shape[1]:
+        u, s, vh = torch.linalg.svd(a.T, full_matrices=False)
+        return vh.T, s, u.T
+    return torch.linalg.svd(a, full_matrices=False)
+
+
+def polar(a: Tensor) -> Tensor:
+    """Nearest matrix with orthonormal columns (rows, if wide): P Qᵀ from a = P D Qᵀ (orthogonal Procrustes)."""
+    p, _, qh = thin_svd(a)
+    return p @ qh
+
+
+@dataclass
+class SpectralFactorization:
+    """Δ = U diag(mask ⊙ s ⊙ coef[task]) Vh, with R components drawn from T tasks (or shared)."""
+
+    U: Tensor  # m × R
+    s: Tensor  # R
+    Vh: Tensor  # R × n
+    task_of_component: Tensor  # R, int64; SHARED for common components
+    initial_mask: Tensor  # R, bool
+
+    def materialize(self, mask: Tensor | None = None, scale: float = 1.0) -> Tensor:
+        """The merged delta for a mask (default: the initial one); one GEMM."""
+        mask = self.initial_mask if mask is None else mask
+        coef = self.s * mask.to(self.s.dtype) * scale
+        return (self.U * coef) @ self.Vh
+
+    def kept_per_task(self, num_tasks: int, mask: Tensor | None = None) -> list[int]:
+        mask = self.initial_mask if mask is None else mask
+        return [int(mask[self.task_of_component == t].sum()) for t in range(num_tasks)]
+
+
+def _top_mask(num_tasks: int, rank: int, keep: int) -> Tensor:
+    """Per task block of `rank` components, mark the first `keep` (components are in descending order)."""
+    block = torch.arange(rank) < keep
+    return block.repeat(num_tasks)
+
+
+def per_task_factorization(taus: Tensor, keep: int | None = None) -> SpectralFactorization:
+    """Full thin SVD of every τ_t, concatenated; the initial mask keeps each task's top `keep` (None: all)."""
+    factors = [thin_svd(t) for t in taus]
+    rank = factors[0][1].numel()
+    num_tasks = taus.shape[0]
+    return SpectralFactorization(
+        U=torch.cat([f[0] for f in factors], dim=1),
+        s=torch.cat([f[1] for f in factors]),
+        Vh=torch.cat([f[2] for f in factors], dim=0),
+        task_of_component=torch.arange(num_tasks).repeat_interleave(rank),
+        initial_mask=_top_mask(num_tasks, rank, rank if keep is None else keep),
+    )
+
+
+def cart_keep(rank: int, rho: float) -> int:
+    """CART keeps max(1, ⌊ρ·r⌋) components per task."""
+    return max(1, int(rho * rank))
+
+
+def cart_factorization(centered: Tensor, rho: float) -> SpectralFactorization:
+    """CART: factorize c_t = θ_t − θ̄ and keep the top max(1, ⌊ρ r⌋) components of each."""
+    rank = min(centered.shape[1:])
+    return per_task_factorization(centered, keep=cart_keep(rank, rho))
+
+
+def tsv_factorization(taus: Tensor) -> SpectralFactorization:
+    """TSV-M: top ⌊r/T⌋ components per task, concatenated, then U and Vh replaced by their polar factors."""
+    num_tasks = taus.shape[0]
+    rank = min(taus.shape[1:])
+    k = rank // num_tasks
+    if k == 0:
+        m, n = taus.shape[1:]
+        return SpectralFactorization(
+            torch.zeros(m, 0), torch.zeros(0), torch.zeros(0, n), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool)
+        )
+    factors = [thin_svd(t) for t in taus]
+    u_hat = torch.cat([f[0][:, :k] for f in factors], dim=1)
+    s_hat = torch.cat([f[1][:k] for f in factors])
+    vh_hat = torch.cat([f[2][:k] for f in factors], dim=0)
+    return SpectralFactorization(
+        U=polar(u_hat),
+        s=s_hat,
+        Vh=polar(vh_hat),
+        task_of_component=torch.arange(num_tasks).repeat_interleave(k),
+        initial_mask=torch.ones(num_tasks * k, dtype=torch.bool),
+    )
+
+
+def iso_c_factorization(taus: Tensor) -> SpectralFactorization:
+    """Iso-C: SVD of M = Σ_t τ_t with every singular value replaced by their mean σ̄ (all components shared)."""
+    u, s, vh = thin_svd(taus.sum(0))
+    return SpectralFactorization(
+        U=u,
+        s=torch.full_like(s, float(s.mean())),
+        Vh=vh,
+        task_of_component=torch.full((s.numel(),), SHARED, dtype=torch.long),
+        initial_mask=torch.ones(s.numel(), dtype=torch.bool),
+    )
+
+
+def iso_cts_split(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """(common components, components per task) exactly as the reference rounds them."""
+    k_common = int(rank * common_fraction)
+    per_task = round((rank - k_common) / num_tasks)
+    per_task = min(per_task, rank // num_tasks)  # guard: never more task components than the rank holds
+    return rank - per_task * num_tasks, per_task
+
+
+def iso_cts_factorization(taus: Tensor, common_fraction: float = 0.8) -> SpectralFactorization:
+    """Iso-CTS: common subspace of Σ τ_t plus each task's top directions orthogonal to it; polar; isotropic σ̄."""
+    num_tasks = taus.shape[0]
+    rank = min(taus.shape[1:])
+    k_common, per_task = iso_cts_split(rank, num_tasks, common_fraction)
+    u, s, vh = thin_svd(taus.sum(0))
+    u_c, s_c, vh_c = u[:, :k_common], s[:k_common], vh[:k_common]
+    us, ss, vhs, owners = [], [], [], []
+    if per_task > 0:
+        for t, tau in enumerate(taus):
+            residual = tau.float() - u_c @ (u_c.T @ tau.float())
+            ut, st, vht = thin_svd(residual)
+            us.append(ut[:, :per_task])
+            ss.append(st[:per_task])
+            vhs.append(vht[:per_task])
+            owners.append(torch.full((per_task,), t, dtype=torch.long))
+    us.append(u_c)
+    ss.append(s_c)
+    vhs.append(vh_c)
+    owners.append(torch.full((k_common,), SHARED, dtype=torch.long))
+    s_all = torch.cat(ss)
+    return SpectralFactorization(
+        U=polar(torch.cat(us, dim=1)),
+        s=torch.full_like(s_all, float(s_all.mean())),
+        Vh=polar(torch.cat(vhs, dim=0)),
+        task_of_component=torch.cat(owners),
+        initial_mask=torch.ones(s_all.numel(), dtype=torch.bool),
+    )
+
+
+def star_truncate(tau: Tensor, eta: float) -> tuple[Tensor, int]:
+    """STAR: keep the fewest components holding η% of the singular-value mass; rescale to the original nuclear norm."""
+    u, s, vh = thin_svd(tau)
+    total = s.sum()
+    if float(total) == 0.0:
+        return torch.zeros_like(tau, dtype=torch.float32), 0
+    cumulative = torch.cumsum(s, 0)
+    keep = int(torch.searchsorted(cumulative, total * (eta / 100.0)).item()) + 1
+    keep = min(keep, s.numel())
+    kept = s[:keep] * (total / s[:keep].sum())
+    return (u[:, :keep] * kept) @ vh[:keep], keep

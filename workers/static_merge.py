@@ -1,0 +1,144 @@
+"""Streaming static merge: run a method's statistic passes, then merge tensor by tensor into the writer.
+
+Peak memory is one tensor's inputs (base + T task vectors) plus the method's workspace, never whole models.
+No Ray here: the same function runs in-process or inside an actor over a shard of the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+from workers.checkpoint_reader import ModelCheckpoint
+from workers.checkpoint_writer import StreamingCheckpointWriter
+from workers.errors import MergeInputError
+from workers.methods.registry import MergeMethod, TensorInputs
+from workers.plan import MergePlan, TensorPlan
+from workers.roles import Role
+
+log = logging.getLogger(__name__)
+
+
+def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> TensorInputs:
+    """Read one tensor from every model and form fp32 task vectors, reading each task straight into its slot."""
+    base_t = base.read(entry.key).float()
+    if not torch.isfinite(base_t).all():
+        raise MergeInputError(f"the base has NaN/Inf values in {entry.key!r}", "use a healthy base checkpoint")
+    taus = torch.empty((len(tasks),) + entry.shape, dtype=torch.float32)
+    for t, (ck, src) in enumerate(zip(tasks, entry.sources)):
+        taus[t].copy_(ck.read(src))
+        taus[t].sub_(base_t)
+        if not torch.isfinite(taus[t]).all():
+            raise MergeInputError(
+                f"the task vector of {ck.name!r} has NaN/Inf values in {entry.key!r}",
+                "that fine-tuned checkpoint is corrupt or diverged: re-export it or leave it out",
+            )
+    return TensorInputs(entry.key, entry.role, base_t, taus)
+
+
+def _progress(total: int, desc: str):
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False, disable=None)
+
+
+def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], desc: str) -> Iterator[TensorInputs]:
+    entries = plan.merged
+    with _progress(sum(e.numel for e in entries) * 4 * (len(tasks) + 1), desc) as bar:
+        for entry in entries:
+            yield load_inputs(entry, base, tasks)
+            bar.update(entry.numel * 4 * (len(tasks) + 1))
+
+
+def run_stat_passes(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> list[str]:
+    names = []
+    for stat_pass in method.stat_passes():
+        for inputs in iter_inputs(plan, base, tasks, stat_pass.description):
+            stat_pass.observe(inputs)
+        stat_pass.finish()
+        names.append(stat_pass.description)
+    return names
+
+
+def merge_into(
+    writer: StreamingCheckpointWriter, plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint]
+) -> dict[str, dict[str, Any]]:
+    """Write every planned tensor: merged ones through the method, the rest copied from the base."""
+    infos: dict[str, dict[str, Any]] = {}
+    with _progress(sum(e.numel for e in plan.tensors) * 4 * (len(tasks) + 1), f"merge ({method.name})") as bar:
+        for entry in plan.tensors:
+            if entry.role in (Role.SPECTRAL, Role.ELEMENTWISE):
+                inputs = load_inputs(entry, base, tasks)
+                delta, info = method.merge(inputs)
+                value = delta.add_(inputs.base)
+                del inputs
+            else:
+                value, info = base.read(entry.key), {}
+            writer.write(entry.key, value)
+            for alias in entry.aliases:
+                writer.write(alias, value)
+            infos[entry.key] = info
+            bar.update(entry.numel * 4 * (len(tasks) + 1))
+    return infos
+
+
+def write_heads(writer: StreamingCheckpointWriter, plan: MergePlan, tasks: list[ModelCheckpoint]) -> dict[str, list[str]]:
+    """Per-task heads are never merged: each task's head goes to heads/<task>.safetensors under its own names."""
+    written = {}
+    for ck in tasks:
+        heads = plan.heads.get(ck.name, [])
+        if heads:
+            data = save_safetensors({h.key: ck.read(h.key).contiguous() for h in heads}, metadata={"task": ck.name})
+            writer.write_side_file(f"heads/{ck.name}.safetensors", data)
+            written[ck.name] = [h.key for h in heads]
+    return written
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_static_merge(
+    plan: MergePlan,
+    method: MergeMethod,
+    base: ModelCheckpoint,
+    tasks: list[ModelCheckpoint],
+    out: Path,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 * 10**9,
+    report: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Merge and publish `out` atomically with a merge_report.json; returns the report."""
+    start = time.perf_counter()
+    report = dict(report or {})
+    passes = run_stat_passes(plan, method, base, tasks)
+    config_updates = {}
+    out_dtypes = {str(t.out_dtype).removeprefix("torch.") for t in plan.merged}
+    if len(out_dtypes) == 1:
+        config_updates["dtype"] = out_dtypes.pop()
+    with StreamingCheckpointWriter(out, plan.layout(), max_shard_bytes, overwrite) as writer:
+        infos = merge_into(writer, plan, method, base, tasks)
+        heads = write_heads(writer, plan, tasks)
+        writer.copy_side_files(base.path, config_updates if base.config else None)
+        report.update(
+            {
+                "stat_passes": passes,
+                "roles": plan.role_counts(),
+                "tensors": [
+                    {"key": t.key, "role": t.role.value, "shape": list(t.shape), "dtype": str(t.out_dtype).removeprefix("torch."),
+                     **({"aliases": list(t.aliases)} if t.aliases else {}), **infos.get(t.key, {})}
+                    for t in plan.tensors
+                ],
+                "heads": heads,
+                "wall_seconds": round(time.perf_counter() - start, 3),
+                "peak_rss_bytes": peak_rss_bytes(),
+            }
+        )
+        writer.write_side_file("merge_report.json", (json.dumps(report, indent=2) + "\n").encode())
+    return report
