@@ -3,6 +3,7 @@ agree, and predict memory. Everything here is cheap, so every input mistake surf
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from workers.errors import MergeInputError
 from workers.roles import ArchitectureRules, Role, classify, is_embedding, is_head, rules_for, tied_source
 from workers.safetensors_format import dtype_size
 
+log = logging.getLogger(__name__)
 SAME_BASE_FIX = "merge only checkpoints fine-tuned from this base (same architecture and size)"
 
 
@@ -147,6 +149,9 @@ def build_plan(base: ModelCheckpoint, tasks: dict[str, ModelCheckpoint], out_dty
             continue
         shape, dtype = base.shapes[key], base.dtypes[key]
         role = classify(rules, key, shape, dtype)
+        if role in (Role.SPECTRAL, Role.ELEMENTWISE) and all(key not in alignments[n] for n in tasks):
+            log.warning("%s is in the base only (no task model has it): copied from the base", key)
+            role = Role.FROZEN
         sources = []
         for name, ck in tasks.items():
             src = alignments[name].get(key)

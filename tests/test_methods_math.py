@@ -1,0 +1,226 @@
+"""Every merge method against its formula (ALGORITHMS.md) on small random tensors, plus the project invariants."""
+
+import math
+
+import pytest
+import torch
+
+from workers.methods import elementwise as ew
+from workers.methods import spectral as sp
+from workers.methods.registry import MergeContext, TensorInputs, make_method
+from workers.methods.streaming_stats import StreamingKthSmallest
+from workers.roles import Role
+
+T = 3
+
+
+@pytest.fixture
+def taus():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(T, 12, 8, generator=gen)
+
+
+def run(method, taus, role=Role.SPECTRAL, base=None, **params):
+    """Merge one tensor through the registry (stat passes included) and return the delta."""
+    base = torch.zeros(taus.shape[1:]) if base is None else base
+    m = make_method(method, params, MergeContext(tuple(f"t{i}" for i in range(len(taus))), taus[0].numel()))
+    inputs = TensorInputs("layers.0.w", role, base, taus)
+    for p in m.stat_passes():
+        p.observe(inputs)
+        p.finish()
+    return m.merge(TensorInputs("layers.0.w", role, base, taus.clone()))[0]
+
+
+def test_weight_average_and_task_arithmetic(taus):
+    torch.testing.assert_close(run("weight_average", taus), taus.mean(0))
+    torch.testing.assert_close(run("task_arithmetic", taus, **{"lambda": 0.7}), 0.7 * taus.sum(0))
+
+
+def test_invariant_ta_with_one_over_t_is_weight_average(taus):
+    torch.testing.assert_close(run("task_arithmetic", taus, **{"lambda": 1 / T}), run("weight_average", taus))
+
+
+def _ties_by_hand(taus, k, lam, mode):
+    """Element-by-element TIES, written independently of the vectorised code."""
+    flat = taus.reshape(T, -1)
+    d = flat.shape[1]
+    trimmed = torch.zeros_like(flat)
+    for t in range(T):
+        order = sorted(flat[t].abs().tolist())
+        threshold = order[d - int(d * k) - 1]
+        trimmed[t] = torch.where(flat[t].abs() >= threshold, flat[t], 0.0)
+    signs = [math.copysign(1, s) if s != 0 else 0 for s in trimmed.sum(0).tolist()]
+    majority = math.copysign(1, sum(signs)) if sum(signs) != 0 else 0
+    out = torch.zeros(d)
+    for j in range(d):
+        g = signs[j] if signs[j] != 0 else majority
+        vals = [float(trimmed[t, j]) for t in range(T) if (trimmed[t, j] > 0 if g > 0 else trimmed[t, j] < 0)]
+        out[j] = (sum(vals) / max(1, len(vals))) if mode == "mean" else sum(vals)
+    return lam * out.reshape(taus.shape[1:])
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_ties_matches_formula(taus, mode):
+    expected = _ties_by_hand(taus, 0.3, 0.5, mode)
+    torch.testing.assert_close(run("ties", taus, k=0.3, merge=mode, **{"lambda": 0.5}), expected)
+    torch.testing.assert_close(ew.ties(taus.reshape(T, -1), 0.3, 0.5, mode).reshape(taus.shape[1:]), expected)
+
+
+def test_ties_keeps_top_k_fraction_per_task(taus):
+    thresholds = torch.stack([ew.kth_smallest_threshold(t, 0.25) for t in taus])
+    kept = (ew.trim(taus, thresholds) != 0).reshape(T, -1).float().mean(1)
+    assert torch.allclose(kept, torch.full((T,), 0.25), atol=1 / taus[0].numel())
+
+
+def test_dare_is_seeded_unbiased_and_rescaled():
+    tau = torch.ones(200, 200)
+    a = ew.dare_drop(tau, 0.3, seed=7)
+    assert torch.equal(a, ew.dare_drop(tau, 0.3, seed=7))
+    assert not torch.equal(a, ew.dare_drop(tau, 0.3, seed=8))
+    values = a.unique()
+    assert len(values) == 2 and float(values[0]) == 0.0 and float(values[1]) == pytest.approx(1 / 0.7)
+    assert abs(float((a == 0).float().mean()) - 0.3) < 0.01
+    assert abs(float(a.mean()) - 1.0) < 0.02
+    torch.testing.assert_close(ew.dare_drop(tau, 0.0, seed=1), tau)
+
+
+def test_dare_method_is_ta_of_dropped(taus):
+    names = ("t0", "t1", "t2")
+    dropped = torch.stack([ew.dare_drop(t, 0.4, ew.stable_seed(3, n, "layers.0.w")) for n, t in zip(names, taus)])
+    torch.testing.assert_close(run("dare", taus, p=0.4, seed=3, **{"lambda": 0.3}), 0.3 * dropped.sum(0))
+
+
+def test_consensus_matches_formula(taus):
+    mtl = taus.sum(0)
+    masks = torch.stack([taus[t].abs() > 0.4 * (mtl - taus[t]).abs() for t in range(T)])
+    expected = 0.5 * mtl * (masks.sum(0) >= 2)
+    torch.testing.assert_close(run("consensus", taus, alpha=0.5, tall_lambda=0.4, k=2), expected)
+    per_task = run("consensus", taus, alpha=0.5, tall_lambda=[0.4, 0.4, 0.4], k=2)
+    torch.testing.assert_close(per_task, expected)
+
+
+def test_drop_rates_monotone_in_concentration():
+    conc = torch.tensor([0.05, 0.10, 0.20, 0.40, 0.80])
+    rates = ew.drop_rates(conc, p_mean=0.5, beta=0.1, p_min=0.1, p_max=0.9)
+    assert all(a > b for a, b in zip(rates, rates[1:])), "more concentrated tensors must be dropped less"
+    assert float(rates[2]) == pytest.approx(0.5)  # the median tensor gets the target rate
+    assert float(ew.drop_rates(conc, 0.5, 1.0, 0.3, 0.7).min()) >= 0.3 - 1e-6
+
+
+def test_concentration_orders_sparse_above_dense():
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.randn(T, 100, 100, generator=gen)
+    sparse = dense * (torch.rand(T, 100, 100, generator=gen) < 0.01)
+    assert ew.concentration(sparse) > ew.concentration(dense)
+
+
+def test_tadrop_drops_by_magnitude_at_its_rate(taus):
+    delta = run("tadrop", taus, p=0.5, host="ta", **{"lambda": 1.0})
+    expected = ew.magnitude_drop(taus, 0.5).sum(0)  # a single tensor is its own median: rate = p̄
+    torch.testing.assert_close(delta, expected)
+
+
+def test_star_preserves_nuclear_norm_and_truncates(taus):
+    trunc, keep = sp.star_truncate(taus[0], 40.0)
+    s = torch.linalg.svdvals(taus[0])
+    expected_keep = int((torch.cumsum(s, 0) < 0.4 * s.sum()).sum()) + 1
+    assert keep == expected_keep
+    assert torch.linalg.matrix_rank(trunc) == keep
+    assert float(torch.linalg.svdvals(trunc).sum()) == pytest.approx(float(s.sum()), rel=1e-5)
+    full, keep_all = sp.star_truncate(taus[0], 100.0)
+    torch.testing.assert_close(full, taus[0], atol=1e-5, rtol=1e-4)
+    merged = run("star", taus, eta=40.0)
+    torch.testing.assert_close(merged, torch.stack([sp.star_truncate(t, 40.0)[0] for t in taus]).mean(0))
+
+
+def _svd_k(a, k):
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
+
+
+def test_cart_matches_formula(taus):
+    mean = taus.mean(0)
+    k = max(1, int(0.25 * 8))
+    expected = mean + 1.5 * sum(_svd_k(t - mean, k) for t in taus)
+    torch.testing.assert_close(run("cart", taus, rho=0.25, **{"lambda": 1.5}), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(run("cart", taus, role=Role.ELEMENTWISE, rho=0.25), mean)
+
+
+def test_invariant_cart_rho_one_is_weight_average(taus):
+    torch.testing.assert_close(run("cart", taus, rho=1.0, **{"lambda": 2.0}), taus.mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_tsv_m_whitened_factors_and_formula(taus):
+    fac = sp.tsv_factorization(taus)
+    k = 8 // T
+    assert fac.U.shape == (12, T * k) and fac.Vh.shape == (T * k, 8)
+    torch.testing.assert_close(fac.U.T @ fac.U, torch.eye(T * k), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fac.Vh @ fac.Vh.T, torch.eye(T * k), atol=1e-5, rtol=0)
+    # formula: polar factors of the concatenated top-k blocks
+    svds = [torch.linalg.svd(t, full_matrices=False) for t in taus]
+    u_hat = torch.cat([u[:, :k] for u, _, _ in svds], 1)
+    p, _, q = torch.linalg.svd(u_hat, full_matrices=False)
+    torch.testing.assert_close(fac.U, p @ q, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(run("tsv_m", taus, alpha=0.7), 0.7 * fac.materialize(), atol=1e-5, rtol=1e-4)
+
+
+def test_tsv_m_equals_sum_of_truncations_for_orthogonal_tasks():
+    """When task subspaces are already orthogonal, whitening changes nothing: TSV-M = Σ_t SVD_k(τ_t)."""
+    q1, _ = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(1)))
+    q2, _ = torch.linalg.qr(torch.randn(9, 9, generator=torch.Generator().manual_seed(2)))
+    taus = torch.stack([q1[:, 3 * t : 3 * t + 3] @ torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ q2[:, 3 * t : 3 * t + 3].T for t in range(3)])
+    expected = sum(_svd_k(t, 3) for t in taus)
+    torch.testing.assert_close(sp.tsv_factorization(taus).materialize(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_iso_c_flat_spectrum_same_subspace(taus):
+    delta = run("iso_c", taus, alpha=1.0)
+    s = torch.linalg.svdvals(taus.sum(0))
+    torch.testing.assert_close(torch.linalg.svdvals(delta), torch.full_like(s, float(s.mean())), atol=1e-4, rtol=1e-4)
+    u, _, vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
+    torch.testing.assert_close(delta, float(s.mean()) * u @ vh, atol=1e-5, rtol=1e-4)
+
+
+def test_iso_cts_structure(taus):
+    fac = sp.iso_cts_factorization(taus, 0.5)
+    k_common, per_task = sp.iso_cts_split(8, T, 0.5)
+    assert (k_common, per_task) == (8 - round(4 / 3) * 3, round(4 / 3))
+    assert int((fac.task_of_component == sp.SHARED).sum()) == k_common
+    torch.testing.assert_close(fac.U.T @ fac.U, torch.eye(8), atol=1e-5, rtol=0)
+    sv = torch.linalg.svdvals(fac.materialize())
+    torch.testing.assert_close(sv, torch.full_like(sv, float(fac.s[0])), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,params", [("tsv_m", {"alpha": 1.3}), ("iso_c", {"alpha": 0.9}), ("iso_cts", {"alpha": 1.1})])
+def test_invariant_static_spectral_is_materialized_factorization(taus, method, params):
+    builders = {"tsv_m": sp.tsv_factorization, "iso_c": sp.iso_c_factorization, "iso_cts": sp.iso_cts_factorization}
+    fac = builders[method](taus)
+    torch.testing.assert_close(run(method, taus, **params), fac.materialize(scale=params["alpha"]), atol=1e-5, rtol=1e-4)
+
+
+def test_factorization_with_all_components_is_task_arithmetic(taus):
+    fac = sp.per_task_factorization(taus)
+    torch.testing.assert_close(fac.materialize(scale=0.3), 0.3 * taus.sum(0), atol=1e-5, rtol=1e-4)
+    assert fac.kept_per_task(T) == [8, 8, 8]
+
+
+def test_thin_svd_of_wide_matrix_reconstructs():
+    a = torch.randn(5, 40, generator=torch.Generator().manual_seed(3))
+    u, s, vh = sp.thin_svd(a)
+    assert u.shape == (5, 5) and vh.shape == (5, 40)
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, a, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("keep", [0.2, 0.5, 0.999, 1.0])
+def test_streaming_kth_is_exact_over_chunks(keep):
+    gen = torch.Generator().manual_seed(5)
+    chunks = [torch.randn(n, generator=gen).abs() for n in (1000, 7, 3000)]
+    chunks.append(torch.tensor([0.0, 0.0, 0.5, 0.5, 0.5]))  # zeros and ties
+    allv = torch.cat(chunks)
+    kth = StreamingKthSmallest([ew.trim_rank(allv.numel(), keep)])
+    for c in chunks:
+        kth.observe_high(0, c)
+    kth.finish_high()
+    for c in chunks:
+        kth.observe_low(0, c)
+    assert float(kth.thresholds()[0]) == float(ew.kth_smallest_threshold(allv, keep))
