@@ -1,4 +1,4 @@
-"""Tiny real HF checkpoints (real transformers classes, real safetensors files) for tests and the demo.
+"""Tiny real HF checkpoints (real transformers classes, real safetensors files) for the demo and the tests.
 
 "Fine-tunes" here are the base plus seeded low-rank and dense perturbations: enough to exercise every code path of
 a static merge. Quality claims use real fine-tunes (benchmarks), never these.
