@@ -20,6 +20,9 @@ from transformers import (
     GPT2Model,
     LlamaConfig,
     LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    RobertaModel,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -29,6 +32,7 @@ TINY = {
     "vit": lambda: ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=8, patch_size=4, num_channels=1),
     "clip_vision": lambda: CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=8, patch_size=4, projection_dim=16),
     "bert": lambda: BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=64, max_position_embeddings=32),
+    "roberta": lambda: RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=64, max_position_embeddings=40),
     "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0),
     "llama": lambda: LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=32),
 }
@@ -37,6 +41,7 @@ CLASSES = {
     "vit": (ViTModel, ViTForImageClassification),
     "clip_vision": (CLIPVisionModel, CLIPVisionModel),
     "bert": (BertModel, BertForSequenceClassification),
+    "roberta": (RobertaModel, RobertaForSequenceClassification),
     "gpt2": (GPT2Model, GPT2ForSequenceClassification),
     "llama": (LlamaForCausalLM, LlamaForCausalLM),
 }

@@ -16,7 +16,7 @@ from workers.methods import elementwise as ew
 from workers.roles import ARCHITECTURES, Role, classify
 
 ALL_METHODS = ["weight_average", "task_arithmetic", "ties", "dare", "consensus", "tadrop", "star", "cart", "tsv_m", "iso_c", "iso_cts"]
-PREFIXES = {"vit": "vit.", "clip_vision": "", "bert": "bert.", "gpt2": "transformer.", "llama": ""}
+PREFIXES = {"vit": "vit.", "clip_vision": "", "bert": "bert.", "roberta": "roberta.", "gpt2": "transformer.", "llama": ""}
 
 
 def merge_args(base, tasks, method, out, *extra):
@@ -40,7 +40,7 @@ def backbone(state, prefix, base_keys):
     return out
 
 
-@pytest.mark.parametrize("kind", ["vit", "clip_vision", "bert", "gpt2", "llama"])
+@pytest.mark.parametrize("kind", list(PREFIXES))
 def test_task_arithmetic_output_loads_and_equals_formula(kind, families, tmp_path):
     base, tasks = families(kind)
     out = tmp_path / "merged"

@@ -142,15 +142,15 @@ class ModelCheckpoint:
         fd = self._fds.get(entry.path)
         if fd is None:
             fd = self._fds[entry.path] = os.open(entry.path, os.O_RDONLY)
-        buf = bytearray(entry.nbytes)
-        view = memoryview(buf)
+        buf = torch.empty(entry.nbytes, dtype=torch.uint8)  # uninitialised: no zero-fill pass
+        view = memoryview(buf.numpy())
         done = 0
         while done < entry.nbytes:
             n = os.preadv(fd, [view[done:]], entry.start + done)
             if n <= 0:
                 raise MergeInputError(f"{self.name}: {entry.path.name} ended while reading {key!r}", "re-download the checkpoint")
             done += n
-        return torch.frombuffer(buf, dtype=entry.dtype).reshape(entry.shape)
+        return buf.view(entry.dtype).reshape(entry.shape)
 
     def fingerprint(self) -> str:
         """Cheap identity of the weights: hash of headers (names, shapes, dtypes, offsets) and file sizes."""

@@ -27,16 +27,20 @@ from workers.roles import Role
 log = logging.getLogger(__name__)
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """NaN/Inf check at reduction speed: a sum is finite iff every entry is (barring fp32 overflow, re-checked exactly)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> TensorInputs:
-    """Read one tensor from every model and form fp32 task vectors, reading each task straight into its slot."""
+    """Read one tensor from every model and form fp32 task vectors, each written straight into its slot."""
     base_t = base.read(entry.key).float()
-    if not torch.isfinite(base_t).all():
+    if not all_finite(base_t):
         raise MergeInputError(f"the base has NaN/Inf values in {entry.key!r}", "use a healthy base checkpoint")
     taus = torch.empty((len(tasks),) + entry.shape, dtype=torch.float32)
     for t, (ck, src) in enumerate(zip(tasks, entry.sources)):
-        taus[t].copy_(ck.read(src))
-        taus[t].sub_(base_t)
-        if not torch.isfinite(taus[t]).all():
+        torch.sub(ck.read(src), base_t, out=taus[t])
+        if not all_finite(taus[t]):
             raise MergeInputError(
                 f"the task vector of {ck.name!r} has NaN/Inf values in {entry.key!r}",
                 "that fine-tuned checkpoint is corrupt or diverged: re-export it or leave it out",
