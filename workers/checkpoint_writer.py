@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from workers.errors import MergeInputError
-from workers.safetensors_format import build_header, dtype_size
+from workers.safetensors_format import build_header, nbytes
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,7 @@ class StreamingCheckpointWriter:
     def _split(layout, max_bytes):
         shards, current, size = [], [], 0
         for item in layout:
-            n = dtype_size(item[1])
-            for d in item[2]:
-                n *= d
+            n = nbytes(item[2], item[1])
             if current and size + n > max_bytes:
                 shards.append(current)
                 current, size = [], 0

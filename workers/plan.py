@@ -12,7 +12,7 @@ import torch
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.errors import MergeInputError
 from workers.roles import ArchitectureRules, Role, classify, is_embedding, is_head, rules_for, tied_source
-from workers.safetensors_format import dtype_size
+from workers.safetensors_format import numel
 
 log = logging.getLogger(__name__)
 SAME_BASE_FIX = "merge only checkpoints fine-tuned from this base (same architecture and size)"
@@ -29,10 +29,7 @@ class TensorPlan:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape)
 
 
 @dataclass(frozen=True)
@@ -181,10 +178,3 @@ def _raise_shape_mismatch(rules, key, base_shape, task, task_shape) -> None:
             "then merge against that base",
         )
     raise MergeInputError(f"shape mismatch: {key!r} is {list(task_shape)} in {task!r} but {list(base_shape)} in the base", SAME_BASE_FIX)
-
-
-def tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = dtype_size(dtype)
-    for d in shape:
-        n *= d
-    return n

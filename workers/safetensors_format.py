@@ -36,6 +36,17 @@ def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return numel(shape) * dtype_size(dtype)
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one tensor lives: its file, shape, dtype and absolute byte range in that file."""
@@ -49,10 +60,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -90,9 +98,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise MergeInputError(f"corrupt safetensors file {path}: bad header entry for {name!r}", fix) from None
-        expected = dtype_size(dtype)
-        for d in shape:
-            expected *= d
+        expected = nbytes(shape, dtype)
         if end - begin != expected or begin < 0:
             raise MergeInputError(
                 f"corrupt safetensors file {path}: tensor {name!r} has {end - begin} bytes for shape {list(shape)}", fix
@@ -118,9 +124,7 @@ def build_header(layout: list[tuple[str, torch.dtype, tuple[int, ...]]], metadat
     offsets: dict[str, tuple[int, int]] = {}
     pos = 0
     for name, dtype, shape in layout:
-        n = dtype_size(dtype)
-        for d in shape:
-            n *= d
+        n = nbytes(shape, dtype)
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
         offsets[name] = (pos, pos + n)
         pos += n

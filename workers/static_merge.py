@@ -10,6 +10,7 @@ import json
 import logging
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,8 +56,8 @@ def _progress(total: int, desc: str):
 def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], desc: str) -> Iterator[TensorInputs]:
     entries = plan.merged
     with _progress(sum(e.numel for e in entries) * 4 * (len(tasks) + 1), desc) as bar:
-        for entry in entries:
-            yield load_inputs(entry, base, tasks)
+        for entry, inputs in _pipelined(entries, lambda e: load_inputs(e, base, tasks)):
+            yield inputs
             bar.update(entry.numel * 4 * (len(tasks) + 1))
 
 
@@ -70,25 +71,58 @@ def run_stat_passes(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint,
     return names
 
 
+PREFETCH_BUDGET_BYTES = 256 * 2**20  # read the next tensor ahead only when its inputs are at most this large
+
+
+def _pipelined(entries: list[TensorPlan], load, budget: int = PREFETCH_BUDGET_BYTES) -> Iterator[tuple[TensorPlan, Any]]:
+    """Yield (entry, load(entry)), reading the next entry in a background thread while the caller computes.
+
+    Reads (preadv) and torch kernels release the GIL, so I/O overlaps compute; the budget bounds the extra memory.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="rankmerge-read") as pool:
+        ahead = None
+        for i, entry in enumerate(entries):
+            current = ahead.result() if ahead is not None else load(entry)
+            following = entries[i + 1] if i + 1 < len(entries) else None
+            fits = following is not None and following.numel * 4 * (len(following.sources) + 2) <= budget
+            ahead = pool.submit(load, following) if fits else None
+            yield entry, current
+
+
 def merge_into(
     writer: StreamingCheckpointWriter, plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint]
 ) -> dict[str, dict[str, Any]]:
-    """Write every planned tensor: merged ones through the method, the rest copied from the base."""
+    """Write every planned tensor: merged ones through the method, the rest copied from the base.
+
+    Three stages overlap: the next tensor is read while this one is merged, and the previous one is being written.
+    """
+
+    def load(entry: TensorPlan):
+        if entry.role in (Role.SPECTRAL, Role.ELEMENTWISE):
+            return load_inputs(entry, base, tasks)
+        return base.read(entry.key)
+
+    def write(entry: TensorPlan, value: torch.Tensor) -> None:
+        for name in (entry.key, *entry.aliases):
+            writer.write(name, value)
+
     infos: dict[str, dict[str, Any]] = {}
-    with _progress(sum(e.numel for e in plan.tensors) * 4 * (len(tasks) + 1), f"merge ({method.name})") as bar:
-        for entry in plan.tensors:
-            if entry.role in (Role.SPECTRAL, Role.ELEMENTWISE):
-                inputs = load_inputs(entry, base, tasks)
-                delta, info = method.merge(inputs)
-                value = delta.add_(inputs.base)
-                del inputs
+    with _progress(sum(e.numel for e in plan.tensors) * 4 * (len(tasks) + 1), f"merge ({method.name})") as bar, \
+            ThreadPoolExecutor(1, thread_name_prefix="rankmerge-write") as write_pool:
+        pending = None
+        for entry, loaded in _pipelined(plan.tensors, load):
+            if isinstance(loaded, TensorInputs):
+                delta, infos[entry.key] = method.merge(loaded)
+                value = delta.add_(loaded.base)
             else:
-                value, info = base.read(entry.key), {}
-            writer.write(entry.key, value)
-            for alias in entry.aliases:
-                writer.write(alias, value)
-            infos[entry.key] = info
+                value, infos[entry.key] = loaded, {}
+            del loaded
+            if pending is not None:
+                pending.result()  # at most one tensor waits to be written
+            pending = write_pool.submit(write, entry, value)
             bar.update(entry.numel * 4 * (len(tasks) + 1))
+        if pending is not None:
+            pending.result()
     return infos
 
 

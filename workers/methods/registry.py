@@ -365,13 +365,15 @@ class _SpectralOnMean(MergeMethod):
         return fac.materialize(scale=self.params.alpha), {"components": int(fac.initial_mask.sum())}
 
 
+class _AlphaParams(Params):
+    alpha: float = Field(1.0, ge=-10.0, le=10.0, description="scale of the merged delta")
+
+
 @register
 class TsvM(_SpectralOnMean):
     name = "tsv_m"
     summary = "TSV-M: top ⌊r/T⌋ singular vectors per task, whitened (polar), × α"
-
-    class Params(Params):
-        alpha: float = Field(1.0, ge=-10.0, le=10.0)
+    Params = _AlphaParams
 
     def factorize(self, taus):
         return sp.tsv_factorization(taus)
@@ -381,9 +383,7 @@ class TsvM(_SpectralOnMean):
 class IsoC(_SpectralOnMean):
     name = "iso_c"
     summary = "Iso-C: spectrum of Σ τ_t flattened to its mean, × α"
-
-    class Params(Params):
-        alpha: float = Field(1.0, ge=-10.0, le=10.0)
+    Params = _AlphaParams
 
     def factorize(self, taus):
         return sp.iso_c_factorization(taus)
@@ -394,8 +394,7 @@ class IsoCts(_SpectralOnMean):
     name = "iso_cts"
     summary = "Iso-CTS: common + task-specific subspaces, orthogonalised, isotropic spectrum, × α"
 
-    class Params(Params):
-        alpha: float = Field(1.0, ge=-10.0, le=10.0)
+    class Params(_AlphaParams):
         common_fraction: float = Field(0.8, ge=0.0, le=1.0, description="share of the rank given to the common subspace")
 
     def factorize(self, taus):
