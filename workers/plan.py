@@ -67,21 +67,24 @@ class MergePlan:
         counts[Role.HEAD.value] = counts.get(Role.HEAD.value, 0) + sum(len(h) for h in self.heads.values())
         return counts
 
-    def predicted_peak_bytes(self, spectral_method: bool) -> int:
-        """Resident memory now plus the largest per-tensor working set of the merge loop."""
+    def predicted_peak_bytes(self, task_copies: float = 0.0, factorizes: bool = False) -> int:
+        """Resident memory now plus the largest per-tensor working set of the merge loop.
+
+        Per tensor: the raw read, the fp32 base, T stacked fp32 task vectors, the delta, `task_copies` more [T, ...]
+        fp32 temporaries of the method, and for factorizing methods the per-task SVD factors (kept, concatenated and
+        whitened: about three copies).
+        """
         num_tasks = len(self.task_names)
         worst = 0
         for t in self.merged:
             n = t.numel
-            work = (num_tasks + 3) * 4 * n  # raw read + fp32 base + stacked taus + delta
-            if spectral_method and t.role is Role.SPECTRAL:
+            work = (num_tasks + 3) * 4 * n + task_copies * num_tasks * 4 * n
+            if factorizes and t.role is Role.SPECTRAL:
                 m, k = t.shape
                 r = min(m, k)
-                work += 3 * num_tasks * 4 * (m * r + r * k)  # per-task factors, their concatenation, whitening
-            else:
-                work += 2 * num_tasks * 4 * n  # masks / trimmed copies
+                work += 3 * num_tasks * 4 * (m * r + r * k)
             worst = max(worst, work)
-        return current_rss_bytes() + worst
+        return current_rss_bytes() + int(worst)
 
 
 def current_rss_bytes() -> int:

@@ -37,10 +37,11 @@ def kth_smallest_threshold(values: Tensor, keep_fraction: float) -> Tensor:
     return values.abs().reshape(-1).float().kthvalue(k).values
 
 
-def trim(taus: Tensor, thresholds: Tensor) -> Tensor:
-    """Zero entries of task t whose magnitude is below thresholds[t]."""
-    shape = (-1,) + (1,) * (taus.dim() - 1)
-    return taus * (taus.abs() >= thresholds.reshape(shape).to(taus.dtype))
+def trim_(taus: Tensor, thresholds: Tensor) -> Tensor:
+    """In place: zero entries of task t whose magnitude is below thresholds[t]. Returns `taus`."""
+    for tau, threshold in zip(taus, thresholds.tolist()):
+        tau.masked_fill_(tau.abs() < threshold, 0.0)
+    return taus
 
 
 def elected_signs(trimmed: Tensor) -> Tensor:
@@ -48,26 +49,32 @@ def elected_signs(trimmed: Tensor) -> Tensor:
     return torch.sign(trimmed.sum(0))
 
 
-def disjoint_merge(trimmed: Tensor, majority_sign: float, mode: str = "sum") -> Tensor:
-    """Keep, per entry, the task values whose sign agrees with the elected sign; sum or mean them."""
+def disjoint_merge_(trimmed: Tensor, majority_sign: float, mode: str = "sum") -> Tensor:
+    """Keep, per entry, the task values whose sign agrees with the elected sign; sum or mean them.
+
+    Entries whose elected sign is 0 take the majority sign; as in the reference, a 0 majority counts as negative.
+    Consumes `trimmed` (modified in place) to keep temporaries at one tensor's size.
+    """
+    if mode not in ("sum", "mean"):
+        raise ValueError(f"unknown TIES merge mode {mode!r}")
     gamma = elected_signs(trimmed)
-    gamma = torch.where(gamma == 0, torch.full_like(gamma, majority_sign), gamma)
-    agree = torch.where(gamma > 0, trimmed > 0, trimmed < 0)
-    selected = trimmed * agree
-    total = selected.sum(0)
-    if mode == "sum":
-        return total
-    if mode == "mean":
-        return total / agree.sum(0).clamp(min=1)
-    raise ValueError(f"unknown TIES merge mode {mode!r}")
+    gamma.masked_fill_(gamma == 0, majority_sign if majority_sign != 0 else -1.0)
+    total = torch.zeros_like(gamma)
+    count = torch.zeros_like(gamma) if mode == "mean" else None
+    for tau in trimmed:
+        agree = tau * gamma > 0
+        total.add_(tau.masked_fill_(~agree, 0.0))
+        if count is not None:
+            count.add_(agree)
+    return total if count is None else total.div_(count.clamp_(min=1))
 
 
 def ties(taus: Tensor, keep_fraction: float, lam: float, mode: str = "sum") -> Tensor:
     """Whole-model TIES on flat task vectors [T, d] (reference for tests; the executor streams the same steps)."""
     thresholds = torch.stack([kth_smallest_threshold(t, keep_fraction) for t in taus])
-    trimmed = trim(taus, thresholds)
+    trimmed = trim_(taus.clone(), thresholds)
     majority = float(torch.sign(elected_signs(trimmed).sum()))
-    return disjoint_merge(trimmed, majority, mode).mul_(lam)
+    return disjoint_merge_(trimmed, majority, mode).mul_(lam)
 
 
 # ---- DARE ---------------------------------------------------------------------------------------------------------
@@ -124,6 +131,6 @@ def drop_rates(concentrations: Tensor, p_mean: float, beta: float, p_min: float,
 
 
 def magnitude_drop(taus: Tensor, p: float) -> Tensor:
-    """Per task, drop the fraction p of smallest-magnitude entries of this tensor (ties kept)."""
+    """Per task, drop the fraction p of smallest-magnitude entries of this tensor (ties kept); returns a new tensor."""
     thresholds = torch.stack([kth_smallest_threshold(t, 1.0 - p) for t in taus])
-    return trim(taus, thresholds)
+    return trim_(taus.clone(), thresholds)

@@ -23,7 +23,10 @@ from workers.roles import Role
 
 @dataclass
 class TensorInputs:
-    """One merged tensor's inputs: key, role, fp32 base and stacked fp32 task vectors τ_t = θ_t − θ0 ([T, ...])."""
+    """One merged tensor's inputs: key, role, fp32 base and stacked fp32 task vectors τ_t = θ_t − θ0 ([T, ...]).
+
+    `merge` owns `taus` and may consume it in place; stat passes must not modify it.
+    """
 
     key: str
     role: Role
@@ -57,6 +60,8 @@ class MergeMethod:
     name: ClassVar[str]
     Params: ClassVar[type[Params]]
     summary: ClassVar[str]
+    task_copies: ClassVar[float] = 0.0  # extra [T, ...] fp32 temporaries per tensor (for the memory prediction)
+    factorizes: ClassVar[bool] = False  # builds per-task SVD factors of spectral tensors
 
     def __init__(self, params: Params, ctx: MergeContext) -> None:
         self.params = params
@@ -137,6 +142,7 @@ class TaskArithmetic(MergeMethod):
 @register
 class Dare(MergeMethod):
     name = "dare"
+    task_copies = 2.0
     summary = "random drop with probability p and 1/(1-p) rescale per task, then λ Σ τ_t"
 
     class Params(Params):
@@ -156,6 +162,7 @@ class Dare(MergeMethod):
 @register
 class Consensus(MergeMethod):
     name = "consensus"
+    task_copies = 2.0
     summary = "TALL masks per task, keep entries used by >= k tasks, α Σ τ_t"
 
     class Params(Params):
@@ -216,6 +223,7 @@ class _MajoritySignPass(StatPass):
 @register
 class Ties(MergeMethod):
     name = "ties"
+    task_copies = 2.5
     summary = "TIES: global top-k trim per task, sign election, disjoint sum/mean, × λ"
 
     class Params(Params):
@@ -231,7 +239,7 @@ class Ties(MergeMethod):
         self.signs = _MajoritySignPass(self._trim)
 
     def _trim(self, inputs):
-        return ew.trim(inputs.taus, self.thresholds())
+        return ew.trim_(inputs.taus.clone(), self.thresholds())
 
     def stat_passes(self):
         return [_KthHighPass(self.kth), _KthLowPass(self.kth), self.signs]
@@ -243,9 +251,9 @@ class Ties(MergeMethod):
         return self._thresholds
 
     def merge(self, inputs):
-        trimmed = ew.trim(inputs.taus, self.thresholds())
-        delta = ew.disjoint_merge(trimmed, self.signs.majority, self.params.merge).mul_(self.params.lambda_)
-        kept = float((trimmed != 0).float().mean())
+        trimmed = ew.trim_(inputs.taus, self.thresholds())  # the inputs are ours to consume
+        kept = int(torch.count_nonzero(trimmed)) / trimmed.numel()
+        delta = ew.disjoint_merge_(trimmed, self.signs.majority, self.params.merge).mul_(self.params.lambda_)
         return delta, {"kept_fraction": round(kept, 6)}
 
 
@@ -273,6 +281,7 @@ class DistributionAwareDrop(MergeMethod):
     of the task-vector mass — dense tensors are redundant and dropped harder, heavy-tailed ones are kept more."""
 
     name = "tadrop"
+    task_copies = 2.5
     summary = "distribution-aware per-tensor drop rates (our design, in the spirit of TADrop) on a TA/TIES/DARE host"
 
     class Params(Params):
@@ -312,7 +321,7 @@ class DistributionAwareDrop(MergeMethod):
     def merge(self, inputs):
         dropped = self._drop(inputs)
         if self.params.host == "ties":
-            delta = ew.disjoint_merge(dropped, self.signs.majority, "sum").mul_(self.params.lambda_)
+            delta = ew.disjoint_merge_(dropped, self.signs.majority, "sum").mul_(self.params.lambda_)
         else:
             delta = ew.task_arithmetic(dropped, self.params.lambda_)
         return delta, {"drop_rate": round(self.rates[inputs.key], 6)}
@@ -322,6 +331,7 @@ class DistributionAwareDrop(MergeMethod):
 @register
 class Star(MergeMethod):
     name = "star"
+    factorizes = True
     summary = "STAR: per-task spectral truncation to η% of the nuclear norm, rescaled; averaged"
 
     class Params(Params):
@@ -338,6 +348,8 @@ class Star(MergeMethod):
 @register
 class Cart(MergeMethod):
     name = "cart"
+    task_copies = 1.0
+    factorizes = True
     summary = "CART: θ̄ + λ Σ low-rank(θ_t − θ̄), rank max(1, ⌊ρ r⌋)"
 
     class Params(Params):
@@ -354,6 +366,8 @@ class Cart(MergeMethod):
 
 class _SpectralOnMean(MergeMethod):
     """θ0 + α Δ: Δ from a factorization on spectral tensors, the mean task vector elsewhere."""
+
+    factorizes = True
 
     def factorize(self, taus: Tensor) -> sp.SpectralFactorization:
         raise NotImplementedError
