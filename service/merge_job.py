@@ -21,7 +21,6 @@ from workers.static_merge import run_static_merge
 from service.spec import MergeJob
 
 log = logging.getLogger(__name__)
-SPECTRAL_METHODS = {"star", "cart", "tsv_m", "iso_c", "iso_cts"}
 
 
 @dataclass
@@ -34,7 +33,7 @@ class PreparedMerge:
 
     @property
     def predicted_peak_bytes(self) -> int:
-        return self.plan.predicted_peak_bytes(self.job.method in SPECTRAL_METHODS)
+        return self.plan.predicted_peak_bytes(self.method.task_copies, self.method.factorizes)
 
 
 def _check_output_location(job: MergeJob) -> None:
