@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import check_output_free, parse_size
+from workers.checkpoint_writer import check_disk_space, check_output_free, parse_size
 from workers.errors import MergeInputError
 from workers.methods.registry import MergeContext, MergeMethod, make_method
 from workers.plan import MergePlan, build_plan
+from workers.safetensors_format import nbytes
 from workers.roles import Role
 from workers.static_merge import run_static_merge
 
@@ -55,6 +56,7 @@ def prepare(job: MergeJob, stack: ExitStack) -> PreparedMerge:
     if not plan.merged:
         raise MergeInputError("the base has no floating-point tensors to merge", "check that --base is a model checkpoint")
     method = make_method(job.method, job.params, MergeContext(tuple(job.models), plan.merged_numel))
+    check_disk_space(job.output, sum(nbytes(shape, dtype) for _, dtype, shape in plan.layout()))
     return PreparedMerge(job, base, tasks, plan, method)
 
 

@@ -217,3 +217,15 @@ def test_bad_yaml_spec(tmp_path, capsys):
     job.write_text(yaml.safe_dump({"base": "b", "models": {"a": "x"}, "method": "ties", "output": "o", "colour": "red"}))
     assert main(["merge", str(job)]) == 2
     assert_user_error(2, capsys.readouterr().err.strip(), "colour")
+
+
+def test_not_enough_disk_space(family, tmp_path, capsys, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    base, tasks = family
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    code, err = run_cli(capsys, base, tasks, tmp_path / "out")
+    assert_user_error(code, err, "not enough disk space", "GB free")
+    assert_nothing_written(tmp_path / "out")

@@ -44,6 +44,19 @@ def check_output_free(out: Path, overwrite: bool) -> None:
         raise MergeInputError(f"output {out} already exists and is not empty", "choose another --out or pass --overwrite")
 
 
+def check_disk_space(out: Path, needed_bytes: int) -> None:
+    """Fail before any heavy work when the output's file system cannot hold the planned tensors."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise MergeInputError(
+            f"not enough disk space for {out}: the merged model needs {needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free",
+            "free some space, write elsewhere (--out), or use --out-dtype bfloat16",
+        )
+
+
 class StreamingCheckpointWriter:
     """Write an HF-style (sharded) safetensors checkpoint whose layout is fixed in advance."""
 

@@ -43,7 +43,6 @@ class ArchitectureRules:
     embeddings: tuple[str, ...] = (r"embed_tokens\.weight$", r"wte\.weight$", r"word_embeddings\.weight$", r"lm_head\.weight$")
     tied: dict[str, tuple[str, ...]] = field(default_factory=dict)  # copy -> candidate sources
     ties_word_embeddings_by_default: bool = True
-    weights_stored_transposed: bool = False  # GPT-2 Conv1D keeps Linear weights as (in, out)
     spectral_block: str = BLOCK
 
 
@@ -68,8 +67,9 @@ ARCHITECTURES: tuple[ArchitectureRules, ...] = (
         ("gpt2",),
         prefixes=("transformer.",),
         head=(r"^score\.",),
+        # Conv1D stores Linear weights as (in, out). Every static method here is invariant to transposing a matrix
+        # (SVD-based ones included: U diag(s) Vᵀ transposes with it), so no orientation flag is needed.
         tied={"lm_head.weight": ("transformer.wte.weight", "wte.weight")},
-        weights_stored_transposed=True,
     ),
     ArchitectureRules(
         "llama",
