@@ -15,7 +15,7 @@ from service.cli import main
 from workers.methods import elementwise as ew
 from workers.roles import ARCHITECTURES, Role, classify
 
-ALL_METHODS = ["weight_average", "task_arithmetic", "ties", "dare", "consensus", "tadrop", "star", "cart", "tsv_m", "iso_c", "iso_cts"]
+ALL_METHODS = ["weight_average", "task_arithmetic", "ties", "dare", "consensus", "tadrop", "star", "ta_svd", "cart", "tsv_m", "iso_c", "iso_cts"]
 PREFIXES = {"vit": "vit.", "clip_vision": "", "bert": "bert.", "roberta": "roberta.", "gpt2": "transformer.", "llama": ""}
 
 
@@ -90,6 +90,8 @@ def test_every_method_writes_a_loadable_model(kind, method, families, tmp_path):
     report = json.loads((out / "merge_report.json").read_text())
     assert report["method"] == method and report["wall_seconds"] >= 0 and report["peak_rss_bytes"] > 0
     assert {t["role"] for t in report["tensors"]} >= {"spectral", "elementwise"}
+    merged_entries = [t for t in report["tensors"] if t["role"] in ("spectral", "elementwise")]
+    assert all(len(t["tau_norms"]) == len(tasks) and t["delta_norm"] >= 0 for t in merged_entries)
     del model
 
 

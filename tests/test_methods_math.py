@@ -146,6 +146,12 @@ def test_cart_matches_formula(taus):
     torch.testing.assert_close(run("cart", taus, role=Role.ELEMENTWISE, rho=0.25), mean)
 
 
+def test_ta_svd_matches_formula_and_full_rank_is_ta(taus):
+    expected = 0.3 * sum(_svd_k(t, 2) for t in taus)
+    torch.testing.assert_close(run("ta_svd", taus, rho=0.25, **{"lambda": 0.3}), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(run("ta_svd", taus, rho=1.0, **{"lambda": 0.3}), 0.3 * taus.sum(0), atol=1e-5, rtol=1e-4)
+
+
 def test_invariant_cart_rho_one_is_weight_average(taus):
     torch.testing.assert_close(run("cart", taus, rho=1.0, **{"lambda": 2.0}), taus.mean(0), atol=1e-5, rtol=1e-4)
 

@@ -112,7 +112,10 @@ def merge_into(
         pending = None
         for entry, loaded in _pipelined(plan.tensors, load):
             if isinstance(loaded, TensorInputs):
-                delta, infos[entry.key] = method.merge(loaded)
+                tau_norms = torch.linalg.vector_norm(loaded.taus.reshape(len(tasks), -1), dim=1)  # before merge consumes taus
+                delta, info = method.merge(loaded)
+                infos[entry.key] = {"tau_norms": [round(x, 6) for x in tau_norms.tolist()],
+                                    "delta_norm": round(float(torch.linalg.vector_norm(delta)), 6), **info}
                 value = delta.add_(loaded.base)
             else:
                 value, infos[entry.key] = loaded, {}

@@ -346,6 +346,24 @@ class Star(MergeMethod):
 
 
 @register
+class TaSvd(MergeMethod):
+    name = "ta_svd"
+    summary = "TA-SVD: θ0 + λ Σ_t rank-max(1, ⌊ρ r⌋) SVD of τ_t (spectral tensors; full τ_t elsewhere)"
+    factorizes = True
+
+    class Params(Params):
+        lambda_: float = Lambda
+        rho: float = Field(0.1, ge=0.0, le=1.0, description="fraction of each task vector's rank kept")
+
+    def merge(self, inputs):
+        if inputs.role is not Role.SPECTRAL:
+            return ew.task_arithmetic(inputs.taus, self.params.lambda_), {}
+        keep = sp.cart_keep(min(inputs.taus.shape[1:]), self.params.rho)
+        fac = sp.per_task_factorization(inputs.taus, keep=keep)
+        return fac.materialize(scale=self.params.lambda_), {"rank_per_task": keep}
+
+
+@register
 class Cart(MergeMethod):
     name = "cart"
     task_copies = 1.0
