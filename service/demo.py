@@ -45,6 +45,7 @@ def run_demo(workdir: Path, num_tasks: int = 4) -> str:
         "",
         f"{'method':<16} {'wall s':>7} {'cos(Δ, τ_t)':>12} {'|Δ|/|τ|':>8}  output",
     ]
+    logging.getLogger("workers.plan").setLevel(logging.ERROR)  # the base-only pooler note is printed once below
     for method in METHODS:
         out = workdir / "merged" / method
         job = job_from_dict({"base": str(base_dir), "models": {k: str(v) for k, v in tasks.items()}, "method": method,
@@ -53,6 +54,7 @@ def run_demo(workdir: Path, num_tasks: int = 4) -> str:
         run_merge_job(job)
         cos, ratio = _alignment(out, base, task_states)
         lines.append(f"{method:<16} {time.perf_counter() - start:>7.2f} {cos:>12.3f} {ratio:>8.2f}  {out.relative_to(workdir)}")
-    lines += ["", f"each output loads with transformers.AutoModel.from_pretrained; per-task heads are in <output>/heads/,",
+    lines += ["", "pooler.dense.* exist only in the base (task models drop the pooler): they are copied from the base;",
+              f"each output loads with transformers.AutoModel.from_pretrained; per-task heads are in <output>/heads/,",
               "and <output>/merge_report.json records roles, parameters, statistics, wall time and peak memory."]
     return "\n".join(lines)
