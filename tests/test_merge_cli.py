@@ -91,7 +91,7 @@ def test_every_method_writes_a_loadable_model(kind, method, families, tmp_path):
     assert report["method"] == method and report["wall_seconds"] >= 0 and report["peak_rss_bytes"] > 0
     assert {t["role"] for t in report["tensors"]} >= {"spectral", "elementwise"}
     merged_entries = [t for t in report["tensors"] if t["role"] in ("spectral", "elementwise")]
-    assert all(len(t["tau_norms"]) == len(tasks) and t["delta_norm"] >= 0 for t in merged_entries)
+    assert all(t["delta_norm"] >= 0 for t in merged_entries)
     del model
 
 

@@ -53,24 +53,6 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False, disable=None)
 
 
-def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], desc: str) -> Iterator[TensorInputs]:
-    entries = plan.merged
-    with _progress(sum(e.numel for e in entries) * 4 * (len(tasks) + 1), desc) as bar:
-        for entry, inputs in _pipelined(entries, lambda e: load_inputs(e, base, tasks)):
-            yield inputs
-            bar.update(entry.numel * 4 * (len(tasks) + 1))
-
-
-def run_stat_passes(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> list[str]:
-    names = []
-    for stat_pass in method.stat_passes():
-        for inputs in iter_inputs(plan, base, tasks, stat_pass.description):
-            stat_pass.observe(inputs)
-        stat_pass.finish()
-        names.append(stat_pass.description)
-    return names
-
-
 PREFETCH_BUDGET_BYTES = 256 * 2**20  # read the next tensor ahead only when its inputs are at most this large
 
 
@@ -87,6 +69,24 @@ def _pipelined(entries: list[TensorPlan], load, budget: int = PREFETCH_BUDGET_BY
             fits = following is not None and following.numel * 4 * (len(following.sources) + 2) <= budget
             ahead = pool.submit(load, following) if fits else None
             yield entry, current
+
+
+def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], desc: str) -> Iterator[TensorInputs]:
+    entries = plan.merged
+    with _progress(sum(e.numel for e in entries) * 4 * (len(tasks) + 1), desc) as bar:
+        for entry, inputs in _pipelined(entries, lambda e: load_inputs(e, base, tasks)):
+            yield inputs
+            bar.update(entry.numel * 4 * (len(tasks) + 1))
+
+
+def run_stat_passes(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> list[str]:
+    names = []
+    for stat_pass in method.stat_passes():
+        for inputs in iter_inputs(plan, base, tasks, stat_pass.description):
+            stat_pass.observe(inputs)
+        stat_pass.finish()
+        names.append(stat_pass.description)
+    return names
 
 
 def merge_into(
@@ -112,10 +112,8 @@ def merge_into(
         pending = None
         for entry, loaded in _pipelined(plan.tensors, load):
             if isinstance(loaded, TensorInputs):
-                tau_norms = torch.linalg.vector_norm(loaded.taus.reshape(len(tasks), -1), dim=1)  # before merge consumes taus
                 delta, info = method.merge(loaded)
-                infos[entry.key] = {"tau_norms": [round(x, 6) for x in tau_norms.tolist()],
-                                    "delta_norm": round(float(torch.linalg.vector_norm(delta)), 6), **info}
+                infos[entry.key] = {"delta_norm": round(float(torch.linalg.vector_norm(delta)), 6), **info}
                 value = delta.add_(loaded.base)
             else:
                 value, infos[entry.key] = loaded, {}
