@@ -80,11 +80,46 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_accuracy(table: dict) -> str:
+    columns = list(next(iter(table.values())))
+    lines = [f"{'task':<16}" + "".join(f"{c:>12}" for c in columns)]
+    lines += [f"{task:<16}" + "".join(f"{100 * row[c]:>11.1f}%" for c in columns) for task, row in table.items()]
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from service.merge_job import run_merge_job, summarize_report
+    from service.spec import job_from_dict, load_job_file
+    from service.tta_job import run_adaptive_job
+
+    data = load_job_file(args.job)
+    if args.overwrite:
+        data["overwrite"] = True
+    job = job_from_dict(data, Path(args.job).resolve().parent)
+    if not job.adaptive:
+        print(summarize_report(run_merge_job(job)))
+        return 0
+    report = run_adaptive_job(job, resume=args.resume)
+    history = report["history"]
+    if history:
+        print(f"{job.method}: {len(history)} steps this run, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}")
+    if report.get("accuracy"):
+        print(format_accuracy(report["accuracy"]))
+    print(f"output: {job.output} (report: {job.output / 'merge_report.json'}; checkpoints: {job.resolved_job_dir})")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from service.spec import MergeJob
     from workers.methods.registry import method_class
+    from workers.tta.params import ADAPTIVE_METHODS
 
-    schema = method_class(args.method).Params.model_json_schema(by_alias=True) if args.method else MergeJob.model_json_schema()
+    if args.method in ADAPTIVE_METHODS:
+        schema = ADAPTIVE_METHODS[args.method].model_json_schema(by_alias=True)
+    elif args.method:
+        schema = method_class(args.method).Params.model_json_schema(by_alias=True)
+    else:
+        schema = MergeJob.model_json_schema()
     print(json.dumps(schema, indent=2))
     return 0
 
@@ -123,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     merge.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle checkpoints (weights_only load)")
     merge.set_defaults(func=cmd_merge)
+
+    run = sub.add_parser("run", help="run a job spec in-process: static, or adaptive (AdaRank/AdaMerging) with checkpoints")
+    run.add_argument("job", help="job spec YAML")
+    run.add_argument("--resume", action="store_true", help="continue from the job's last intact checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    run.set_defaults(func=cmd_run)
 
     schema = sub.add_parser("schema", help="print the JSON schema of a job spec, or of one method's parameters")
     schema.add_argument("--method")

@@ -46,8 +46,8 @@ def _check_output_location(job: MergeJob) -> None:
     check_output_free(out, job.overwrite)
 
 
-def prepare(job: MergeJob, stack: ExitStack) -> PreparedMerge:
-    """Everything cheap, in order: output location, headers, key/shape agreement, method parameters."""
+def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[ModelCheckpoint], MergePlan]:
+    """Everything cheap, in order: output location, headers, key/shape agreement, disk space."""
     _check_output_location(job)
     base = stack.enter_context(ModelCheckpoint(job.base, "base", job.allow_pickle))
     tasks = [stack.enter_context(ModelCheckpoint(path, name, job.allow_pickle)) for name, path in job.models.items()]
@@ -55,8 +55,13 @@ def prepare(job: MergeJob, stack: ExitStack) -> PreparedMerge:
     plan = build_plan(base, {t.name: t for t in tasks}, out_dtype)
     if not plan.merged:
         raise MergeInputError("the base has no floating-point tensors to merge", "check that --base is a model checkpoint")
-    method = make_method(job.method, job.params, MergeContext(tuple(job.models), plan.merged_numel))
     check_disk_space(job.output, sum(nbytes(shape, dtype) for _, dtype, shape in plan.layout()))
+    return base, tasks, plan
+
+
+def prepare(job: MergeJob, stack: ExitStack) -> PreparedMerge:
+    base, tasks, plan = open_inputs(job, stack)
+    method = make_method(job.method, job.params, MergeContext(tuple(job.models), plan.merged_numel))
     return PreparedMerge(job, base, tasks, plan, method)
 
 

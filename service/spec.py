@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -11,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from workers.checkpoint_writer import parse_size
 from workers.errors import MergeInputError
-from workers.methods.registry import METHODS, parse_params
+from workers.methods.registry import METHODS, parse_params, validate_params
+from workers.tta.params import ADAPTIVE_METHODS, TTAConfig
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -23,13 +25,30 @@ class MergeJob(BaseModel):
 
     base: Path = Field(description="HF directory of the pretrained checkpoint the models were fine-tuned from")
     models: dict[str, Path] = Field(description="task name -> HF directory of the model fine-tuned on that task")
-    method: str = Field(description="one of: " + ", ".join(METHODS))
+    method: str = Field(description="static: " + ", ".join(METHODS) + "; adaptive (needs `tta`): " + ", ".join(ADAPTIVE_METHODS))
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters (see `rankmerge schema --method M`)")
     output: Path = Field(description="output directory; written atomically")
     out_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="default: each tensor's input dtype")
     overwrite: bool = False
     allow_pickle: bool = Field(False, description="allow .bin/.pt pickle checkpoints (loaded with weights_only=True)")
     max_shard_size: str = Field("2GB", description="largest output shard, e.g. 500MB, 5GB")
+    tta: TTAConfig | None = Field(None, description="test-time adaptation (adaptive methods only)")
+    job_dir: Path | None = Field(None, description="checkpoints and job state; default: <output>.job beside the output")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.method in ADAPTIVE_METHODS
+
+    @property
+    def resolved_job_dir(self) -> Path:
+        return self.job_dir if self.job_dir is not None else self.output.parent / f"{self.output.name}.job"
+
+    def spec_hash(self) -> str:
+        """Identity of everything that determines the result (not where it is written or whether to overwrite)."""
+        import hashlib
+
+        data = self.model_dump(mode="json", exclude={"overwrite", "output", "job_dir", "max_shard_size"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @field_validator("models")
     @classmethod
@@ -44,8 +63,8 @@ class MergeJob(BaseModel):
     @field_validator("method")
     @classmethod
     def _method(cls, method: str) -> str:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; use one of: {', '.join(METHODS)}")
+        if method not in METHODS and method not in ADAPTIVE_METHODS:
+            raise ValueError(f"unknown method {method!r}; use one of: {', '.join([*METHODS, *ADAPTIVE_METHODS])}")
         return method
 
     @field_validator("max_shard_size")
@@ -60,16 +79,34 @@ class MergeJob(BaseModel):
 
     @model_validator(mode="after")
     def _params(self) -> "MergeJob":
-        parse_params(self.method, self.params, len(self.models))
+        if self.method in ADAPTIVE_METHODS:
+            if self.tta is None:
+                raise ValueError(f"method {self.method} adapts at test time and needs a `tta:` block with data per task")
+            parse_adaptive_params(self.method, self.params)
+            missing = sorted(set(self.models) - set(self.tta.data))
+            extra = sorted(set(self.tta.data) - set(self.models))
+            if missing or extra:
+                raise ValueError(f"tta.data must name exactly the tasks in models (missing {missing}, unknown {extra})")
+        else:
+            if self.tta is not None:
+                raise ValueError(f"method {self.method} is static: remove the `tta:` block or use adarank/adamerging")
+            parse_params(self.method, self.params, len(self.models))
         return self
 
     def resolved(self, root: Path) -> "MergeJob":
         """Paths relative to the spec file's folder, made absolute."""
         fix = lambda p: p if p.is_absolute() else (root / p)  # noqa: E731
-        return self.model_copy(
-            update={"base": fix(self.base).resolve(), "output": fix(self.output).resolve(),
-                    "models": {k: fix(v).resolve() for k, v in self.models.items()}}
-        )
+        update = {"base": fix(self.base).resolve(), "output": fix(self.output).resolve(),
+                  "models": {k: fix(v).resolve() for k, v in self.models.items()}}
+        if self.job_dir is not None:
+            update["job_dir"] = fix(self.job_dir).resolve()
+        if self.tta is not None:
+            update["tta"] = self.tta.model_copy(update={"data": {k: fix(v).resolve() for k, v in self.tta.data.items()}})
+        return self.model_copy(update=update)
+
+
+def parse_adaptive_params(method: str, raw: dict[str, Any]):
+    return validate_params(method, ADAPTIVE_METHODS[method], raw)
 
 
 def job_from_dict(data: dict[str, Any], root: Path) -> MergeJob:

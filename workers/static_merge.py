@@ -139,6 +139,14 @@ def write_heads(writer: StreamingCheckpointWriter, plan: MergePlan, tasks: list[
     return written
 
 
+def write_weights(writer: StreamingCheckpointWriter, plan: MergePlan, base: ModelCheckpoint, merged: dict[str, torch.Tensor]) -> None:
+    """Write already-merged tensors (adaptive export); everything else is copied from the base as planned."""
+    for entry in plan.tensors:
+        value = merged[entry.key] if entry.key in merged else base.read(entry.key)
+        for name in (entry.key, *entry.aliases):
+            writer.write(name, value)
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

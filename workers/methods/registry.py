@@ -94,21 +94,25 @@ def method_class(name: str) -> type[MergeMethod]:
 
 
 def parse_params(name: str, raw: dict[str, Any], num_tasks: int | None = None) -> Params:
-    """Validate a method's parameters; one line naming the bad parameter and the allowed range."""
-    cls = method_class(name)
-    try:
-        params = cls.Params.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "params"
-        if err["type"] == "extra_forbidden":
-            known = ", ".join(f.alias or n for n, f in cls.Params.model_fields.items()) or "none"
-            raise MergeInputError(f"unknown parameter {field!r} for method {name}", f"its parameters are: {known}") from None
-        raise MergeInputError(f"parameter {field!r} of {name}: {err['msg']}", "fix the value (see `rankmerge schema --method " + name + "`)") from None
+    """Validate a static method's parameters; one line naming the bad parameter and the allowed range."""
+    params = validate_params(name, method_class(name).Params, raw)
     lambdas = getattr(params, "tall_lambda", None)
     if num_tasks is not None and isinstance(lambdas, list) and len(lambdas) != num_tasks:
         raise MergeInputError(f"tall_lambda has {len(lambdas)} values for {num_tasks} tasks", "give one value or one per task")
     return params
+
+
+def validate_params(name: str, model: type[Params], raw: dict[str, Any]) -> Params:
+    """Any method's parameters through its pydantic model, errors as one line."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "params"
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(f.alias or n for n, f in model.model_fields.items()) or "none"
+            raise MergeInputError(f"unknown parameter {field!r} for method {name}", f"its parameters are: {known}") from None
+        raise MergeInputError(f"parameter {field!r} of {name}: {err['msg']}", f"fix the value (see `rankmerge schema --method {name}`)") from None
 
 
 # ---- simple elementwise methods -----------------------------------------------------------------------------------

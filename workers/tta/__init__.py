@@ -1,0 +1,1 @@
+"""Test-time adaptation (AdaRank, AdaMerging): adaptive merge state, model adapters, task data streams, checkpoints."""

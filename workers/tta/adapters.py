@@ -1,0 +1,114 @@
+"""Run each task's own HF model class with merged backbone weights and the task's own head.
+
+One adapter table keyed by architecture class (no per-family subclasses): the class comes from the task models'
+config.architectures and must be in the allowlist below (a checkpoint can never make us import an arbitrary class).
+One instance is built with empty (meta) parameters and real buffers; every forward supplies parameters through
+`torch.func.functional_call`: merged backbone tensors (under the task model's names) plus task t's head tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from torch import Tensor
+from torch.func import functional_call
+
+from workers.checkpoint_reader import ModelCheckpoint
+from workers.errors import MergeInputError
+from workers.methods.adaptive import mean_entropy
+from workers.plan import MergePlan
+from workers.roles import Role
+
+# architecture class -> (output kind, input tensor names)
+ADAPTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ViTForImageClassification": ("classification", ("pixel_values",)),
+    "CLIPForImageClassification": ("classification", ("pixel_values",)),
+    "BertForSequenceClassification": ("classification", ("input_ids", "attention_mask")),
+    "RobertaForSequenceClassification": ("classification", ("input_ids", "attention_mask")),
+    "GPT2ForSequenceClassification": ("classification", ("input_ids", "attention_mask")),
+    "LlamaForSequenceClassification": ("classification", ("input_ids", "attention_mask")),
+    "LlamaForCausalLM": ("causal_lm", ("input_ids", "attention_mask")),
+    "MistralForCausalLM": ("causal_lm", ("input_ids", "attention_mask")),
+    "Qwen2ForCausalLM": ("causal_lm", ("input_ids", "attention_mask")),
+    "GPT2LMHeadModel": ("causal_lm", ("input_ids", "attention_mask")),
+}
+
+
+@dataclass
+class TaskModels:
+    """Forward any task through one shared module instance."""
+
+    model: torch.nn.Module
+    kind: str
+    inputs: tuple[str, ...]
+    names: list[dict[str, str]]  # per task: base key -> parameter name in the task model
+    heads: list[dict[str, Tensor]]  # per task: parameter name -> head tensor
+    fixed: dict[str, Tensor]  # parameters taken as they are from the base (frozen float parameters)
+
+    def logits(self, weights: dict[str, Tensor], task: int, batch: dict[str, Tensor]) -> Tensor:
+        params = {self.names[task][k]: w for k, w in weights.items()}
+        params.update(self.heads[task])
+        params.update(self.fixed)
+        kwargs = {name: batch[name] for name in self.inputs if name in batch}
+        return functional_call(self.model, params, args=(), kwargs=kwargs).logits
+
+    def entropy(self, weights: dict[str, Tensor], task: int, batch: dict[str, Tensor]) -> Tensor:
+        valid = batch.get("attention_mask") if self.kind == "causal_lm" else None
+        return mean_entropy(self.logits(weights, task, batch), valid)
+
+
+def build_task_models(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> TaskModels:
+    archs = {tuple(ck.config.get("architectures") or ()) for ck in tasks}
+    if len(archs) != 1 or len(next(iter(archs))) != 1:
+        raise MergeInputError(f"task models have architectures {sorted(archs)}", "adaptive merging needs one task-model class for all tasks")
+    arch = next(iter(archs))[0]
+    if arch not in ADAPTERS:
+        raise MergeInputError(f"no adapter for task-model class {arch!r}", f"supported: {', '.join(ADAPTERS)}")
+    kind, input_names = ADAPTERS[arch]
+    config = transformers.AutoConfig.for_model(**tasks[0].config)
+    with init_empty_weights(include_buffers=False):
+        model = getattr(transformers, arch)(config)
+    model.eval()
+    param_names = {n for n, _ in model.named_parameters()}
+    to_module = _checkpoint_to_module_names(model)
+    names, heads = [], []
+    fixed: dict[str, Tensor] = {}
+    for t, ck in enumerate(tasks):
+        mapping = {e.key: to_module(e.sources[t]) for e in plan.merged}
+        head = {to_module(h.key): ck.read(h.key) for h in plan.heads.get(ck.name, [])}
+        names.append(mapping)
+        heads.append(head)
+        covered = set(mapping.values()) | set(head)
+        for e in plan.tensors:
+            if e.role is Role.FROZEN and e.sources[t] and to_module(e.sources[t]) in param_names:
+                fixed[to_module(e.sources[t])] = base.read(e.key).float()
+        missing = param_names - covered - set(fixed)
+        if missing:
+            raise MergeInputError(f"task model {ck.name!r} has parameters with no source: {sorted(missing)[:3]}", "check that the task models match the base")
+    return TaskModels(model, kind, input_names, names, heads, fixed)
+
+
+
+def _checkpoint_to_module_names(model: torch.nn.Module):
+    """Checkpoint key -> parameter name, through transformers' own load-time renamings (5.x renamed many modules)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+
+    def rename(key: str) -> str:
+        renamed, converted_by = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if converted_by is not None:
+            raise MergeInputError(
+                f"{type(model).__name__} converts checkpoint tensor {key!r} when loading (e.g. fused projections)",
+                "adaptive merging supports architectures whose checkpoint tensors map one-to-one to parameters",
+            )
+        return renamed
+
+    return rename

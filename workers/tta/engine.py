@@ -1,0 +1,87 @@
+"""The adaptive merger: learnable λ (per task row × tensor) and mask logits (per spectral component), merged weights
+rebuilt each step with one GEMM per spectral tensor, and the Adam step. Pure torch; the data and the model come in
+through a `loss_fn`, so the same object serves the local loop and (later) a Ray shard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from workers.methods.adaptive import initial_logits, spectral_merge, straight_through_mask
+from workers.tta.state import ElementwiseSlot, Slot, SpectralSlot
+
+
+@dataclass(frozen=True)
+class AdaptiveOptions:
+    temperature: float = 10.0
+    learn_lambda: bool = True
+    learn_masks: bool = True
+    clamp: tuple[float, float] | None = None  # AdaMerging's optional clamp of λ in the forward
+    lr: float = 1e-3
+
+
+class AdaptiveMerger:
+    def __init__(self, slots: list[Slot], lam_init: Tensor, options: AdaptiveOptions) -> None:
+        self.slots = slots
+        self.options = options
+        self.num_tasks = lam_init.shape[0] - 1
+        self.lam = lam_init.clone().float().requires_grad_(options.learn_lambda)
+        self.logits: dict[str, Tensor] = {
+            s.key: initial_logits(s.initial_mask).requires_grad_(options.learn_masks) for s in slots if isinstance(s, SpectralSlot)
+        }
+        params = ([self.lam] if options.learn_lambda else []) + (list(self.logits.values()) if options.learn_masks else [])
+        if not params:
+            raise ValueError("nothing to learn: enable learn_lambda or learn_masks")
+        self.optimizer = torch.optim.Adam(params, lr=options.lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+    def coefficients(self) -> Tensor:
+        lo_hi = self.options.clamp
+        return self.lam.clamp(*lo_hi) if lo_hi is not None else self.lam
+
+    def masks(self, key: str) -> Tensor:
+        """Forward mask values of one spectral tensor (hard 0/1, straight-through gradients when learned)."""
+        logits = self.logits[key]
+        return straight_through_mask(logits, self.options.temperature) if self.options.learn_masks else (logits > 0).float()
+
+    def merged_weights(self) -> dict[str, Tensor]:
+        lam = self.coefficients()
+        out: dict[str, Tensor] = {}
+        for k, slot in enumerate(self.slots):
+            if isinstance(slot, SpectralSlot):
+                coef = lam[slot.owner, k] * self.masks(slot.key) * slot.s
+                out[slot.key] = spectral_merge(slot.origin, slot.U, slot.Vh, coef)
+            else:
+                out[slot.key] = slot.origin + torch.tensordot(lam[: self.num_tasks, k], slot.taus, dims=1)
+        return out
+
+    def hard_masks(self) -> dict[str, Tensor]:
+        return {key: logits.detach() > 0 for key, logits in self.logits.items()}
+
+    def learned_ranks(self) -> dict[str, list[int]]:
+        """Per spectral tensor: components kept per λ row (tasks, then the shared row if any)."""
+        ranks = {}
+        for slot in self.slots:
+            if isinstance(slot, SpectralSlot):
+                hard = self.logits[slot.key].detach() > 0
+                counts = torch.bincount(slot.owner[hard], minlength=self.num_tasks + 1).tolist()
+                ranks[slot.key] = counts if bool((slot.owner == self.num_tasks).any()) else counts[: self.num_tasks]
+        return ranks
+
+    def step(self, loss_fn: Callable[[dict[str, Tensor]], tuple[Tensor, list[float]]]) -> tuple[float, list[float], int]:
+        """One Adam step on Σ_t entropy; returns (loss, per-task entropies, mask entries that flipped)."""
+        before = self.hard_masks()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, per_task = loss_fn(self.merged_weights())
+        loss.backward()
+        self.optimizer.step()
+        after = self.hard_masks()
+        flips = sum(int((before[k] != after[k]).sum()) for k in before)
+        return float(loss.detach()), per_task, flips
+
+    @torch.no_grad()
+    def final_weights(self) -> dict[str, Tensor]:
+        """The exported dense weights: hard masks, current λ."""
+        return {k: v.detach() for k, v in self.merged_weights().items()}

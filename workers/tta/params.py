@@ -1,0 +1,54 @@
+"""Parameters of the adaptive methods and of the test-time-adaptation loop (pydantic: schema and range checks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from workers.methods.registry import Params
+
+DEFAULT_LAMBDA = {"ta": 0.3, "cart": 2.3, "tsv_m": 1.0, "iso_cts": 1.0}
+
+
+class AdaRankParams(Params):
+    """AdaRank: learnable binary masks over the singular components of a factorization, plus λ per task × tensor."""
+
+    factorization: Literal["ta", "cart", "tsv_m", "iso_cts"] = "ta"
+    lambda_: float | None = Field(None, alias="lambda", ge=-10.0, le=10.0, description="λ0 (α for tsv_m/iso_cts); default per factorization: ta 0.3, cart 2.3, tsv_m/iso_cts 1.0")
+    rho: float = Field(0.16, ge=0.0, le=1.0, description="cart: fraction of components on at init")
+    common_fraction: float = Field(0.8, ge=0.0, le=1.0, description="iso_cts: share of the rank in the common subspace")
+    temperature: float = Field(10.0, gt=0.0, description="mask temperature τ_m of σ(L/τ_m)")
+    mask_range: float | None = Field(None, gt=0.0, le=1.0, description="learn masks only over each task's top fraction of components")
+    max_rank: int | None = Field(None, ge=1, description="keep at most this many components per task vector (memory cap)")
+    learn_lambda: bool = True
+    learn_masks: bool = True
+    factor_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def initial_lambda(self) -> float:
+        return self.lambda_ if self.lambda_ is not None else DEFAULT_LAMBDA[self.factorization]
+
+
+class AdaMergingParams(Params):
+    """AdaMerging (layer-wise): λ per task × tensor over plain task vectors."""
+
+    lambda_: float = Field(0.3, alias="lambda", ge=-10.0, le=10.0, description="initial λ")
+    clamp: bool = Field(False, description="clamp λ to [0, 1] in the forward, as the original AdaMerging code")
+
+
+ADAPTIVE_METHODS: dict[str, type[Params]] = {"adarank": AdaRankParams, "adamerging": AdaMergingParams}
+
+
+class TTAConfig(Params):
+    """The test-time-adaptation loop. Data: one .safetensors/.npz per task (see workers/tta/data.py)."""
+
+    data: dict[str, Path] = Field(description="task name -> unlabeled data file (labels, if present, are used only to evaluate)")
+    steps: int = Field(100, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(16, ge=1)
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    evaluate: bool = Field(True, description="report per-task accuracy where the data has labels")
+    eval_batch_size: int = Field(256, ge=1)

@@ -1,0 +1,113 @@
+"""Build the adaptive merge state from a plan: per tensor either a spectral factorization (AdaRank) or stacked task
+vectors (elementwise tensors, and every tensor under AdaMerging), plus the initial λ table.
+
+How masks attach (ALGORITHMS.md §1.3, our documented choices):
+- ta:      origin θ0, full thin SVD of every τ_t, all components on; λ0 everywhere.        (AdaRank-TA ≡ TA(λ0) at init)
+- cart:    origin θ̄, full SVD of θ_t − θ̄, top max(1,⌊ρr⌋) on; λ0 everywhere.              (≡ CART(λ0, ρ) at init)
+- tsv_m:   origin θ0, TSV-M's whitened top-⌊r/T⌋ components per task (whitened once), all on; λ = α on spectral
+           tensors, α/T on elementwise ones (≡ TSV-M(α) at init).
+- iso_cts: origin θ0, Iso-CTS's orthogonalised components with the isotropic σ̄; task blocks masked by their task's
+           mask and λ row, the common block by a shared mask and a shared λ row (row T); λ = α, α/T elementwise.
+- none:    AdaMerging — every tensor elementwise, λ0 everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from workers.checkpoint_reader import ModelCheckpoint
+from workers.methods import spectral as sp
+from workers.plan import MergePlan
+from workers.roles import Role
+from workers.static_merge import load_inputs
+
+Factorization = Literal["ta", "cart", "tsv_m", "iso_cts", "none"]
+
+
+@dataclass
+class SpectralSlot:
+    key: str
+    origin: Tensor  # fp32 m×n
+    U: Tensor  # m×R (factor dtype)
+    s: Tensor  # R fp32
+    Vh: Tensor  # R×n (factor dtype)
+    owner: Tensor  # R int64: λ row of each component (T = shared)
+    initial_mask: Tensor  # R bool
+
+
+@dataclass
+class ElementwiseSlot:
+    key: str
+    origin: Tensor  # fp32
+    taus: Tensor  # [T, ...] fp32, relative to the origin
+
+
+Slot = SpectralSlot | ElementwiseSlot
+
+
+def truncate(fac: sp.SpectralFactorization, cap: int | None) -> sp.SpectralFactorization:
+    """Keep at most `cap` leading components per owner (memory cap / restricted mask range)."""
+    if cap is None:
+        return fac
+    keep = torch.zeros_like(fac.initial_mask)
+    for owner in fac.task_of_component.unique():
+        idx = (fac.task_of_component == owner).nonzero().flatten()
+        keep[idx[:cap]] = True
+    return sp.SpectralFactorization(fac.U[:, keep], fac.s[keep], fac.Vh[keep], fac.task_of_component[keep], fac.initial_mask[keep])
+
+
+def factorize(taus: Tensor, kind: Factorization, rho: float, common_fraction: float) -> sp.SpectralFactorization:
+    if kind == "ta":
+        return sp.per_task_factorization(taus)
+    if kind == "cart":
+        return sp.cart_factorization(taus, rho)
+    if kind == "tsv_m":
+        return sp.tsv_factorization(taus)
+    if kind == "iso_cts":
+        return sp.iso_cts_factorization(taus, common_fraction)
+    raise ValueError(f"unknown factorization {kind!r}")
+
+
+def build_state(
+    plan: MergePlan,
+    base: ModelCheckpoint,
+    tasks: list[ModelCheckpoint],
+    kind: Factorization,
+    lambda0: float,
+    rho: float = 0.16,
+    common_fraction: float = 0.8,
+    mask_range: float | None = None,
+    max_rank: int | None = None,
+    factor_dtype: torch.dtype = torch.float32,
+) -> tuple[list[Slot], Tensor]:
+    """Read every merged tensor once and build its slot; returns (slots, λ init of shape [T+1, K])."""
+    num_tasks = len(tasks)
+    whitened = kind in ("tsv_m", "iso_cts")
+    slots: list[Slot] = []
+    lam = torch.empty(num_tasks + 1, len(plan.merged))
+    for k, entry in enumerate(tqdm(plan.merged, desc=f"factorize ({kind})", leave=False, disable=None)):
+        inputs = load_inputs(entry, base, tasks)
+        origin, taus = inputs.base, inputs.taus
+        if kind == "cart":
+            mean = taus.mean(0)
+            origin, taus = origin + mean, taus - mean
+        spectral = kind != "none" and entry.role is Role.SPECTRAL
+        lam[:, k] = lambda0 if (spectral or not whitened) else lambda0 / num_tasks
+        if not spectral:
+            slots.append(ElementwiseSlot(entry.key, origin, taus))
+            continue
+        fac = factorize(taus, kind, rho, common_fraction)
+        rank = min(entry.shape)
+        caps = [c for c in (max_rank, math.ceil(mask_range * rank) if mask_range is not None else None) if c is not None]
+        fac = truncate(fac, min(caps) if caps else None)
+        owner = torch.where(fac.task_of_component < 0, num_tasks, fac.task_of_component)
+        slots.append(SpectralSlot(entry.key, origin, fac.U.to(factor_dtype).contiguous(), fac.s.float(),
+                                  fac.Vh.to(factor_dtype).contiguous(), owner, fac.initial_mask))
+        del inputs, taus
+    return slots, lam
