@@ -13,6 +13,8 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    CLIPConfig,
+    CLIPForImageClassification,
     CLIPVisionConfig,
     CLIPVisionModel,
     GPT2Config,
@@ -39,7 +41,7 @@ TINY = {
 # (backbone class for the base, class for the task models)
 CLASSES = {
     "vit": (ViTModel, ViTForImageClassification),
-    "clip_vision": (CLIPVisionModel, CLIPVisionModel),
+    "clip_vision": (CLIPVisionModel, CLIPForImageClassification),
     "bert": (BertModel, BertForSequenceClassification),
     "roberta": (RobertaModel, RobertaForSequenceClassification),
     "gpt2": (GPT2Model, GPT2ForSequenceClassification),
@@ -72,6 +74,8 @@ def make_family(kind: str, root: Path, num_tasks: int = 3, seed: int = 0, num_la
     tasks = {}
     for t in range(num_tasks):
         cfg = TINY[kind]()
+        if kind == "clip_vision":  # CLIPForImageClassification takes the full CLIP config around the vision one
+            cfg = CLIPConfig(vision_config=cfg.to_dict(), text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 64, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1})
         if task_cls is not base_cls:
             cfg.num_labels = num_labels[t % len(num_labels)]
             if kind == "gpt2":

@@ -191,3 +191,36 @@ def test_task_stream_cursor_resumes_exactly():
     c.load_state(b.state())
     assert [c.next_batch(4)["input_ids"].flatten().tolist() for _ in range(2)] == seen[1:]
     assert sorted(seen[0] + seen[1] + seen[2][:2]) == list(range(10))  # one epoch covers every row once
+
+
+FAMILY_INPUTS = {
+    "vit": lambda g: {"pixel_values": torch.randn(12, 1, 8, 8, generator=g)},
+    "clip_vision": lambda g: {"pixel_values": torch.randn(12, 3, 8, 8, generator=g)},
+    "bert": lambda g: {"input_ids": torch.randint(2, 64, (12, 6), generator=g), "attention_mask": torch.ones(12, 6, dtype=torch.long)},
+    "roberta": lambda g: {"input_ids": torch.randint(3, 64, (12, 6), generator=g), "attention_mask": torch.ones(12, 6, dtype=torch.long)},
+    "gpt2": lambda g: {"input_ids": torch.randint(1, 64, (12, 6), generator=g), "attention_mask": torch.ones(12, 6, dtype=torch.long)},
+    "llama": lambda g: {"input_ids": torch.randint(1, 64, (12, 6), generator=g),
+                        "attention_mask": torch.tensor([[1] * 6] * 6 + [[1] * 4 + [0] * 2] * 6)},
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_INPUTS))
+@pytest.mark.parametrize("method,params", [("adarank", {"factorization": "cart", "lambda": 1.0}), ("adamerging", {"clamp": True})])
+def test_every_adapter_adapts_and_exports(families, tmp_path, family, method, params):
+    from service.cli import main
+    from transformers import AutoModel
+
+    base, tasks = families(family)
+    data = {}
+    for i, name in enumerate(tasks):
+        path = tmp_path / f"{name}.safetensors"
+        save_file(FAMILY_INPUTS[family](torch.Generator().manual_seed(i)), path)
+        data[name] = str(path)
+    spec = {"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": method, "params": params,
+            "output": str(tmp_path / "out"), "tta": {"data": data, "steps": 2, "batch_size": 4, "lr": 0.01}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 0
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in report["history"])
+    assert torch.tensor(report["lambda"]).sub(params.get("lambda", 0.3)).abs().max() > 0, "λ must have moved"
+    AutoModel.from_pretrained(tmp_path / "out")

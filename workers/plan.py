@@ -123,11 +123,12 @@ def build_plan(base: ModelCheckpoint, tasks: dict[str, ModelCheckpoint], out_dty
     if not tasks:
         raise MergeInputError("no fine-tuned models given", "add at least one --model NAME=PATH")
     base_type = base.config.get("model_type")
+    rules = rules_for(base.config)
     for name, ck in tasks.items():
         task_type = ck.config.get("model_type")
-        if base_type and task_type and task_type != base_type:
+        compatible = task_type == base_type or (task_type in rules.model_types and base_type in rules.model_types)
+        if base_type and task_type and not compatible:  # e.g. a CLIPVisionModel base with CLIPForImageClassification tasks is fine
             raise MergeInputError(f"architecture mismatch: base is {base_type!r} but {name!r} is {task_type!r}", SAME_BASE_FIX)
-    rules = rules_for(base.config)
     base_keys = set(base.keys())
     alignments: dict[str, dict[str, str]] = {}
     heads: dict[str, list[HeadTensor]] = {}

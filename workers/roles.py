@@ -80,7 +80,6 @@ ARCHITECTURES: tuple[ArchitectureRules, ...] = (
         ties_word_embeddings_by_default=False,
     ),
 )
-GENERIC = ArchitectureRules("generic", ())
 
 
 def rules_for(config: dict) -> ArchitectureRules:
@@ -90,7 +89,7 @@ def rules_for(config: dict) -> ArchitectureRules:
         if model_type in rules.model_types:
             return rules
     log.warning("unknown model_type %r: using generic tensor-role rules", model_type)
-    return GENERIC
+    return ArchitectureRules("generic", (model_type,) if model_type else ())
 
 
 def _matches(patterns: tuple[str, ...], key: str) -> bool:
