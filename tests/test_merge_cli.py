@@ -16,7 +16,7 @@ from workers.methods import elementwise as ew
 from workers.roles import ARCHITECTURES, Role, classify
 
 ALL_METHODS = ["weight_average", "task_arithmetic", "ties", "dare", "consensus", "tadrop", "star", "ta_svd", "cart", "tsv_m", "iso_c", "iso_cts"]
-PREFIXES = {"vit": "vit.", "clip_vision": "", "bert": "bert.", "roberta": "roberta.", "gpt2": "transformer.", "llama": ""}
+PREFIXES = {"vit": "vit.", "clip_vision": "vision_model.", "bert": "bert.", "roberta": "roberta.", "gpt2": "transformer.", "llama": ""}
 
 
 def merge_args(base, tasks, method, out, *extra):
