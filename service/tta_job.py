@@ -103,7 +103,7 @@ def run_adaptive_job(job: MergeJob, resume: bool = False) -> dict[str, Any]:
     tta = job.tta
     with ExitStack() as stack:
         base, tasks, plan = open_inputs(job, stack)
-        datasets = [load_task_data(tta.data[ck.name], ck.name) for ck in tasks]
+        datasets = [load_task_data(tta.data[ck.name], ck.name, job.base, tta.max_length) for ck in tasks]
         models = build_task_models(plan, base, tasks)
         merger = build_merger(job, plan, base, tasks)
         streams = [TaskStream(ck.name, data, tta.seed) for ck, data in zip(tasks, datasets)]

@@ -1,8 +1,11 @@
 """Per-task unlabeled data streams: shuffled with a seed, cyclic, with a cursor that checkpoints and resumes exactly.
 
-A task's data is a `.safetensors` or `.npz` file of preprocessed tensors with one row per example:
-`pixel_values` (vision) or `input_ids` + `attention_mask` (text); an optional `labels` row is used only to evaluate.
-npz files are opened with allow_pickle=False.
+A task's data is one of:
+- a `.safetensors` or `.npz` file of preprocessed tensors, one row per example: `pixel_values` (vision) or
+  `input_ids` + `attention_mask` (text); an optional `labels` row is used only to evaluate (npz: allow_pickle=False);
+- a `.jsonl` file of {"text": ..., optional "label": int}, tokenised with the base model's tokenizer;
+- a folder of images (optionally one subfolder per class, sorted names = label ids), preprocessed with the base
+  model's image processor.
 """
 
 from __future__ import annotations
@@ -21,18 +24,22 @@ from workers.methods.elementwise import stable_seed
 INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask")
 
 
-def load_task_data(path: str | Path, task: str) -> dict[str, Tensor]:
+def load_task_data(path: str | Path, task: str, base_dir: Path | None = None, max_length: int = 128) -> dict[str, Tensor]:
     path = Path(path)
-    if not path.is_file():
-        raise MergeInputError(f"data for task {task!r}: {path} does not exist", "point tta.data.<task> at a .safetensors or .npz file")
+    if not path.exists():
+        raise MergeInputError(f"data for task {task!r}: {path} does not exist", "point tta.data.<task> at a data file or image folder")
     try:
-        if path.suffix == ".safetensors":
+        if path.is_dir():
+            tensors = _image_folder(path, task, base_dir)
+        elif path.suffix == ".safetensors":
             tensors = load_file(str(path))
         elif path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 tensors = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
+        elif path.suffix == ".jsonl":
+            tensors = _jsonl(path, task, base_dir, max_length)
         else:
-            raise MergeInputError(f"data for task {task!r}: {path.name} is neither .safetensors nor .npz", "convert the data")
+            raise MergeInputError(f"data for task {task!r}: {path.name} is not .safetensors, .npz, .jsonl or an image folder", "convert the data")
     except (ValueError, OSError) as exc:
         raise MergeInputError(f"data for task {task!r}: cannot read {path.name} ({exc})", "re-export the data file") from None
     if not any(k in tensors for k in ("pixel_values", "input_ids")):
@@ -41,6 +48,58 @@ def load_task_data(path: str | Path, task: str) -> dict[str, Tensor]:
     if len(rows) != 1 or 0 in rows:
         raise MergeInputError(f"data for task {task!r}: tensors disagree on the number of examples ({sorted(rows)})", "give every tensor one row per example")
     return tensors
+
+
+def _jsonl(path: Path, task: str, base_dir: Path | None, max_length: int) -> dict[str, Tensor]:
+    import json
+
+    from transformers import AutoTokenizer
+
+    texts, labels = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            texts.append(str(record["text"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise MergeInputError(f"data for task {task!r}: line {number} of {path.name} is not a JSON object with a \"text\"", "fix the JSONL") from None
+        if "label" in record:
+            labels.append(int(record["label"]))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir) if base_dir is not None else None
+    if tokenizer is None:
+        raise MergeInputError(f"data for task {task!r} is text but the base has no tokenizer", "save the tokenizer into the base directory")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    if labels and len(labels) == len(texts):
+        out["labels"] = torch.tensor(labels)
+    return out
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+
+
+def _image_folder(path: Path, task: str, base_dir: Path | None) -> dict[str, Tensor]:
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    classes = sorted(p for p in path.iterdir() if p.is_dir())
+    files = [(f, c) for c, folder in enumerate(classes) for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not classes:
+        files = [(f, -1) for f in sorted(path.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise MergeInputError(f"data for task {task!r}: no images in {path}", f"put {', '.join(IMAGE_SUFFIXES)} files there")
+    processor = AutoImageProcessor.from_pretrained(base_dir)
+    images = []
+    for f, _ in files:
+        with Image.open(f) as image:
+            images.append(image.copy())
+    out = {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]}
+    if classes:
+        out["labels"] = torch.tensor([c for _, c in files])
+    return out
 
 
 @dataclass

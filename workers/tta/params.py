@@ -43,7 +43,7 @@ ADAPTIVE_METHODS: dict[str, type[Params]] = {"adarank": AdaRankParams, "adamergi
 class TTAConfig(Params):
     """The test-time-adaptation loop. Data: one .safetensors/.npz per task (see workers/tta/data.py)."""
 
-    data: dict[str, Path] = Field(description="task name -> unlabeled data file (labels, if present, are used only to evaluate)")
+    data: dict[str, Path] = Field(description="task name -> .safetensors/.npz/.jsonl file or image folder (labels, if present, only evaluate)")
     steps: int = Field(100, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     batch_size: int = Field(16, ge=1)
@@ -52,3 +52,4 @@ class TTAConfig(Params):
     keep_checkpoints: int = Field(3, ge=1)
     evaluate: bool = Field(True, description="report per-task accuracy where the data has labels")
     eval_batch_size: int = Field(256, ge=1)
+    max_length: int = Field(128, ge=1, description="token length for .jsonl text data")
