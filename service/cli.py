@@ -109,6 +109,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from service.spec import job_from_dict, load_job_file
+    from service.tta_job import evaluate_output
+
+    root = Path(args.job).resolve().parent
+    job = job_from_dict(load_job_file(args.job), root)
+    data: dict[str, Path] = dict(job.tta.data) if job.tta else {}
+    for item in args.data or []:
+        name, path = _key_value(item, "--data")
+        data[name] = Path(path).resolve()
+    table = evaluate_output(job, data, max_length=job.tta.max_length if job.tta else 128)
+    if not table:
+        raise MergeInputError("none of the evaluation data has labels", "add a labels tensor (or label fields) to the data")
+    print(format_accuracy(table))
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from service.spec import MergeJob
     from workers.methods.registry import method_class
@@ -164,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the job's last intact checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     run.set_defaults(func=cmd_run)
+
+    evaluate = sub.add_parser("eval", help="per-task accuracy of a job's output next to the pretrained and individual models")
+    evaluate.add_argument("job", help="the job spec whose output to evaluate")
+    evaluate.add_argument("--data", action="append", metavar="NAME=PATH", help="labelled data per task (default: the spec's tta.data)")
+    evaluate.set_defaults(func=cmd_eval)
 
     schema = sub.add_parser("schema", help="print the JSON schema of a job spec, or of one method's parameters")
     schema.add_argument("--method")

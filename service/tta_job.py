@@ -22,7 +22,7 @@ from service.spec import MergeJob, parse_adaptive_params
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.checkpoint_writer import StreamingCheckpointWriter, parse_size
 from workers.errors import MergeInputError
-from workers.plan import MergePlan
+from workers.plan import MergePlan, build_plan
 from workers.static_merge import peak_rss_bytes, write_heads, write_weights
 from workers.tta.adapters import TaskModels, build_task_models
 from workers.tta.data import TaskStream, load_task_data
@@ -82,19 +82,35 @@ def accuracy(models: TaskModels, weights: dict[str, torch.Tensor], task: int, da
 
 
 def evaluate(models: TaskModels, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
-             datasets: list[dict[str, torch.Tensor]], merged: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], batch: int) -> dict[str, Any]:
-    """Per-task accuracy of the pretrained backbone, each individual model, the initial merge and the final one."""
+             datasets: list[dict[str, torch.Tensor]], merges: dict[str, dict[str, torch.Tensor]], batch: int) -> dict[str, Any]:
+    """Per-task accuracy of the pretrained backbone, each individual model, then each named merge (labelled tasks)."""
     rows: dict[str, dict[str, float]] = {}
     base_weights = {e.key: base.read(e.key).float() for e in plan.merged}
     for t, (ck, data) in enumerate(zip(tasks, datasets)):
         if "labels" not in data:
             continue
         own = {e.key: ck.read(e.sources[t]).float() for e in plan.merged}
-        rows[ck.name] = {name: round(accuracy(models, w, t, data, batch), 6)
-                         for name, w in (("pretrained", base_weights), ("individual", own), ("initial", initial), ("merged", merged))}
+        columns = {"pretrained": base_weights, "individual": own, **merges}
+        rows[ck.name] = {name: round(accuracy(models, w, t, data, batch), 6) for name, w in columns.items()}
     if rows:
         rows["average"] = {col: round(sum(r[col] for r in rows.values()) / len(rows), 6) for col in next(iter(rows.values()))}
     return rows
+
+
+def evaluate_output(job: MergeJob, data: dict[str, Any], batch: int = 256, max_length: int = 128) -> dict[str, Any]:
+    """`rankmerge eval`: accuracy of a published output (static or adaptive) next to pretrained and individual models."""
+    with ExitStack() as stack:
+        base = stack.enter_context(ModelCheckpoint(job.base, "base", job.allow_pickle))
+        tasks = [stack.enter_context(ModelCheckpoint(path, name, job.allow_pickle)) for name, path in job.models.items()]
+        merged_ck = stack.enter_context(ModelCheckpoint(job.output, "output"))
+        plan = build_plan(base, {t.name: t for t in tasks})
+        missing = sorted(set(job.models) - set(data))
+        if missing:
+            raise MergeInputError(f"no evaluation data for tasks {missing}", "give --data NAME=PATH for every task (or a tta.data block)")
+        datasets = [load_task_data(data[ck.name], ck.name, job.base, max_length) for ck in tasks]
+        models = build_task_models(plan, base, tasks)
+        merged = {e.key: merged_ck.read(e.key).float() for e in plan.merged}
+        return evaluate(models, plan, base, tasks, datasets, {"merged": merged}, batch)
 
 
 # ---- the job ------------------------------------------------------------------------------------------------------
@@ -130,7 +146,7 @@ def run_adaptive_job(job: MergeJob, resume: bool = False) -> dict[str, Any]:
             "history": history, "learned_ranks": merger.learned_ranks(), "lambda": merger.lam.detach().tolist(),
         }
         if tta.evaluate:
-            report["accuracy"] = evaluate(models, plan, base, tasks, datasets, final, initial, tta.eval_batch_size)
+            report["accuracy"] = evaluate(models, plan, base, tasks, datasets, {"initial": initial, "merged": final}, tta.eval_batch_size)
         export(job, plan, base, tasks, merger, final, report, start_time)
     return report
 

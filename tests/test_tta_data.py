@@ -82,3 +82,23 @@ def test_npz_without_inputs_and_ragged_rows_are_refused(tmp_path):
         load_task_data(tmp_path / "b.npz", "t")
     np.savez(tmp_path / "c.npz", input_ids=np.zeros((3, 2), dtype=np.int64))
     assert load_task_data(tmp_path / "c.npz", "t")["input_ids"].dtype == torch.int64
+
+
+def test_eval_reports_accuracy_of_a_static_output(families, tmp_path, capsys):
+    base, tasks = families("vit")
+    data = {}
+    for i, name in enumerate(tasks):
+        from safetensors.torch import save_file
+
+        g = torch.Generator().manual_seed(i)
+        save_file({"pixel_values": torch.randn(20, 1, 8, 8, generator=g), "labels": torch.randint(0, 3, (20,), generator=g)}, tmp_path / f"{name}.safetensors")
+        data[name] = tmp_path / f"{name}.safetensors"
+    spec = {"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": "ties", "output": "out"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "job.yaml"), *[f"--data={k}={v}" for k, v in data.items()]]) == 0
+    table = capsys.readouterr().out
+    assert "pretrained" in table and "individual" in table and "merged" in table and "average" in table
+    assert main(["eval", str(tmp_path / "job.yaml")]) == 2
+    assert "no evaluation data" in capsys.readouterr().err
