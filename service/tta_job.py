@@ -38,7 +38,7 @@ def build_merger(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: l
     if isinstance(params, AdaRankParams):
         slots, lam = build_state(plan, base, tasks, params.factorization, params.initial_lambda(), params.rho,
                                  params.common_fraction, params.mask_range, params.max_rank, getattr(torch, params.factor_dtype))
-        options = AdaptiveOptions(params.temperature, params.learn_lambda, params.learn_masks, None, job.tta.lr)
+        options = AdaptiveOptions(params.temperature, params.learn_lambda, params.learn_masks, None, job.tta.lr, params.cache_masked)
     else:
         assert isinstance(params, AdaMergingParams)
         slots, lam = build_state(plan, base, tasks, "none", params.lambda_)

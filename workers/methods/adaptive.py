@@ -44,6 +44,43 @@ def spectral_merge(origin: Tensor, U: Tensor, Vh: Tensor, coef: Tensor) -> Tenso
     return SpectralMerge.apply(origin, U, Vh, coef)
 
 
+def masked_task_matrices(U: Tensor, s: Tensor, Vh: Tensor, owner: Tensor, hard: Tensor, rows: int) -> Tensor:
+    """M_j = U_j diag(b_j ⊙ s_j) Vh_j for every λ row j: the masked task vectors (a pure function of the hard mask)."""
+    out = torch.zeros((rows, U.shape[0], Vh.shape[1]), dtype=torch.float32)
+    for j in range(rows):
+        refresh_masked_matrix(out, j, U, s, Vh, owner, hard)
+    return out
+
+
+def refresh_masked_matrix(cache: Tensor, row: int, U: Tensor, s: Tensor, Vh: Tensor, owner: Tensor, hard: Tensor) -> None:
+    """Recompute one row of the cache exactly (never by incremental updates, so it cannot drift and resumes bitwise)."""
+    keep = (owner == row) & hard
+    cache[row] = (U[:, keep].float() * s[keep]) @ Vh[keep].float() if bool(keep.any()) else 0.0
+
+
+class MaskedTaskSum(torch.autograd.Function):
+    """W = origin + Σ_j λ_j M_j over cached masked task vectors M_j (forward cost T·m·n instead of T·r·m·n).
+
+    Backward: ∂L/∂λ_j = ⟨G, M_j⟩, and for the mask ∂L/∂b = λ[owner] · s ⊙ diag(Uᵀ G Vhᵀ) (only when masks learn).
+    The cache must hold M_j for the current hard mask; the forward value does not depend on `b` itself.
+    """
+
+    @staticmethod
+    def forward(ctx, origin: Tensor, lam: Tensor, b: Tensor, cache: Tensor, U: Tensor, s: Tensor, Vh: Tensor, owner: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(lam, cache, U, s, Vh, owner)
+        return origin + torch.tensordot(lam, cache, dims=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        lam, cache, U, s, Vh, owner = ctx.saved_tensors
+        grad_lam = torch.tensordot(cache, grad, dims=2) if ctx.needs_input_grad[1] else None
+        grad_b = None
+        if ctx.needs_input_grad[2]:
+            diag = ((grad.to(Vh.dtype) @ Vh.T) * U).sum(0).float()
+            grad_b = lam[owner] * s * diag
+        return None, grad_lam, grad_b, None, None, None, None, None
+
+
 def mean_entropy(logits: Tensor, valid: Tensor | None = None) -> Tensor:
     """Mean over the batch of −Σ_c softmax·log_softmax (over valid positions first, for sequence outputs)."""
     logp = torch.log_softmax(logits.float(), dim=-1)

@@ -10,7 +10,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from workers.methods.adaptive import initial_logits, spectral_merge, straight_through_mask
+from workers.methods.adaptive import (
+    MaskedTaskSum,
+    initial_logits,
+    masked_task_matrices,
+    refresh_masked_matrix,
+    spectral_merge,
+    straight_through_mask,
+)
 from workers.tta.state import ElementwiseSlot, Slot, SpectralSlot
 
 
@@ -21,6 +28,7 @@ class AdaptiveOptions:
     learn_masks: bool = True
     clamp: tuple[float, float] | None = None  # AdaMerging's optional clamp of λ in the forward
     lr: float = 1e-3
+    cache_masked: bool = True  # keep M_t = U_t diag(b_t s_t) V_t per task: T·m·n more memory, no forward GEMM
 
 
 class AdaptiveMerger:
@@ -32,6 +40,7 @@ class AdaptiveMerger:
         self.logits: dict[str, Tensor] = {
             s.key: initial_logits(s.initial_mask).requires_grad_(options.learn_masks) for s in slots if isinstance(s, SpectralSlot)
         }
+        self._cache: dict[str, tuple[Tensor, Tensor]] = {}  # key -> (masked task matrices, hard mask they hold)
         params = ([self.lam] if options.learn_lambda else []) + (list(self.logits.values()) if options.learn_masks else [])
         if not params:
             raise ValueError("nothing to learn: enable learn_lambda or learn_masks")
@@ -50,12 +59,30 @@ class AdaptiveMerger:
         lam = self.coefficients()
         out: dict[str, Tensor] = {}
         for k, slot in enumerate(self.slots):
-            if isinstance(slot, SpectralSlot):
+            if isinstance(slot, SpectralSlot) and self.options.cache_masked:
+                cache = self._masked_cache(slot)
+                out[slot.key] = MaskedTaskSum.apply(slot.origin, lam[: cache.shape[0], k], self.masks(slot.key), cache,
+                                                    slot.U, slot.s, slot.Vh, slot.owner)
+            elif isinstance(slot, SpectralSlot):
                 coef = lam[slot.owner, k] * self.masks(slot.key) * slot.s
                 out[slot.key] = spectral_merge(slot.origin, slot.U, slot.Vh, coef)
             else:
                 out[slot.key] = slot.origin + torch.tensordot(lam[: self.num_tasks, k], slot.taus, dims=1)
         return out
+
+    def _masked_cache(self, slot: SpectralSlot) -> Tensor:
+        """The masked task matrices for the current hard mask; rows whose mask flipped are recomputed exactly."""
+        hard = self.logits[slot.key].detach() > 0
+        rows = int(slot.owner.max()) + 1 if slot.owner.numel() else 0
+        if slot.key not in self._cache:
+            self._cache[slot.key] = (masked_task_matrices(slot.U, slot.s, slot.Vh, slot.owner, hard, rows), hard.clone())
+        cache, held = self._cache[slot.key]
+        changed = hard != held
+        if bool(changed.any()):
+            for row in slot.owner[changed].unique().tolist():
+                refresh_masked_matrix(cache, row, slot.U, slot.s, slot.Vh, slot.owner, hard)
+            held.copy_(hard)
+        return cache
 
     def hard_masks(self) -> dict[str, Tensor]:
         return {key: logits.detach() > 0 for key, logits in self.logits.items()}

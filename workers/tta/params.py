@@ -25,6 +25,7 @@ class AdaRankParams(Params):
     learn_lambda: bool = True
     learn_masks: bool = True
     factor_dtype: Literal["float32", "bfloat16"] = "float32"
+    cache_masked: bool = Field(True, description="cache each task's masked matrix: no merge GEMM in the forward, T·m·n more memory per tensor")
 
     def initial_lambda(self) -> float:
         return self.lambda_ if self.lambda_ is not None else DEFAULT_LAMBDA[self.factorization]
