@@ -73,7 +73,7 @@ def build_task_models(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelC
         model = getattr(transformers, arch)(config)
     model.eval()
     param_names = {n for n, _ in model.named_parameters()}
-    to_module = _checkpoint_to_module_names(model)
+    to_module = checkpoint_to_module_names(model)
     names, heads = [], []
     fixed: dict[str, Tensor] = {}
     for t, ck in enumerate(tasks):
@@ -92,7 +92,7 @@ def build_task_models(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelC
 
 
 
-def _checkpoint_to_module_names(model: torch.nn.Module):
+def checkpoint_to_module_names(model: torch.nn.Module):
     """Checkpoint key -> parameter name, through transformers' own load-time renamings (5.x renamed many modules)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
