@@ -249,3 +249,16 @@ def test_cached_and_gemm_merges_agree_after_masks_flip(families, tmp_path):
         assert torch.equal(results[0][1][key], results[1][1][key])
     for key in results[0][2]:
         torch.testing.assert_close(results[0][2][key], results[1][2][key], atol=1e-4, rtol=1e-4)
+
+
+def test_memory_options_cap_components_and_keep_bf16_factors(families, tmp_path):
+    params = {"factorization": "ta", "max_rank": 3, "mask_range": 0.5, "factor_dtype": "bfloat16", "learn_lambda": False}
+    with ExitStack() as stack:
+        _, base, tasks, plan, merger = merger_for(make_job(families, tmp_path, params=params), tmp_path, stack)
+        spectral = [s for s in merger.slots if hasattr(s, "U")]
+        assert spectral and all(s.U.dtype == torch.bfloat16 and s.Vh.dtype == torch.bfloat16 for s in spectral)
+        for s in spectral:
+            rank = min(s.origin.shape)
+            assert torch.bincount(s.owner).max() <= min(3, -(-rank // 2))
+        assert not merger.lam.requires_grad and all(v.requires_grad for v in merger.logits.values())
+        assert all(len(r) == len(tasks) for r in merger.learned_ranks().values())
