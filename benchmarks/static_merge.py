@@ -29,6 +29,8 @@ import psutil
 import torch
 from safetensors import safe_open
 
+from venvs import ensure_venv  # benchmarks/ is on sys.path: this script's own directory
+
 LOG = logging.getLogger("static_merge")
 REPO = Path(__file__).resolve().parent.parent
 MERGEKIT_REQS = REPO / "benchmarks" / "mergekit-requirements.txt"
@@ -40,22 +42,6 @@ TOLERANCE = 1e-5  # relative to max|ref|: a few float32 ulps, far below any real
 
 
 # --------------------------------------------------------------------------- setup
-def ensure_mergekit_venv(venv: Path) -> Path:
-    """mergekit gets its own venv so its pins never touch the project's .venv."""
-    exe = venv / "bin" / "mergekit-yaml"
-    if exe.exists():
-        return exe
-    LOG.info("creating mergekit venv in %s (one-off, a few minutes)", venv)
-    python3 = shutil.which("python3") or sys.executable
-    subprocess.run([python3, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "pip"), "install", "-q"]
-    subprocess.run(pip + ["--upgrade", "pip"], check=True)
-    # torch first: the pinned CPU wheel, so mergekit's resolver never pulls CUDA builds.
-    subprocess.run(pip + ["torch==2.13.0"], check=True)
-    subprocess.run(pip + ["-r", str(MERGEKIT_REQS)], check=True)
-    return exe
-
-
 def model_spec(args) -> dict:
     return {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
             "heads": args.heads, "vocab": args.vocab, "noise": args.noise, "seed": 0}
@@ -286,7 +272,8 @@ def main() -> None:
     work = args.workdir.resolve()
     logs, outs = work / "logs", work / "out"
     logs.mkdir(parents=True, exist_ok=True)
-    mergekit = ensure_mergekit_venv(work / "venvs" / "mergekit")
+    # mergekit gets its own venv so its pins never touch the project's .venv
+    mergekit = ensure_venv("mergekit", MERGEKIT_REQS, work).parent / "mergekit-yaml"
     m = ensure_models(work / "llama300m", model_spec(args))
     params = n_params(m["base"])
     ckpt_gb = sum(f.stat().st_size for f in m["base"].glob("*.safetensors")) / GB
