@@ -66,7 +66,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
 FB_REQS = BENCH / "fusionbench-requirements.txt"
 FB_SCRIPT = BENCH / "fusionbench_adamerging_step.py"
-REFERENCE = "rankmerge"  # the ratio column divides by this runner's s/step when it ran
+REFERENCE = "rankmerge adamerging"  # the ratio column divides by this runner's s/step when it ran
 COMPONENTS = ("merge", "forward", "backward", "optimizer")
 GB = 1e9
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -110,9 +110,19 @@ def fusionbench(args: argparse.Namespace, fixture: Path, logs: Path, backward: s
                         "--backward", backward], logs)
 
 
+RM_SCRIPT = BENCH / "rankmerge_tta_step.py"
+
+
+def rankmerge(args: argparse.Namespace, fixture: Path, logs: Path, method: str) -> dict:
+    """rankmerge's engine in the project's own venv (see benchmarks/rankmerge_tta_step.py)."""
+    return run_command(f"rankmerge-{method}", [sys.executable, str(RM_SCRIPT), *runner_args(args, fixture), "--method", method], logs)
+
+
 Runner = Callable[[argparse.Namespace, Path, Path], dict]
 RUNNERS: dict[str, Runner] = {
-    # "rankmerge": the engine side plugs in here (same signature, same JSON).
+    # rankmerge: one backward of the summed task entropies per step, λ per task × tensor (and masks for AdaRank).
+    "rankmerge adarank (ta)": functools.partial(rankmerge, method="adarank"),
+    "rankmerge adamerging": functools.partial(rankmerge, method="adamerging"),
     # FusionBench's own loop: per task forward + backward(retain_graph=True), T backwards/step.
     "fusionbench": functools.partial(fusionbench, backward="per-task"),
     # FusionBench's classes, but one backward of the summed task entropies per step.
