@@ -44,7 +44,7 @@ def ensure_venv(name: str, requirements: Path, workdir: Path) -> Path:
     wanted = requirements.read_text()
     if python.exists() and stamp.exists() and stamp.read_text() == wanted:
         return python
-    LOG.info("creating %s venv in %s (one-off, a few minutes)", name, venv)
+    LOG.info("building %s venv in %s (one-off, a few minutes)", name, venv)
     python3 = shutil.which("python3") or sys.executable
     subprocess.run([python3, "-m", "venv", str(venv)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q"]
