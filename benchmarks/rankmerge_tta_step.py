@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from torch.func import functional_call
 from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -57,17 +58,15 @@ def main() -> None:
     options = AdaptiveOptions(learn_masks=args.method == "adarank", cache_masked=not args.no_cache)
     merger = AdaptiveMerger(slots, lam, options)
     config = CLIPVisionConfig.from_pretrained(args.models / "base")
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):  # meta parameters, real buffers (position ids)
         model = CLIPVisionModel(config)
     model.eval()
     rename = checkpoint_to_module_names(model)
     to_module = {e.key: rename(e.key) for e in plan.merged}
-    buffers = {n: b for n, b in CLIPVisionModel(config).named_buffers()}  # real buffers (position ids)
     setup_s = time.perf_counter() - start
 
     def loss_of(weights: dict[str, torch.Tensor]) -> torch.Tensor:
         params = {to_module[k]: w for k, w in weights.items()}
-        params.update(buffers)
         total = 0.0
         for t in range(args.tasks):
             pooled = functional_call(model, params, args=(), kwargs={"pixel_values": inputs[f"images.task_{t}"]}).pooler_output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -45,8 +46,6 @@ class MergeJob(BaseModel):
 
     def spec_hash(self) -> str:
         """Identity of everything that determines the result (not where it is written or whether to overwrite)."""
-        import hashlib
-
         data = self.model_dump(mode="json", exclude={"overwrite", "output", "job_dir", "max_shard_size"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -118,16 +118,16 @@ def run_adaptive_job(job: MergeJob, resume: bool = False) -> dict[str, Any]:
     start_time = time.perf_counter()
     tta = job.tta
     with ExitStack() as stack:
+        job_dir, spec_hash = job.resolved_job_dir, job.spec_hash()
+        if not resume and any((job_dir / "checkpoints").glob("step_*")):  # before any heavy work
+            raise MergeInputError(f"{job_dir} already holds checkpoints of a run", "pass --resume to continue it, or remove the job_dir")
         base, tasks, plan = open_inputs(job, stack)
         datasets = [load_task_data(tta.data[ck.name], ck.name, job.base, tta.max_length) for ck in tasks]
         models = build_task_models(plan, base, tasks)
+        found = load_latest_checkpoint(job_dir, spec_hash) if resume else None
         merger = build_merger(job, plan, base, tasks)
         streams = [TaskStream(ck.name, data, tta.seed) for ck, data in zip(tasks, datasets)]
-        job_dir, spec_hash = job.resolved_job_dir, job.spec_hash()
         step = 0
-        found = load_latest_checkpoint(job_dir, spec_hash) if resume else None
-        if not resume and (job_dir / "checkpoints").exists() and any((job_dir / "checkpoints").glob("step_*")):
-            raise MergeInputError(f"{job_dir} already holds checkpoints of a run", "pass --resume to continue it, or remove the job_dir")
         if found is not None:
             tensors, meta = found
             restore_state(merger, tensors, meta)
@@ -135,18 +135,15 @@ def run_adaptive_job(job: MergeJob, resume: bool = False) -> dict[str, Any]:
                 stream.load_state(cursor)
             step = int(meta["step"])
             log.info("resumed %s at step %d", job_dir, step)
-        initial = merger.final_weights() if step == 0 else None
         history = _adapt(merger, models, streams, tta, step, job_dir, spec_hash)
         final = merger.final_weights()
-        if initial is None:  # resumed: rebuild the step-0 weights only for the report
-            initial = build_merger(job, plan, base, tasks).final_weights()
         report = {
             "method": job.method, "params": parse_adaptive_params(job.method, job.params).model_dump(by_alias=True),
             "tta": tta.model_dump(mode="json"), "transductive": True, "steps": tta.steps,
             "history": history, "learned_ranks": merger.learned_ranks(), "lambda": merger.lam.detach().tolist(),
         }
         if tta.evaluate:
-            report["accuracy"] = evaluate(models, plan, base, tasks, datasets, {"initial": initial, "merged": final}, tta.eval_batch_size)
+            report["accuracy"] = evaluate(models, plan, base, tasks, datasets, {"initial": merger.initial_weights(), "merged": final}, tta.eval_batch_size)
         export(job, plan, base, tasks, merger, final, report, start_time)
     return report
 

@@ -4,7 +4,7 @@ through a `loss_fn`, so the same object serves the local loop and (later) a Ray 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -36,7 +36,8 @@ class AdaptiveMerger:
         self.slots = slots
         self.options = options
         self.num_tasks = lam_init.shape[0] - 1
-        self.lam = lam_init.clone().float().requires_grad_(options.learn_lambda)
+        self.lam_init = lam_init.clone().float()
+        self.lam = self.lam_init.clone().requires_grad_(options.learn_lambda)
         self.logits: dict[str, Tensor] = {
             s.key: initial_logits(s.initial_mask).requires_grad_(options.learn_masks) for s in slots if isinstance(s, SpectralSlot)
         }
@@ -107,6 +108,11 @@ class AdaptiveMerger:
         after = self.hard_masks()
         flips = sum(int((before[k] != after[k]).sum()) for k in before)
         return float(loss.detach()), per_task, flips
+
+    @torch.no_grad()
+    def initial_weights(self) -> dict[str, Tensor]:
+        """The step-0 merge (the static base method), derived from the slots: no snapshot kept, no refactorization."""
+        return AdaptiveMerger(self.slots, self.lam_init, replace(self.options, cache_masked=False)).final_weights()
 
     @torch.no_grad()
     def final_weights(self) -> dict[str, Tensor]:
