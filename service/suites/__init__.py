@@ -1,9 +1,34 @@
 """Real-data checkpoint suites: genuinely pretrained-then-fine-tuned HF models plus their task data, built offline.
 
 The tiny families in service/tiny_models.py only exercise code paths; these suites carry real accuracy, so merge
-quality (and the gap that test-time adaptation must close) can be measured in seconds.
+quality (and the gap that test-time adaptation must close) can be measured.
+
+SUITES names every suite `rankmerge bench build|run|report` knows: name -> (module, builder function, keyword
+arguments). Each builder is `build(root: Path, seed: int = 0, **kwargs) -> Suite` and reuses a complete suite in
+root. Modules are imported only when their suite is built, so the CLI stays fast.
 """
 
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from service.suites.common import Suite
 from service.suites.digits import DigitsSuite, build_digits_suite
 
-__all__ = ["DigitsSuite", "build_digits_suite"]
+SUITES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "digits-smoke": ("service.suites.digits", "build_digits_suite", {"scale": "test"}),
+    "digits": ("service.suites.digits", "build_digits_suite", {"scale": "bench"}),
+}
+
+
+def build_suite(name: str, root: Path, seed: int = 0) -> Suite:
+    """Build (or reuse) the named suite under root."""
+    if name not in SUITES:
+        raise KeyError(name)
+    module, function, kwargs = SUITES[name]
+    return getattr(importlib.import_module(module), function)(Path(root), seed=seed, **kwargs)
+
+
+__all__ = ["SUITES", "DigitsSuite", "Suite", "build_digits_suite", "build_suite"]

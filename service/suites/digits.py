@@ -21,12 +21,9 @@ val labels reaches only ~.85 on average, so what adaptive merging recovers here 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,17 @@ import torch
 from safetensors.torch import save_file
 from torch.nn.functional import cross_entropy
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+from service.suites.common import (
+    Suite,
+    deterministic,
+    forget_manifest,
+    is_built,
+    seeded_split,
+    suite_layout,
+    train_minibatches,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,55 +110,11 @@ SCALES = {
 }
 
 
-@dataclass(frozen=True)
-class DigitsSuite:
-    root: Path
-    base_dir: Path  # ViTModel (with an untrained pooler that no task uses)
-    task_dirs: dict[str, Path]  # ViTForImageClassification per task
-    data: dict[str, dict[str, Path]]  # task -> split -> safetensors with pixel_values [N,1,8,8] f32, labels [N] i64
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return json.loads((self.root / "suite.json").read_text())
+DigitsSuite = Suite  # the digits suite has the standard layout
 
 
-def _layout(root: Path) -> DigitsSuite:
-    return DigitsSuite(
-        root=root,
-        base_dir=root / "models" / "base",
-        task_dirs={t.name: root / "models" / t.name for t in TASKS},
-        data={t.name: {s: root / "data" / t.name / f"{s}.safetensors" for s in SPLITS} for t in TASKS},
-    )
-
-
-def _is_built(suite: DigitsSuite, scale: str, seed: int) -> bool:
-    try:
-        manifest = suite.manifest
-    except (OSError, ValueError):
-        return False
-    files = [suite.base_dir / "model.safetensors", *(d / "model.safetensors" for d in suite.task_dirs.values()),
-             *(p for splits in suite.data.values() for p in splits.values())]
-    same = (manifest.get("format"), manifest.get("scale"), manifest.get("seed")) == (FORMAT, scale, seed)
-    return same and all(f.is_file() for f in files)
-
-
-@contextmanager
-def _deterministic(seed: int) -> Iterator[None]:
-    """Seeded, deterministic, single-threaded torch for the build; the caller's RNG state and settings come back after.
-
-    One thread: these matrices are too small to gain from more, a busy neighbour core makes multi-threaded steps ~10×
-    slower, and the written bytes then do not depend on the machine's core count.
-    """
-    previous = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.use_deterministic_algorithms(True)
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(previous[0])
-            torch.set_num_threads(previous[1])
+def _layout(root: Path) -> Suite:
+    return suite_layout(root, [t.name for t in TASKS])
 
 
 def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,14 +123,6 @@ def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
 
     raw = load_digits()
     return torch.tensor(raw.images, dtype=torch.float32) / 16.0, torch.as_tensor(raw.target, dtype=torch.int64)
-
-
-def _split(n: int, seed: int) -> dict[str, torch.Tensor]:
-    """Disjoint sorted index sets, one seeded permutation cut by SPLITS."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_train, n_val = int(SPLITS["train"] * n), int(SPLITS["val"] * n)
-    cuts = {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
-    return {name: idx.sort().values for name, idx in cuts.items()}
 
 
 def _pixels(images: torch.Tensor) -> torch.Tensor:
@@ -185,17 +141,6 @@ def _features(vit: ViTModel, pixel_values: torch.Tensor) -> torch.Tensor:
     return vit(pixel_values=pixel_values).last_hidden_state[:, 0]
 
 
-def _train(params: list[torch.nn.Parameter], loss_of: Callable[[torch.Tensor], torch.Tensor], n: int, epochs: int,
-         batch: int, lr: float, gen: torch.Generator, weight_decay: float = 0.0) -> None:
-    """AdamW over shuffled minibatches of n examples; loss_of(batch indices) -> loss."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    for _ in range(epochs):
-        for idx in torch.randperm(n, generator=gen).split(batch):
-            opt.zero_grad()
-            loss_of(idx).backward()
-            opt.step()
-
-
 def _pretrain(vit: ViTModel, images: torch.Tensor, digits: torch.Tensor, scale: Scale, gen: torch.Generator) -> None:
     """Predict the digit of each (train) image under a random one of PRETRAIN_VIEWS, through a throwaway linear head."""
     views = torch.stack([_pixels(view(images)) for view in PRETRAIN_VIEWS])  # [V, N, 1, 8, 8]
@@ -206,7 +151,7 @@ def _pretrain(vit: ViTModel, images: torch.Tensor, digits: torch.Tensor, scale: 
         pick = torch.randint(len(PRETRAIN_VIEWS), (len(idx),), generator=gen)
         return cross_entropy(head(_features(vit, views[pick, idx])), digits[idx])
 
-    _train([*vit.parameters(), *head.parameters()], loss_of, len(digits), scale.pretrain_epochs, scale.batch,
+    train_minibatches([*vit.parameters(), *head.parameters()], loss_of, len(digits), scale.pretrain_epochs, scale.batch,
            scale.pretrain_lr, gen, weight_decay=0.01)
     vit.eval()
 
@@ -216,7 +161,7 @@ def _fit_head(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor
     """Linear probe: the classifier alone, full batch, on frozen pretrained features."""
     with torch.no_grad():
         feats = _features(model.vit.eval(), x)
-    _train(list(model.classifier.parameters()), lambda idx: cross_entropy(model.classifier(feats[idx]), y[idx]),
+    train_minibatches(list(model.classifier.parameters()), lambda idx: cross_entropy(model.classifier(feats[idx]), y[idx]),
          len(y), scale.probe_steps, len(y), scale.probe_lr, gen, weight_decay=0.01)
 
 
@@ -224,7 +169,7 @@ def _finetune(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor
               gen: torch.Generator) -> None:
     """The encoder only; the probe head stays frozen so its task vector lives entirely in the backbone."""
     model.train()
-    _train(list(model.vit.parameters()), lambda idx: cross_entropy(model(pixel_values=x[idx]).logits, y[idx]),
+    train_minibatches(list(model.vit.parameters()), lambda idx: cross_entropy(model(pixel_values=x[idx]).logits, y[idx]),
          len(y), scale.finetune_epochs, scale.batch, scale.finetune_lr, gen)
     model.eval()
 
@@ -238,7 +183,7 @@ def _accuracy(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor
 def _build(suite: DigitsSuite, scale: Scale, seed: int) -> dict[str, Any]:
     """Write every model and data file; return the manifest's measured part."""
     images, digits = _load_digits()
-    splits = _split(len(digits), seed)
+    splits = seeded_split(len(digits), seed, SPLITS)
     gen = torch.Generator().manual_seed(seed)
     base = ViTModel(_vit_config(scale))
     log.info("pretraining a %d-layer ViT on %d train images", scale.layers, len(splits["train"]))
@@ -271,21 +216,18 @@ def build_digits_suite(root: Path, scale: str = "test", seed: int = 0) -> Digits
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(SCALES)}")
     suite = _layout(Path(root))
-    if _is_built(suite, scale, seed):
+    if is_built(suite, {"format": FORMAT, "scale": scale, "seed": seed}):
         log.info("reusing the digits suite in %s", suite.root)
         return suite
-    manifest_path = suite.root / "suite.json"
-    manifest_path.unlink(missing_ok=True)  # a half-rebuilt suite must never look complete
+    forget_manifest(suite)
     start = time.perf_counter()
-    with _deterministic(seed):
+    with deterministic(seed):
         measured = _build(suite, SCALES[scale], seed)
     manifest = {"format": FORMAT, "scale": scale, "seed": seed, "config": asdict(SCALES[scale]),
                 "preprocessing": PREPROCESSING, "source": "sklearn.datasets.load_digits",
                 "pretraining": {"objective": "digit of each train image under a random one of these views",
                                 "views": [asdict(v) for v in PRETRAIN_VIEWS]},
                 **measured}
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, manifest_path)
+    write_manifest(suite, manifest)
     log.info("built the digits suite in %s in %.1f s", suite.root, time.perf_counter() - start)
     return suite
