@@ -1,0 +1,119 @@
+"""The benchmark's method list, grouped like the AdaRank paper's Table 1, with each static method's validation grid
+and each suite's fixed test-time-adaptation settings.
+
+Why grids and not the registry defaults: the papers choose static hyper-parameters on a validation split (ALGORITHMS.md
+"honest evaluation"); the grids are small so a CPU run stays in minutes. Adaptive methods get no grid at all: they start
+from the paper's defaults (workers/tta/params.py DEFAULT_LAMBDA) and report the final step, with lr/steps/batch fixed
+per suite below — written once, never tuned on test accuracy.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from workers.errors import MergeInputError
+from workers.tta.params import DEFAULT_LAMBDA
+
+Kind = Literal["reference", "static", "adaptive"]
+
+REFERENCE = "Reference"
+DATA_FREE = "Data-free"
+SPECTRAL = "Data-free, spectral"
+ADAPTIVE = "Test-time adaptation"
+GROUPS = (REFERENCE, DATA_FREE, SPECTRAL, ADAPTIVE)
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """One row of the table: a job method with fixed parameters, plus a grid searched on val (static only)."""
+
+    name: str  # record name, unique
+    label: str  # as in the paper's tables
+    group: str
+    kind: Kind
+    method: str = ""  # registry / adaptive method name; empty for the reference rows
+    fixed: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def candidates(self) -> list[dict[str, Any]]:
+        """Every parameter set to try: the fixed ones with each point of the grid's cartesian product."""
+        names = list(self.grid)
+        return [{**self.fixed, **dict(zip(names, values))} for values in itertools.product(*(self.grid[n] for n in names))]
+
+
+def _steps(start: float, stop: float, step: float) -> tuple[float, ...]:
+    count = int(round((stop - start) / step)) + 1
+    return tuple(round(start + i * step, 6) for i in range(count))
+
+
+LAMBDAS = _steps(0.1, 1.0, 0.1)  # TA λ
+COARSE_LAMBDAS = _steps(0.2, 1.0, 0.2)  # λ next to a second hyper-parameter
+ALPHAS = _steps(0.5, 3.0, 0.5)  # TSV-M / Iso α (the papers search linspace(0, 3))
+DROP_RATES = (0.3, 0.5, 0.7)
+
+
+def _adarank(factorization: str, label: str) -> BenchMethod:
+    return BenchMethod(f"adarank_{factorization}", label, ADAPTIVE, "adaptive", "adarank",
+                       {"factorization": factorization, "lambda": DEFAULT_LAMBDA[factorization]})
+
+
+METHODS: tuple[BenchMethod, ...] = (
+    BenchMethod("pretrained", "Pretrained", REFERENCE, "reference"),
+    BenchMethod("individual", "Individual", REFERENCE, "reference"),
+    BenchMethod("weight_average", "Weight averaging", DATA_FREE, "static", "weight_average"),
+    BenchMethod("task_arithmetic", "Task Arithmetic", DATA_FREE, "static", "task_arithmetic", grid={"lambda": LAMBDAS}),
+    BenchMethod("ties", "TIES-Merging", DATA_FREE, "static", "ties", grid={"k": (0.1, 0.2, 0.4), "lambda": COARSE_LAMBDAS}),
+    BenchMethod("dare", "DARE (TA)", DATA_FREE, "static", "dare", {"seed": 0}, {"p": DROP_RATES, "lambda": COARSE_LAMBDAS}),
+    BenchMethod("consensus", "Consensus TA", DATA_FREE, "static", "consensus", {"k": 2},
+                {"tall_lambda": (0.2, 0.4, 0.6), "alpha": COARSE_LAMBDAS}),
+    BenchMethod("tadrop_ta", "TA + dist.-aware drop", DATA_FREE, "static", "tadrop", {"host": "ta"},
+                {"p": DROP_RATES, "lambda": COARSE_LAMBDAS}),
+    BenchMethod("tadrop_ties", "TIES + dist.-aware drop", DATA_FREE, "static", "tadrop", {"host": "ties"},
+                {"p": DROP_RATES, "lambda": COARSE_LAMBDAS}),
+    BenchMethod("star", "STAR", DATA_FREE, "static", "star", grid={"eta": (20.0, 40.0, 60.0, 80.0)}),
+    BenchMethod("cart", "CART", SPECTRAL, "static", "cart", grid={"rho": (0.08, 0.12, 0.16, 0.32), "lambda": _steps(1.0, 3.0, 0.5)}),
+    BenchMethod("tsv_m", "TSV-M", SPECTRAL, "static", "tsv_m", grid={"alpha": ALPHAS}),
+    BenchMethod("iso_c", "Iso-C", SPECTRAL, "static", "iso_c", grid={"alpha": ALPHAS}),
+    BenchMethod("iso_cts", "Iso-CTS", SPECTRAL, "static", "iso_cts", grid={"common_fraction": (0.6, 0.8), "alpha": ALPHAS}),
+    BenchMethod("adamerging", "TA+AdaMerging", ADAPTIVE, "adaptive", "adamerging", {"lambda": DEFAULT_LAMBDA["ta"]}),
+    _adarank("ta", "TA+AdaRank"),
+    _adarank("cart", "CART+AdaRank"),
+    _adarank("tsv_m", "TSV-M+AdaRank"),
+    _adarank("iso_cts", "Iso-CTS+AdaRank"),
+)
+BY_NAME = {m.name: m for m in METHODS}
+
+
+@dataclass(frozen=True)
+class TTASettings:
+    """The adaptation loop of every adaptive method on one suite (fixed in advance, not selected)."""
+
+    steps: int
+    lr: float
+    batch_size: int
+
+
+# digits-smoke: the settings of the digits AdaRank test; digits: the paper's lr (1e-3) with steps for a CPU budget.
+TTA: dict[str, TTASettings] = {
+    "digits-smoke": TTASettings(steps=100, lr=1e-2, batch_size=32),
+    "digits": TTASettings(steps=1000, lr=1e-3, batch_size=32),
+}
+DEFAULT_TTA = TTASettings(steps=500, lr=1e-3, batch_size=16)  # AdaMerging's 500 iterations, paper lr and batch
+
+
+def tta_settings(suite: str, steps: int | None = None) -> TTASettings:
+    """The suite's adaptation settings; `steps` overrides the step count (quick runs)."""
+    settings = TTA.get(suite, DEFAULT_TTA)
+    return settings if steps is None else TTASettings(steps, settings.lr, settings.batch_size)
+
+
+def select_methods(names: list[str] | None) -> list[BenchMethod]:
+    """The named methods in table order (all when None); unknown names are a user error."""
+    if not names:
+        return list(METHODS)
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        raise MergeInputError(f"unknown benchmark method(s) {', '.join(unknown)}", f"use some of: {', '.join(BY_NAME)}")
+    return [m for m in METHODS if m.name in set(names)]

@@ -1,0 +1,134 @@
+"""`rankmerge bench`: a real suite built into a tmp dir, a reduced method list run through the CLI, then the report.
+
+Checks the benchmark's honesty rules on real outputs: the static λ is chosen on the val split (and recorded with every
+candidate's val score), adaptation reads data files without labels, and the held-out halves are disjoint.
+"""
+
+import json
+
+import pytest
+import torch
+import yaml
+from matplotlib.image import imread
+from safetensors import safe_open
+
+from service.bench.grid import LAMBDAS, METHODS, select_methods
+from service.bench.layout import default_suite_root
+from service.bench.spectra import SHARED, component_owners, energy_rank
+from service.cli import main
+from workers.methods.registry import parse_params
+from workers.tta.params import ADAPTIVE_METHODS
+
+TASKS = ["digits", "parity_rot90", "high_inverted", "mod3_flipped"]
+METHOD_LIST = "pretrained,individual,task_arithmetic,adarank_ta"
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """digits-smoke built and benchmarked (4 methods, 8 adaptation steps) and reported, once for the module."""
+    root, out = tmp_path_factory.mktemp("suite"), tmp_path_factory.mktemp("results")
+    assert main(["bench", "build", "digits-smoke", "--root", str(root)]) == 0
+    assert main(["bench", "run", "digits-smoke", "--root", str(root), "--out", str(out), "--methods", METHOD_LIST, "--steps", "8"]) == 0
+    assert main(["bench", "report", "digits-smoke", "--root", str(root), "--out", str(out)]) == 0
+    records = {m: json.loads((out / f"{m}.json").read_text()) for m in METHOD_LIST.split(",")}
+    return root, out, records
+
+
+def test_every_record_has_sane_accuracies_and_wall_time(bench):
+    _, _, records = bench
+    for name, record in records.items():
+        assert record["wall_seconds"] >= 0
+        for split in ("test", "heldout"):
+            scores = record["accuracy"][split]
+            assert set(scores) == {*TASKS, "average"}, name
+            assert all(0.0 <= v <= 1.0 for v in scores.values()), (name, scores)
+    test = {name: r["accuracy"]["test"]["average"] for name, r in records.items()}
+    assert test["individual"] > test["pretrained"] and test["individual"] > test["task_arithmetic"]
+
+
+def test_static_hyper_parameter_is_chosen_on_val(bench):
+    _, out, records = bench
+    record = records["task_arithmetic"]
+    selection = record["selection"]
+    assert selection["split"] == "val"
+    candidates = selection["candidates"]
+    assert [c["params"]["lambda"] for c in candidates] == list(LAMBDAS)
+    assert all(set(c["val"]) == {*TASKS, "average"} and "test" not in c for c in candidates)
+    scores = [c["score"] for c in candidates]
+    assert selection["chosen"] == scores.index(max(scores))
+    assert record["params"] == candidates[selection["chosen"]]["params"]
+    chosen = out / record["output"]  # a real published output, its spec beside it; the other candidates are gone
+    assert (chosen / "merge_report.json").is_file() and (out / record["job"]).is_file()
+    assert sorted(p.name for p in chosen.parent.iterdir()) == sorted([chosen.name, f"{chosen.name}.yaml"])
+
+
+def test_adaptation_reads_no_labels_and_held_out_halves_are_disjoint(bench):
+    root, out, records = bench
+    record = records["adarank_ta"]
+    assert record["selection"]["split"] is None and record["tta"]["steps"] == 8
+    for protocol, split in (("transductive", "test"), ("heldout", "heldout")):
+        run = record["protocols"][protocol]
+        assert run["report_on"] == split
+        spec = yaml.safe_load((out / run["job"]).read_text())
+        for task, path in spec["tta"]["data"].items():
+            with safe_open(path, "pt") as f:
+                assert "labels" not in f.keys() and "pixel_values" in f.keys(), (protocol, task)
+        assert (out / run["output"] / "adaptive" / "masks.safetensors").is_file()
+    for task in TASKS:
+        folder = out / "data" / task
+        with safe_open(str(folder / "heldout-adapt.safetensors"), "pt") as a, safe_open(str(folder / "heldout-report.safetensors"), "pt") as r:
+            adapt, report = a.get_tensor("pixel_values"), r.get_tensor("pixel_values")
+            assert "labels" in r.keys()
+        with safe_open(str(root / "data" / task / "test.safetensors"), "pt") as f:
+            test = f.get_tensor("pixel_values")
+        assert adapt.shape[0] + report.shape[0] == test.shape[0] and abs(adapt.shape[0] - report.shape[0]) <= 1
+        rows = {tuple(x.flatten().tolist()) for x in test}
+        assert all(tuple(x.flatten().tolist()) in rows for x in torch.cat([adapt, report]))
+        # the two halves partition the test rows: no test image is both adapted on and reported on
+        assert len({tuple(x.flatten().tolist()) for x in torch.cat([adapt, report])}) == len(rows)
+
+
+def test_report_tables_and_plots(bench):
+    _, out, _ = bench
+    table = json.loads((out / "table.json").read_text())
+    assert table["tasks"] == TASKS
+    for name in ("test", "heldout"):
+        rows = table["tables"][name]
+        assert [r["method"] for r in rows] == METHOD_LIST.split(",")
+        assert [r["group"] for r in rows] == ["Reference", "Reference", "Data-free", "Test-time adaptation"]
+    md = (out / "table.md").read_text()
+    assert "| *Reference* |" in md and "TA+AdaRank" in md and "lambda=" in md and "(val)" in md
+    assert set(table["plots"]) == {"masks_adarank_ta.png", "ranks.png"}
+    for name in table["plots"]:
+        image = imread(out / name)
+        assert image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0.05, name  # a real picture, not blank
+
+
+def test_grid_candidates_are_valid_method_parameters():
+    for method in METHODS:
+        if method.kind == "static":
+            for params in method.candidates():
+                parse_params(method.method, params, num_tasks=4)
+        elif method.kind == "adaptive":
+            ADAPTIVE_METHODS[method.method].model_validate(method.fixed)
+    assert len(select_methods(None)) == len(METHODS)
+
+
+def test_unknown_method_is_a_user_error(tmp_path):
+    assert main(["bench", "run", "digits-smoke", "--root", str(tmp_path), "--methods", "task_arithmetic,nope"]) == 2
+    assert not any(tmp_path.iterdir()), "nothing is built for a bad method list"
+
+
+def test_default_root_is_a_cache_outside_the_checkout(monkeypatch, tmp_path):
+    monkeypatch.setenv("RANKMERGE_CACHE", str(tmp_path))
+    assert default_suite_root("digits") == tmp_path / "suites" / "digits"
+    monkeypatch.delenv("RANKMERGE_CACHE")
+    assert default_suite_root("digits").parts[-4:] == (".cache", "rankmerge", "suites", "digits")
+
+
+def test_energy_rank_and_component_owners():
+    assert energy_rank(torch.tensor([3.0, 1.0, 0.1])) == 2  # 9/10.01 < 0.95 <= 10/10.01
+    assert energy_rank(torch.tensor([1.0, 0.0])) == 1 and energy_rank(torch.zeros(3)) == 0
+    assert component_owners("ta", 6, 3).tolist() == [0, 0, 1, 1, 2, 2]
+    owners = component_owners("iso_cts", 32, 4, 0.8)  # 24 common + 2 per task, as iso_cts_split rounds
+    assert owners[:8].tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and (owners[8:] == SHARED).all()
