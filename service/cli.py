@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not job.adaptive:
         print(summarize_report(run_merge_job(job)))
         return 0
-    report = run_adaptive_job(job, resume=args.resume)
+    report = run_adaptive_job(job, resume=args.resume, executor=args.executor, address=args.address)
     history = report["history"]
     if history:
         print(f"{job.method}: {len(history)} steps this run, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}")
@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="job spec YAML")
     run.add_argument("--resume", action="store_true", help="continue from the job's last intact checkpoint")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    run.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="local: in this process; ray: shards and workers as Ray actors (spec `resources:` block)")
+    run.add_argument("--address", help="Ray cluster address for --executor ray (default: start an embedded local Ray)")
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser("eval", help="per-task accuracy of a job's output next to the pretrained and individual models")

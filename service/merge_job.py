@@ -5,19 +5,17 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.checkpoint_writer import check_disk_space, check_output_free, parse_size
 from workers.errors import MergeInputError
 from workers.methods.registry import MergeContext, MergeMethod, make_method
-from workers.plan import MergePlan, build_plan
+from workers.plan import MergePlan
 from workers.safetensors_format import nbytes
 from workers.roles import Role
 from workers.static_merge import run_static_merge
+from workers.tta.sources import open_sources
 
 from service.spec import MergeJob
 
@@ -49,12 +47,7 @@ def _check_output_location(job: MergeJob) -> None:
 def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[ModelCheckpoint], MergePlan]:
     """Everything cheap, in order: output location, headers, key/shape agreement, disk space."""
     _check_output_location(job)
-    base = stack.enter_context(ModelCheckpoint(job.base, "base", job.allow_pickle))
-    tasks = [stack.enter_context(ModelCheckpoint(path, name, job.allow_pickle)) for name, path in job.models.items()]
-    out_dtype = getattr(torch, job.out_dtype) if job.out_dtype else None
-    plan = build_plan(base, {t.name: t for t in tasks}, out_dtype)
-    if not plan.merged:
-        raise MergeInputError("the base has no floating-point tensors to merge", "check that --base is a model checkpoint")
+    base, tasks, plan = open_sources(job.sources, stack)
     check_disk_space(job.output, sum(nbytes(shape, dtype) for _, dtype, shape in plan.layout()))
     return base, tasks, plan
 

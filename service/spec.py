@@ -15,8 +15,26 @@ from workers.checkpoint_writer import parse_size
 from workers.errors import MergeInputError
 from workers.methods.registry import METHODS, parse_params, validate_params
 from workers.tta.params import ADAPTIVE_METHODS, TTAConfig
+from workers.tta.sources import Sources
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Resources(BaseModel):
+    """How an adaptive job is spread over a Ray cluster (`--executor ray`); the local executor ignores it.
+
+    Not part of the spec's identity: a preempted job may resume on a cluster of another shape.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    shards: int = Field(1, ge=1, description="SpectralShard actors; tensors are split between them by SVD cost")
+    workers: int = Field(1, ge=1, description="EntropyWorker ranks in the data-parallel group (tta.batch_size must divide by it)")
+    partition: Literal["replicated", "zero3"] = Field("replicated", description="zero3: DeepSpeed ZeRO-3 partitioned model (LLM scale)")
+    cpus_per_shard: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_shard: float = Field(0.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
 
 
 class MergeJob(BaseModel):
@@ -35,6 +53,7 @@ class MergeJob(BaseModel):
     max_shard_size: str = Field("2GB", description="largest output shard, e.g. 500MB, 5GB")
     tta: TTAConfig | None = Field(None, description="test-time adaptation (adaptive methods only)")
     job_dir: Path | None = Field(None, description="checkpoints and job state; default: <output>.job beside the output")
+    resources: Resources = Field(default_factory=Resources, description="actors and devices for `--executor ray`")
 
     @property
     def adaptive(self) -> bool:
@@ -44,9 +63,13 @@ class MergeJob(BaseModel):
     def resolved_job_dir(self) -> Path:
         return self.job_dir if self.job_dir is not None else self.output.parent / f"{self.output.name}.job"
 
+    @property
+    def sources(self) -> Sources:
+        return Sources(self.base, dict(self.models), self.allow_pickle, self.out_dtype)
+
     def spec_hash(self) -> str:
         """Identity of everything that determines the result (not where it is written or whether to overwrite)."""
-        data = self.model_dump(mode="json", exclude={"overwrite", "output", "job_dir", "max_shard_size"})
+        data = self.model_dump(mode="json", exclude={"overwrite", "output", "job_dir", "max_shard_size", "resources"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @field_validator("models")
@@ -86,6 +109,8 @@ class MergeJob(BaseModel):
             extra = sorted(set(self.tta.data) - set(self.models))
             if missing or extra:
                 raise ValueError(f"tta.data must name exactly the tasks in models (missing {missing}, unknown {extra})")
+            if self.tta.batch_size % self.resources.workers:
+                raise ValueError(f"tta.batch_size {self.tta.batch_size} must be a multiple of resources.workers {self.resources.workers}")
         else:
             if self.tta is not None:
                 raise ValueError(f"method {self.method} is static: remove the `tta:` block or use adarank/adamerging")

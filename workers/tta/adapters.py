@@ -52,12 +52,18 @@ class TaskModels:
         params = {self.names[task][k]: w for k, w in weights.items()}
         params.update(self.heads[task])
         params.update(self.fixed)
-        kwargs = {name: batch[name] for name in self.inputs if name in batch}
-        return functional_call(self.model, params, args=(), kwargs=kwargs).logits
+        return functional_call(self.model, params, args=(), kwargs=self.model_kwargs(batch)).logits
+
+    def model_kwargs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: batch[name] for name in self.inputs if name in batch}
 
     def entropy(self, weights: dict[str, Tensor], task: int, batch: dict[str, Tensor]) -> Tensor:
+        return self.entropy_of_logits(self.logits(weights, task, batch), batch)
+
+    def entropy_of_logits(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """Mean prediction entropy; for causal LMs over each sequence's real (non-padding) tokens."""
         valid = batch.get("attention_mask") if self.kind == "causal_lm" else None
-        return mean_entropy(self.logits(weights, task, batch), valid)
+        return mean_entropy(logits, valid)
 
 
 def build_task_models(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> TaskModels:

@@ -103,19 +103,18 @@ def _image_folder(path: Path, task: str, base_dir: Path | None) -> dict[str, Ten
 
 
 @dataclass
-class TaskStream:
-    """Cyclic, seeded, per-epoch shuffled batches; (epoch, position) is the whole state."""
+class IndexStream:
+    """Cyclic, seeded, per-epoch shuffled row indices of one task's data; (epoch, position) is the whole state.
+
+    Only the row count is needed, so the coordinator can own the cursors while workers hold the data.
+    """
 
     task: str
-    tensors: dict[str, Tensor]
+    size: int
     seed: int
     epoch: int = 0
     position: int = 0
     _order: Tensor | None = field(default=None, repr=False)
-
-    @property
-    def size(self) -> int:
-        return next(iter(self.tensors.values())).shape[0]
 
     def _permutation(self) -> Tensor:
         if self._order is None:
@@ -123,7 +122,7 @@ class TaskStream:
             self._order = torch.randperm(self.size, generator=gen)
         return self._order
 
-    def next_batch(self, batch_size: int) -> dict[str, Tensor]:
+    def next_indices(self, batch_size: int) -> Tensor:
         parts, needed = [], batch_size
         while needed > 0:
             take = min(needed, self.size - self.position)
@@ -132,11 +131,30 @@ class TaskStream:
             needed -= take
             if self.position == self.size:  # next epoch, new seeded order
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        index = torch.cat(parts)
-        return {k: v[index] for k, v in self.tensors.items() if k in INPUT_KEYS}
+        return torch.cat(parts)
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state(self, state: dict[str, int]) -> None:
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+
+def model_inputs(tensors: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+    """The model-input rows `index` of a task's data (labels never reach the model)."""
+    return {k: v[index] for k, v in tensors.items() if k in INPUT_KEYS}
+
+
+def num_rows(tensors: dict[str, Tensor]) -> int:
+    return next(iter(tensors.values())).shape[0]
+
+
+class TaskStream(IndexStream):
+    """An IndexStream that also holds the data and hands out input batches."""
+
+    def __init__(self, task: str, tensors: dict[str, Tensor], seed: int) -> None:
+        super().__init__(task, num_rows(tensors), seed)
+        self.tensors = tensors
+
+    def next_batch(self, batch_size: int) -> dict[str, Tensor]:
+        return model_inputs(self.tensors, self.next_indices(batch_size))

@@ -85,13 +85,18 @@ def build_state(
     mask_range: float | None = None,
     max_rank: int | None = None,
     factor_dtype: torch.dtype = torch.float32,
+    columns: list[int] | None = None,
 ) -> tuple[list[Slot], Tensor]:
-    """Read every merged tensor once and build its slot; returns (slots, λ init of shape [T+1, K])."""
+    """Read every merged tensor once and build its slot; returns (slots, λ init of shape [T+1, K]).
+
+    `columns` restricts the state to those indices of plan.merged (a shard's tensors); λ then has one column each.
+    """
     num_tasks = len(tasks)
     whitened = kind in ("tsv_m", "iso_cts")
     slots: list[Slot] = []
-    lam = torch.empty(num_tasks + 1, len(plan.merged))
-    for k, entry in enumerate(tqdm(plan.merged, desc=f"factorize ({kind})", leave=False, disable=None)):
+    entries = plan.merged if columns is None else [plan.merged[c] for c in columns]
+    lam = torch.empty(num_tasks + 1, len(entries))
+    for k, entry in enumerate(tqdm(entries, desc=f"factorize ({kind})", leave=False, disable=None)):
         inputs = load_inputs(entry, base, tasks)
         origin, taus = inputs.base, inputs.taus
         if kind == "cart":

@@ -1,0 +1,111 @@
+"""The coordinator's step loop: batches from the per-task cursors, one executor step, metrics, atomic checkpoints of
+mask logits + λ + Adam state + cursors, and recovery.
+
+Recovery: when the executor reports a lost shard or worker (ActorLost), the coordinator has it rebuilt, reloads the
+newest intact checkpoint into every shard, rewinds the cursors and continues — no user action. A checkpoint of the
+initial state is written before step 1, so even an early loss resumes. Because shards, data order and the Adam step
+are deterministic, the recovered run ends exactly where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from cluster.checkpoints import load_latest_checkpoint, save_checkpoint
+from cluster.executor import ActorLost, Executor
+from workers.errors import MergeInputError
+from workers.tta.data import IndexStream
+
+log = logging.getLogger(__name__)
+STATE_FORMAT = 2  # named, shard-independent state (λ by column, masks and Adam moments by tensor key)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    steps: int
+    batch_size: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    max_recoveries: int = 3
+
+
+class Coordinator:
+    def __init__(self, executor: Executor, streams: list[IndexStream], loop: LoopConfig, job_dir: Path, spec_hash: str) -> None:
+        self.executor, self.streams, self.loop = executor, streams, loop
+        self.job_dir, self.spec_hash = job_dir, spec_hash
+        self.history: list[dict[str, Any]] = []
+        self.recoveries = 0
+        self.step = 0
+        self.resumed_from: int | None = None
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        meta = {"spec_hash": self.spec_hash, "state_format": STATE_FORMAT, "cursors": [s.state() for s in self.streams],
+                "history": self.history}
+        save_checkpoint(self.job_dir, self.step, self.executor.state(), meta, self.loop.keep_checkpoints)
+
+    def restore(self) -> bool:
+        """Load the newest intact checkpoint into the executor and cursors; False when there is none."""
+        found = load_latest_checkpoint(self.job_dir, self.spec_hash)
+        if found is None:
+            return False
+        tensors, meta = found
+        if meta.get("state_format") != STATE_FORMAT:
+            raise MergeInputError(f"the checkpoints in {self.job_dir} were written by an older rankmerge",
+                                  "start the job again without --resume in a new job_dir")
+        self.executor.load_state(tensors)
+        for stream, cursor in zip(self.streams, meta["cursors"]):
+            stream.load_state(cursor)
+        self.step = int(meta["step"])
+        self.history = list(meta.get("history", []))[: self.step]
+        return True
+
+    # ---- the loop --------------------------------------------------------------------------------------------------
+    def run(self, resume: bool) -> list[dict[str, Any]]:
+        if resume and self.restore():
+            self.resumed_from = self.step
+            log.info("resumed %s at step %d", self.job_dir, self.step)
+        elif self.step == 0:
+            self.checkpoint()  # step 0: what a recovery rewinds to before the first periodic checkpoint
+        with tqdm(total=self.loop.steps, initial=self.step, desc="adapt", disable=None) as bar:
+            while self.step < self.loop.steps:
+                indices = [s.next_indices(self.loop.batch_size) for s in self.streams]
+                try:
+                    losses, flips = self.executor.step(indices)
+                except ActorLost as lost:
+                    self._recover(lost)
+                    bar.n = self.step
+                    bar.refresh()
+                    continue
+                self.step += 1
+                loss = sum(losses)
+                self.history.append({"step": self.step, "loss": round(loss, 6), "flips": flips})
+                bar.set_postfix(loss=f"{loss:.4f}", flips=flips)
+                bar.update(1)
+                if self.step % self.loop.checkpoint_every == 0 or self.step == self.loop.steps:
+                    self.checkpoint()
+        return self.history
+
+    def _recover(self, lost: ActorLost) -> None:
+        self.recoveries += 1
+        if self.recoveries > self.loop.max_recoveries:
+            raise RuntimeError(f"gave up after {self.loop.max_recoveries} recoveries; last: {lost}") from lost
+        log.warning("%s; rebuilding and resuming from the last checkpoint (recovery %d)", lost, self.recoveries)
+        self.executor.rebuild(lost)
+        if not self.restore():
+            raise RuntimeError(f"no checkpoint to recover from in {self.job_dir}") from lost
+        log.warning("recovered at step %d", self.step)
+
+
+def write_actor_table(job_dir: Path, table: dict[str, Any]) -> None:
+    """job_dir/actors.json: which process holds which shard/worker (for operators, and for fault-injection tests)."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    tmp = job_dir / ".actors.json.tmp"
+    tmp.write_text(json.dumps(table, indent=1))
+    tmp.replace(job_dir / "actors.json")

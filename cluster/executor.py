@@ -1,0 +1,92 @@
+"""The executor interface the coordinator drives, and the in-process (local) executor.
+
+An executor owns shards (SpectralShard: factors, masks, λ, Adam) and a worker group (EntropyWorker: data, model,
+entropy gradients). One step: shards materialise merged weights → workers return ∂L/∂W per shard → shards step.
+The local executor runs one shard and one worker in this process; cluster/ray_executor.py runs the same classes as
+Ray actors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from torch import Tensor
+
+from workers.entropy_worker import EntropyWorker, Partition
+from workers.spectral_shard import SpectralShard, assemble_state, slice_state
+from workers.tta.params import AdaMergingParams, AdaRankParams
+from workers.tta.sources import Sources
+
+
+class ActorLost(RuntimeError):
+    """A shard or worker process died; the coordinator rebuilds it and resumes from the last checkpoint."""
+
+    def __init__(self, role: str, index: int | None, cause: BaseException) -> None:
+        super().__init__(f"{role} {index if index is not None else ''} lost: {cause}")
+        self.role, self.index = role, index
+
+
+@dataclass(frozen=True)
+class AdaptiveWork:
+    """Everything a shard or worker needs to build itself: picklable, so Ray can ship it to actors."""
+
+    sources: Sources
+    params: AdaRankParams | AdaMergingParams
+    lr: float
+    data: dict[str, Path]
+    max_length: int
+    columns: list[list[int]]  # per shard: indices into plan.merged
+    keys: list[list[str]]  # per shard: tensor keys (same order as columns)
+    num_columns: int
+    partition: Partition = "replicated"
+
+
+class Executor(Protocol):
+    def step(self, indices: list[Tensor]) -> tuple[list[float], int]: ...
+    def state(self) -> dict[str, Tensor]: ...
+    def load_state(self, tensors: dict[str, Tensor]) -> None: ...
+    def rebuild(self, lost: ActorLost) -> None: ...
+    def weights_by_shard(self, which: str) -> Iterator[dict[str, Tensor]]: ...
+    def hard_masks(self) -> dict[str, Tensor]: ...
+    def learned_ranks(self) -> dict[str, list[int]]: ...
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """One shard holding every tensor and one replicated worker, in this process (the embedded default)."""
+
+    def __init__(self, work: AdaptiveWork, threads: int | None = None) -> None:
+        columns = sorted(c for cols in work.columns for c in cols)
+        self.work = work
+        self.shard = SpectralShard(work.sources, work.params, work.lr, columns, threads)
+        self.worker = EntropyWorker(work.sources, work.data, work.max_length, [self.shard.keys], threads=threads)
+        self.worker.join("127.0.0.1", 0)
+
+    def step(self, indices: list[Tensor]) -> tuple[list[float], int]:
+        weights = self.shard.materialize()
+        (grads,), losses = self.worker.gradients(weights, indices)
+        return losses, self.shard.apply_gradients(grads)
+
+    def state(self) -> dict[str, Tensor]:
+        return assemble_state([(self.shard.columns, self.shard.state())], self.work.num_columns)
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        self.shard.load_state(slice_state(tensors, self.shard.keys, self.shard.columns))
+
+    def rebuild(self, lost: ActorLost) -> None:
+        raise lost  # nothing to rebuild in-process: a dead process is the whole job (resume with --resume)
+
+    def weights_by_shard(self, which: str) -> Iterator[dict[str, Tensor]]:
+        yield self.shard.final_weights() if which == "final" else self.shard.initial_weights()
+
+    def hard_masks(self) -> dict[str, Tensor]:
+        return self.shard.hard_masks()
+
+    def learned_ranks(self) -> dict[str, list[int]]:
+        return self.shard.learned_ranks()
+
+    def close(self) -> None:
+        self.worker.close()

@@ -1,0 +1,33 @@
+"""Split a plan's merged tensors into shards of balanced cost (pure: no I/O, no Ray)."""
+
+from __future__ import annotations
+
+from workers.plan import MergePlan
+from workers.roles import Role
+
+
+def tensor_cost(shape: tuple[int, ...], role: Role, num_tasks: int) -> float:
+    """SVD work ≈ T · m · n · min(m, n) for spectral tensors; elementwise ones cost their T · numel reads."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if role is Role.SPECTRAL and len(shape) == 2:
+        return float(num_tasks) * numel * min(shape)
+    return float(num_tasks) * numel
+
+
+def shard_columns(plan: MergePlan, num_shards: int) -> list[list[int]]:
+    """Longest-processing-time greedy: each tensor (a column of plan.merged) goes to the least-loaded shard.
+
+    Deterministic, so a rebuilt shard gets the same tensors. Never more shards than tensors.
+    """
+    num_tasks = len(plan.task_names)
+    costs = [tensor_cost(e.shape, e.role, num_tasks) for e in plan.merged]
+    shards = max(1, min(num_shards, len(costs)))
+    load = [0.0] * shards
+    columns: list[list[int]] = [[] for _ in range(shards)]
+    for k in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        target = min(range(shards), key=lambda s: (load[s], s))
+        columns[target].append(k)
+        load[target] += costs[k]
+    return [sorted(c) for c in columns]

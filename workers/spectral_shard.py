@@ -1,0 +1,148 @@
+"""SpectralShard: owns a subset of the merged tensors (columns of the plan) for adaptive merging.
+
+It reads its own tensors from the checkpoints (headers first, then only its rows), builds task vectors and their
+factorizations, and holds factors, mask logits, its λ columns and their Adam state. Each step it materialises its
+merged weights, later receives the weight gradients ∂L/∂W from the entropy workers, turns them into mask/λ gradients
+(the closed-form backward of workers/methods/adaptive.py) and steps. A plain class: the local executor calls it
+in-process, the Ray executor wraps it in an actor.
+
+State is named globally (by tensor key, λ by column), so a checkpoint written with S shards restores into any number
+of shards, and into the single in-process shard of the local executor.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+
+import torch
+from torch import Tensor
+
+from workers.tta.engine import AdaptiveMerger
+from workers.tta.factory import make_merger
+from workers.tta.params import AdaMergingParams, AdaRankParams
+from workers.tta.sources import Sources, open_sources
+from workers.tta.state import SpectralSlot
+
+LAMBDA = "lambda"  # λ columns: [T+1, len(columns)] in this shard, [T+1, K] in a checkpoint
+ADAM_FIELDS = ("exp_avg", "exp_avg_sq")
+
+
+class SpectralShard:
+    def __init__(self, sources: Sources, params: AdaRankParams | AdaMergingParams, lr: float, columns: list[int],
+                 threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.columns = list(columns)
+        with ExitStack() as stack:
+            base, tasks, plan = open_sources(sources, stack)
+            self.merger: AdaptiveMerger = make_merger(params, lr, plan, base, tasks, self.columns)
+        self.keys = [slot.key for slot in self.merger.slots]
+        self._pending: dict[str, Tensor] | None = None
+        self._before: dict[str, Tensor] = {}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # ---- the step, split in two halves around the workers' forward/backward ----------------------------------
+    def materialize(self) -> dict[str, Tensor]:
+        """Current merged weights (hard masks, current λ); the autograd graph is kept for apply_gradients."""
+        self._before = self.merger.hard_masks()
+        self.merger.optimizer.zero_grad(set_to_none=True)
+        self._pending = self.merger.merged_weights()
+        return {k: v.detach() for k, v in self._pending.items()}
+
+    def apply_gradients(self, grads: dict[str, Tensor]) -> int:
+        """Backpropagate ∂L/∂W into masks and λ, step Adam; returns how many mask entries flipped."""
+        if self._pending is None:
+            raise RuntimeError("apply_gradients without a materialize first")
+        outputs = [(w, grads[k]) for k, w in self._pending.items() if w.requires_grad]
+        if outputs:
+            torch.autograd.backward([w for w, _ in outputs], [g.to(w.dtype) for w, g in outputs])
+        self.merger.optimizer.step()
+        self._pending = None
+        after = self.merger.hard_masks()
+        return sum(int((self._before[k] != after[k]).sum()) for k in after)
+
+    # ---- checkpoint state ----------------------------------------------------------------------------------------
+    def _named_params(self) -> dict[str, Tensor]:
+        named = {LAMBDA: self.merger.lam}
+        named.update({f"mask/{k}": v for k, v in self.merger.logits.items()})
+        return named
+
+    def state(self) -> dict[str, Tensor]:
+        """λ columns, mask logits and Adam moments, named globally ('adam/<param>/<field>')."""
+        out: dict[str, Tensor] = {}
+        opt_state = self.merger.optimizer.state
+        for name, param in self._named_params().items():
+            out[name] = param.detach().clone()
+            moments = opt_state.get(param)
+            if moments:
+                for field in (*ADAM_FIELDS, "step"):
+                    out[f"adam/{name}/{field}"] = moments[field].detach().clone().reshape(-1) if field == "step" else moments[field].detach().clone()
+        return out
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        """Restore from globally named state already cut to this shard's columns (see slice_state)."""
+        opt = self.merger.optimizer
+        with torch.no_grad():
+            for name, param in self._named_params().items():
+                param.copy_(tensors[name])
+                if f"adam/{name}/exp_avg" in tensors:
+                    opt.state[param] = {"step": tensors[f"adam/{name}/step"].clone().reshape(()).float(),
+                                        **{f: tensors[f"adam/{name}/{f}"].clone() for f in ADAM_FIELDS}}
+                else:
+                    opt.state.pop(param, None)
+        self._pending = None
+
+    # ---- results -----------------------------------------------------------------------------------------------------
+    def final_weights(self) -> dict[str, Tensor]:
+        return self.merger.final_weights()
+
+    def initial_weights(self) -> dict[str, Tensor]:
+        return self.merger.initial_weights()
+
+    def hard_masks(self) -> dict[str, Tensor]:
+        return self.merger.hard_masks()
+
+    def learned_ranks(self) -> dict[str, list[int]]:
+        return self.merger.learned_ranks()
+
+    def num_components(self) -> int:
+        return sum(int(s.s.numel()) for s in self.merger.slots if isinstance(s, SpectralSlot))
+
+
+def is_column_state(name: str) -> bool:
+    """λ and its Adam moments are split by column across shards; everything else is owned whole by one shard."""
+    return name == LAMBDA or (name.startswith(f"adam/{LAMBDA}/") and not name.endswith("/step"))
+
+
+def slice_state(tensors: dict[str, Tensor], keys: list[str], columns: list[int]) -> dict[str, Tensor]:
+    """The part of a global checkpoint that one shard (its tensor keys and λ columns) restores."""
+    out: dict[str, Tensor] = {}
+    index = torch.tensor(columns, dtype=torch.long)
+    for name, value in tensors.items():
+        if is_column_state(name):
+            out[name] = value[:, index].contiguous()
+        elif name == f"adam/{LAMBDA}/step":
+            out[name] = value
+        elif name.startswith("mask/") and name[5:] in keys:
+            out[name] = value
+        elif name.startswith("adam/mask/") and name[10:].rsplit("/", 1)[0] in keys:
+            out[name] = value
+    return out
+
+
+def assemble_state(parts: list[tuple[list[int], dict[str, Tensor]]], num_columns: int) -> dict[str, Tensor]:
+    """Join every shard's state (with its λ columns) into one globally named checkpoint."""
+    out: dict[str, Tensor] = {}
+    for columns, tensors in parts:
+        index = torch.tensor(columns, dtype=torch.long)
+        for name, value in tensors.items():
+            if is_column_state(name):
+                if name not in out:
+                    out[name] = torch.zeros(value.shape[0], num_columns, dtype=value.dtype)
+                out[name][:, index] = value
+            else:
+                out[name] = value
+    return out

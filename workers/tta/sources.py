@@ -1,0 +1,33 @@
+"""Where a job's checkpoints are, as a small picklable value: the coordinator, every shard and every worker open the
+same files themselves (headers first), so no weights travel through the driver."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from workers.checkpoint_reader import ModelCheckpoint
+from workers.errors import MergeInputError
+from workers.plan import MergePlan, build_plan
+
+
+@dataclass(frozen=True)
+class Sources:
+    base: Path
+    models: dict[str, Path] = field(default_factory=dict)  # task name -> fine-tuned checkpoint, in task order
+    allow_pickle: bool = False
+    out_dtype: str | None = None
+
+
+def open_sources(sources: Sources, stack: ExitStack) -> tuple[ModelCheckpoint, list[ModelCheckpoint], MergePlan]:
+    """Open base and task checkpoints (closed with the stack) and build the merge plan from their headers."""
+    base = stack.enter_context(ModelCheckpoint(sources.base, "base", sources.allow_pickle))
+    tasks = [stack.enter_context(ModelCheckpoint(path, name, sources.allow_pickle)) for name, path in sources.models.items()]
+    out_dtype = getattr(torch, sources.out_dtype) if sources.out_dtype else None
+    plan = build_plan(base, {t.name: t for t in tasks}, out_dtype)
+    if not plan.merged:
+        raise MergeInputError("the base has no floating-point tensors to merge", "check that --base is a model checkpoint")
+    return base, tasks, plan
