@@ -7,7 +7,9 @@ per task and split (train / val / test) one data file that `rankmerge run` reads
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from torch.nn.functional import cross_entropy
+from tqdm.auto import tqdm
+from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -67,6 +75,21 @@ def write_manifest(suite: Suite, manifest: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def build_once(suite: Suite, identity: dict[str, Any], build: Callable[[], dict[str, Any]]) -> Suite:
+    """Reuse the suite when its manifest records this identity (format, scale, seed, …) and every file exists; else
+    rebuild it under `deterministic(identity["seed"])` and write the manifest: the identity, then what build returns."""
+    if is_built(suite, identity):
+        log.info("reusing the suite in %s", suite.root)
+        return suite
+    forget_manifest(suite)
+    start = time.perf_counter()
+    with deterministic(identity["seed"]):
+        measured = build()
+    write_manifest(suite, {**identity, **measured})
+    log.info("built the suite in %s in %.1f s", suite.root, time.perf_counter() - start)
+    return suite
+
+
 @contextmanager
 def deterministic(seed: int) -> Iterator[None]:
     """Seeded, deterministic, single-threaded torch for a build; the caller's RNG state and settings come back after.
@@ -87,10 +110,12 @@ def deterministic(seed: int) -> Iterator[None]:
 
 
 def train_minibatches(params: list[torch.nn.Parameter], loss_of: Callable[[torch.Tensor], torch.Tensor], n: int,
-                      epochs: int, batch: int, lr: float, gen: torch.Generator, weight_decay: float = 0.0) -> None:
-    """AdamW over seeded shuffled minibatches of n examples; loss_of(batch indices) -> loss."""
+                      epochs: int, batch: int, lr: float, gen: torch.Generator, weight_decay: float = 0.0,
+                      progress: str | None = None) -> None:
+    """AdamW over seeded shuffled minibatches of n examples; loss_of(batch indices) -> loss. With `progress`, a
+    progress bar of that name counts the epochs (long pretraining runs)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc=progress, disable=progress is None, leave=False):
         for idx in torch.randperm(n, generator=gen).split(batch):
             opt.zero_grad()
             loss_of(idx).backward()
@@ -103,3 +128,54 @@ def seeded_split(n: int, seed: int, fractions: dict[str, float]) -> dict[str, to
     n_train, n_val = int(fractions["train"] * n), int(fractions["val"] * n)
     cuts = {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
     return {name: idx.sort().values for name, idx in cuts.items()}
+
+
+def save_task_data(path: Path, pixel_values: torch.Tensor, labels: torch.Tensor) -> None:
+    """One task split as `rankmerge run` reads image data: pixel_values float32 [N, C, H, W], labels int64 [N]."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"pixel_values": pixel_values.contiguous(), "labels": labels.contiguous()}, str(path))
+
+
+def vit_config(*, hidden: int, layers: int, heads: int, patch: int, image_size: int, channels: int = 1,
+               labels: tuple[str, ...] | None = None) -> ViTConfig:
+    """A dropout-free ViT (deterministic training); with labels, the config of a classification task model."""
+    names = {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}} if labels else {}
+    return ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
+                     image_size=image_size, patch_size=patch, num_channels=channels, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, **names)
+
+
+def cls_features(vit: ViTModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The CLS token after the final layer norm: exactly what ViTForImageClassification's classifier reads."""
+    return vit(pixel_values=pixel_values).last_hidden_state[:, 0]
+
+
+def fit_head(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
+             gen: torch.Generator) -> None:
+    """Linear probe: the classifier alone, full batch, on frozen pretrained features (the paper's first stage)."""
+    with torch.no_grad():
+        feats = cls_features(model.vit.eval(), x)
+    fit_probe(model.classifier, feats, y, steps, lr, gen)
+
+
+def finetune_encoder(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int,
+                     lr: float, gen: torch.Generator) -> None:
+    """The encoder only; the probe head stays frozen so the task vector lives entirely in the backbone."""
+    model.train()
+    train_minibatches(list(model.vit.parameters()), lambda idx: cross_entropy(model(pixel_values=x[idx]).logits, y[idx]),
+                      len(y), epochs, batch, lr, gen)
+    model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy, rounded as the manifests record it."""
+    model.eval()
+    return round(float((model(pixel_values=x).logits.argmax(-1) == y).float().mean()), 4)
+
+
+def fit_probe(head: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor, steps: int, lr: float,
+              gen: torch.Generator) -> None:
+    """Linear probe on frozen features, full batch: the first stage of the protocol, for any backbone's features."""
+    train_minibatches(list(head.parameters()), lambda idx: torch.nn.functional.cross_entropy(head(features[idx]), labels[idx]),
+                      len(labels), steps, len(labels), lr, gen, weight_decay=0.01)

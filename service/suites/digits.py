@@ -22,26 +22,27 @@ val labels reaches only ~.85 on average, so what adaptive merging recovers here 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch.nn.functional import cross_entropy
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from service.suites.common import (
     Suite,
-    deterministic,
-    forget_manifest,
-    is_built,
+    accuracy,
+    cls_features,
+    build_once,
+    finetune_encoder,
+    fit_head,
+    save_task_data,
     seeded_split,
     suite_layout,
     train_minibatches,
-    write_manifest,
+    vit_config,
 )
 
 log = logging.getLogger(__name__)
@@ -130,15 +131,8 @@ def _pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 def _vit_config(scale: Scale, labels: tuple[str, ...] | None = None) -> ViTConfig:
-    heads = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}} if labels else {}
-    return ViTConfig(hidden_size=scale.hidden, num_hidden_layers=scale.layers, num_attention_heads=scale.heads,
-                     intermediate_size=2 * scale.hidden, image_size=8, patch_size=scale.patch, num_channels=1,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **heads)
-
-
-def _features(vit: ViTModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The CLS token after the final layer norm: exactly what ViTForImageClassification's classifier reads."""
-    return vit(pixel_values=pixel_values).last_hidden_state[:, 0]
+    return vit_config(hidden=scale.hidden, layers=scale.layers, heads=scale.heads, patch=scale.patch, image_size=8,
+                      labels=labels)
 
 
 def _pretrain(vit: ViTModel, images: torch.Tensor, digits: torch.Tensor, scale: Scale, gen: torch.Generator) -> None:
@@ -149,35 +143,11 @@ def _pretrain(vit: ViTModel, images: torch.Tensor, digits: torch.Tensor, scale: 
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
         pick = torch.randint(len(PRETRAIN_VIEWS), (len(idx),), generator=gen)
-        return cross_entropy(head(_features(vit, views[pick, idx])), digits[idx])
+        return cross_entropy(head(cls_features(vit, views[pick, idx])), digits[idx])
 
     train_minibatches([*vit.parameters(), *head.parameters()], loss_of, len(digits), scale.pretrain_epochs, scale.batch,
            scale.pretrain_lr, gen, weight_decay=0.01)
     vit.eval()
-
-
-def _fit_head(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor, scale: Scale,
-              gen: torch.Generator) -> None:
-    """Linear probe: the classifier alone, full batch, on frozen pretrained features."""
-    with torch.no_grad():
-        feats = _features(model.vit.eval(), x)
-    train_minibatches(list(model.classifier.parameters()), lambda idx: cross_entropy(model.classifier(feats[idx]), y[idx]),
-         len(y), scale.probe_steps, len(y), scale.probe_lr, gen, weight_decay=0.01)
-
-
-def _finetune(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor, scale: Scale,
-              gen: torch.Generator) -> None:
-    """The encoder only; the probe head stays frozen so its task vector lives entirely in the backbone."""
-    model.train()
-    train_minibatches(list(model.vit.parameters()), lambda idx: cross_entropy(model(pixel_values=x[idx]).logits, y[idx]),
-         len(y), scale.finetune_epochs, scale.batch, scale.finetune_lr, gen)
-    model.eval()
-
-
-@torch.no_grad()
-def _accuracy(model: ViTForImageClassification, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return round(float((model(pixel_values=x).logits.argmax(-1) == y).float().mean()), 4)
 
 
 def _build(suite: DigitsSuite, scale: Scale, seed: int) -> dict[str, Any]:
@@ -194,18 +164,17 @@ def _build(suite: DigitsSuite, scale: Scale, seed: int) -> dict[str, Any]:
     for task in TASKS:
         data = {s: (_pixels(task.view(images[idx])), task.of_digit(digits[idx])) for s, idx in splits.items()}
         for s, (x, y) in data.items():
-            suite.data[task.name][s].parent.mkdir(parents=True, exist_ok=True)
-            save_file({"pixel_values": x, "labels": y}, str(suite.data[task.name][s]))
+            save_task_data(suite.data[task.name][s], x, y)
         model = ViTForImageClassification(_vit_config(scale, task.labels))
         model.vit.load_state_dict(backbone, strict=True)
-        _fit_head(model, *data["train"], scale, gen)
-        probe = {s: _accuracy(model, *data[s]) for s in ("val", "test")}
+        fit_head(model, *data["train"], scale.probe_steps, scale.probe_lr, gen)
+        probe = {s: accuracy(model, *data[s]) for s in ("val", "test")}
         log.info("fine-tuning %s (%d labels)", task.name, len(task.labels))
-        _finetune(model, *data["train"], scale, gen)
+        finetune_encoder(model, *data["train"], scale.finetune_epochs, scale.batch, scale.finetune_lr, gen)
         model.save_pretrained(suite.task_dirs[task.name])
         tasks[task.name] = {
             "num_labels": len(task.labels), "labels": list(task.labels), "label_rule": task.rule, "view": asdict(task.view),
-            "accuracy": {"pretrained_head": probe, "finetuned": {s: _accuracy(model, *data[s]) for s in ("val", "test")}},
+            "accuracy": {"pretrained_head": probe, "finetuned": {s: accuracy(model, *data[s]) for s in ("val", "test")}},
         }
     return {"tasks": tasks, "split_sizes": {s: len(idx) for s, idx in splits.items()},
             "split_indices": {s: idx.tolist() for s, idx in splits.items()}}
@@ -215,19 +184,9 @@ def build_digits_suite(root: Path, scale: str = "test", seed: int = 0) -> Digits
     """Build (or reuse, when root/suite.json records the same scale and seed) the digits suite under root."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {sorted(SCALES)}")
-    suite = _layout(Path(root))
-    if is_built(suite, {"format": FORMAT, "scale": scale, "seed": seed}):
-        log.info("reusing the digits suite in %s", suite.root)
-        return suite
-    forget_manifest(suite)
-    start = time.perf_counter()
-    with deterministic(seed):
-        measured = _build(suite, SCALES[scale], seed)
-    manifest = {"format": FORMAT, "scale": scale, "seed": seed, "config": asdict(SCALES[scale]),
-                "preprocessing": PREPROCESSING, "source": "sklearn.datasets.load_digits",
-                "pretraining": {"objective": "digit of each train image under a random one of these views",
-                                "views": [asdict(v) for v in PRETRAIN_VIEWS]},
-                **measured}
-    write_manifest(suite, manifest)
-    log.info("built the digits suite in %s in %.1f s", suite.root, time.perf_counter() - start)
-    return suite
+    suite, config = _layout(Path(root)), SCALES[scale]
+    return build_once(suite, {"format": FORMAT, "scale": scale, "seed": seed}, lambda: {
+        "config": asdict(config), "preprocessing": PREPROCESSING, "source": "sklearn.datasets.load_digits",
+        "pretraining": {"objective": "digit of each train image under a random one of these views",
+                        "views": [asdict(v) for v in PRETRAIN_VIEWS]},
+        **_build(suite, config, seed)})
