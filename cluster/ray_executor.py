@@ -48,6 +48,7 @@ class ShardHost:
     """A SpectralShard behind a numpy interface (the actor body)."""
 
     def __init__(self, work: AdaptiveWork, index: int, threads: int | None) -> None:
+        _quiet_plan_warnings()
         self.shard = SpectralShard(work.sources, work.params, work.lr, work.columns[index], threads)
 
     def pid(self) -> int:
@@ -64,7 +65,7 @@ class ShardHost:
         return as_numpy(self.shard.state())
 
     def load_state(self, tensors: dict[str, np.ndarray]) -> None:
-        self.shard.load_state({k: v.copy() for k, v in as_torch(tensors).items()})
+        self.shard.load_state({k: v.clone() for k, v in as_torch(tensors).items()})
 
     def weights(self, which: str) -> dict[str, np.ndarray]:
         return as_numpy(self.shard.final_weights() if which == "final" else self.shard.initial_weights())
@@ -80,6 +81,7 @@ class WorkerHost:
     """An EntropyWorker rank behind a numpy interface (the actor body)."""
 
     def __init__(self, work: AdaptiveWork, rank: int, world: int, threads: int | None) -> None:
+        _quiet_plan_warnings()
         self.worker = EntropyWorker(work.sources, work.data, work.max_length, work.keys, rank, world, work.partition, threads)
 
     def pid(self) -> int:
@@ -216,12 +218,12 @@ class RayExecutor:
     # ---- results -----------------------------------------------------------------------------------------------------
     def weights_by_shard(self, which: str) -> Iterator[dict[str, Tensor]]:
         for shard in self.shards:  # one shard's tensors at a time: the driver never holds the whole model twice
-            yield {k: v.copy() for k, v in as_torch(self._check([shard.weights.remote(which)], "shard")[0]).items()}
+            yield {k: v.clone() for k, v in as_torch(self._check([shard.weights.remote(which)], "shard")[0]).items()}
 
     def hard_masks(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for part in self._check([s.hard_masks.remote() for s in self.shards], "shard"):
-            out.update({k: v.copy() for k, v in as_torch(part).items()})
+            out.update({k: v.clone() for k, v in as_torch(part).items()})
         return out
 
     def learned_ranks(self) -> dict[str, list[int]]:
@@ -237,6 +239,11 @@ class RayExecutor:
             self.ray.kill(actor, no_restart=True)
         remove_placement_group(self.shard_group)
         remove_placement_group(self.worker_group)
+
+
+def _quiet_plan_warnings() -> None:
+    """The driver already warned about the plan (e.g. base-only tensors); actors would repeat it once each."""
+    logging.getLogger("workers.plan").setLevel(logging.ERROR)
 
 
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:

@@ -1,6 +1,8 @@
 import os
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -23,3 +25,17 @@ def families(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def make_adaptive_spec(families, tmp_path, method="adarank", params=None, steps=4, family="vit", **tta):
+    """An adaptive job spec over a tiny family, with random (unlabelled-looking) inputs per task."""
+    base, tasks = families(family)
+    data = {}
+    for i, name in enumerate(tasks):
+        gen = torch.Generator().manual_seed(i)
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"pixel_values": torch.randn(24, 1, 8, 8, generator=gen), "labels": torch.randint(0, 3, (24,), generator=gen)}, path)
+        data[name] = str(path)
+    spec = {"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": method, "params": params or {},
+            "output": str(tmp_path / "out"), "tta": {"data": data, "steps": steps, "batch_size": 6, "checkpoint_every": 2, **tta}}
+    return spec

@@ -22,6 +22,8 @@ from workers.static_merge import load_inputs
 from workers.tta.adapters import build_task_models
 from workers.tta.data import TaskStream
 
+from conftest import make_adaptive_spec as make_job
+
 
 def test_spectral_merge_backward_matches_autograd():
     gen = torch.Generator().manual_seed(0)
@@ -44,19 +46,6 @@ def test_straight_through_mask_forward_hard_backward_sigmoid():
     b.sum().backward()
     p = torch.sigmoid(logits.detach() / 10)
     torch.testing.assert_close(logits.grad, p * (1 - p) / 10)
-
-
-def make_job(families, tmp_path, method="adarank", params=None, steps=4, family="vit", **tta):
-    base, tasks = families(family)
-    data = {}
-    for i, name in enumerate(tasks):
-        gen = torch.Generator().manual_seed(i)
-        path = tmp_path / f"{name}.safetensors"
-        save_file({"pixel_values": torch.randn(24, 1, 8, 8, generator=gen), "labels": torch.randint(0, 3, (24,), generator=gen)}, path)
-        data[name] = str(path)
-    spec = {"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": method, "params": params or {},
-            "output": str(tmp_path / "out"), "tta": {"data": data, "steps": steps, "batch_size": 6, "checkpoint_every": 2, **tta}}
-    return spec
 
 
 def merger_for(spec, tmp_path, stack):

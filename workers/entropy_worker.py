@@ -18,6 +18,7 @@ A plain class: the local executor uses it in-process (world 1), the Ray executor
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import os
@@ -54,6 +55,7 @@ class EntropyWorker:
             base, tasks, plan = open_sources(sources, stack)
             self.models: TaskModels = build_task_models(plan, base, tasks)
             self.keys = [e.key for e in plan.merged]
+            self.label_counts = [len(ck.config.get("id2label") or {}) or int(ck.config.get("num_labels", 0)) for ck in tasks]
         self.data = [load_task_data(data[name], name, sources.base, max_length) for name in sources.models]
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.engine = None
@@ -71,8 +73,9 @@ class EntropyWorker:
             dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                     world_size=self.world, timeout=datetime.timedelta(minutes=10))
         if self.partition == "zero3":
-            self.engine = _zero3_engine(self.models, backend)
+            self.engine = _zero3_engine(self.models, backend, max(self.label_counts) if self.models.kind == "classification" else None)
             params = dict(self.engine.module.named_parameters())
+            self.zero3_heads = [{n: pad_head(v, params[n].ds_shape) for n, v in head.items()} for head in self.models.heads]
             for name, value in self.models.fixed.items():
                 _write_partition(params[name], value, self.rank)
 
@@ -119,7 +122,7 @@ class EntropyWorker:
         losses = []
         for t, batch in enumerate(batches):
             with torch.no_grad():
-                for name, value in self.models.heads[t].items():
+                for name, value in self.zero3_heads[t].items():
                     _write_partition(params[name], value, self.rank)
             entropy = self.models.entropy_of_logits(engine(**self.models.model_kwargs(batch)).logits, batch)
             engine.backward(entropy)
@@ -136,19 +139,42 @@ class EntropyWorker:
             dist.destroy_process_group()
 
 
-def _zero3_engine(models: TaskModels, backend: str):
+def _zero3_engine(models: TaskModels, backend: str, num_labels: int | None):
     import deepspeed
     from transformers.utils import logging as hf_logging
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     hf_logging.set_verbosity_error()
     deepspeed.init_distributed(backend, dist_init_required=False)
+    config = copy.deepcopy(models.model.config)
+    if num_labels is not None:  # one module serves every task: its head is as wide as the widest task's
+        config.num_labels = num_labels
     with deepspeed.zero.Init(config_dict_or_path=ZERO3_CONFIG):
-        module = type(models.model)(models.model.config)
+        module = type(models.model)(config)
     module.eval()
     # Backward through a DeepSpeed engine needs an optimizer; it is never stepped (lr 0): the shards own the update.
     engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.0), config=ZERO3_CONFIG)
     return engine
+
+
+NEVER_LOGIT = -1.0e4  # exp(-1e4) is exactly 0 in fp32: a padded class gets no probability, entropy or gradient
+
+
+def pad_head(value: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A task's classifier tensor padded along the label axis to the shared module's (wider) head.
+
+    Padded weight rows are zero and padded biases NEVER_LOGIT, so the task's softmax, entropy and gradients are
+    those of its own head.
+    """
+    shape = tuple(shape)
+    if tuple(value.shape) == shape:
+        return value
+    if value.dim() != len(shape) or tuple(value.shape[1:]) != shape[1:] or value.shape[0] > shape[0]:
+        raise ValueError(f"head tensor of shape {tuple(value.shape)} does not fit the shared head {shape}")
+    fill = NEVER_LOGIT if value.dim() == 1 else 0.0
+    out = torch.full(shape, fill, dtype=value.dtype)
+    out[: value.shape[0]] = value
+    return out
 
 
 def _write_partition(param: torch.nn.Parameter, full: Tensor, rank: int) -> None:
