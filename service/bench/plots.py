@@ -102,7 +102,8 @@ def plot_ranks(learned: dict[str, dict[str, list[int]]], intrinsic: dict[str, li
             ax.set_ylabel("rank (components)", fontsize=8)
     for extra in range(len(tasks), rows * columns):
         axes[extra // columns][extra % columns].axis("off")
-    axes[0][0].legend(fontsize=7, loc="best")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle("learned rank (AdaRank, final step) vs intrinsic rank of each task vector", fontsize=10)
     return _save(fig, out)
 

@@ -94,7 +94,8 @@ def write_plots(suite: Suite, records: dict[str, dict[str, Any]], results: Path)
         params = report["params"]
         plots.append(plot_masks(output / "adaptive" / "masks.safetensors", params["factorization"], tasks,
                                 results / f"masks_{record['method']}.png", record["label"], params["common_fraction"]))
-    learned = {record["label"]: report["learned_ranks"] for record, _, report in runs}
+    learned = {record["label"] + (" (task blocks; shared block not shown)" if report["params"]["factorization"] == "iso_cts" else ""):
+               report["learned_ranks"] for record, _, report in runs}
     plots.append(plot_ranks(learned, intrinsic_ranks(suite), tasks, results / "ranks.png"))
     return plots
 

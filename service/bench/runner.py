@@ -130,7 +130,8 @@ def run_adaptive(ctx: BenchContext, method: BenchMethod) -> dict[str, Any]:
             "loss": {"first": history[0]["loss"], "last": history[-1]["loss"]}, "mask_flips": sum(h["flips"] for h in history),
             "wall_seconds": round(time.perf_counter() - start, 3),
         }
-    return {"params": method.fixed, "tta": {"steps": ctx.tta.steps, "lr": ctx.tta.lr, "batch_size": ctx.tta.batch_size},
+    return {"params": method.fixed, "resolved_params": report["params"],
+            "tta": {"steps": ctx.tta.steps, "lr": ctx.tta.lr, "batch_size": ctx.tta.batch_size},
             "selection": {"split": None, "criterion": "none: the paper's initial parameters, final step reported"},
             "protocols": protocols, "accuracy": accuracy}
 
