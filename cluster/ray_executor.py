@@ -54,9 +54,13 @@ class ShardHost:
     def pid(self) -> int:
         return self.shard.pid()
 
+    def build_seconds(self) -> float:
+        return self.shard.build_seconds
+
     def materialize(self) -> tuple[dict[str, np.ndarray], int]:
-        weights = self.shard.materialize()
-        return as_numpy(weights), len(weights)
+        """(weights, their bytes): the small second value lets the driver check for failure without fetching."""
+        weights = as_numpy(self.shard.materialize())
+        return weights, sum(a.nbytes for a in weights.values())
 
     def apply_gradients(self, grads: dict[str, np.ndarray]) -> int:
         return self.shard.apply_gradients(as_torch(grads))
@@ -124,6 +128,7 @@ class RayExecutor:
         self.shards = [self._new_shard(i) for i in range(len(work.columns))]
         self._check([s.pid.remote() for s in self.shards], "shard")
         self.workers: list[Any] = []
+        self.bytes_last_step = 0
         self._start_workers()
         self._publish_actor_table()
 
@@ -176,7 +181,9 @@ class RayExecutor:
     def step(self, indices: list[Tensor]) -> tuple[list[float], int]:
         shards = len(self.shards)
         materialized = [s.materialize.options(num_returns=2).remote() for s in self.shards]
-        self._check([count for _, count in materialized], "shard")
+        weight_bytes = sum(self._check([nbytes for _, nbytes in materialized], "shard"))
+        # every rank pulls every shard's weights; the shards pull rank 0's gradients (same size)
+        self.bytes_last_step = weight_bytes * (len(self.workers) + 1)
         weight_refs = [weights for weights, _ in materialized]
         outputs = [w.gradients.options(num_returns=shards + 1).remote(indices, *weight_refs) for w in self.workers]
         losses = self._check([out[shards] for out in outputs], "worker")[0]

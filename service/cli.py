@@ -153,7 +153,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo
 
-    print(run_demo(Path(args.workdir)))
+    print(run_demo(Path(args.workdir), steps=args.steps, executor=args.executor))
     return 0
 
 
@@ -235,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     methods = sub.add_parser("methods", help="list merge methods and their default parameters")
     methods.set_defaults(func=cmd_methods)
 
-    demo = sub.add_parser("demo", help="create small real checkpoints, merge them with every static method, print a table")
+    demo = sub.add_parser("demo", help="build the smoke vision suite, run TA and AdaRank (local Ray), print per-task accuracy")
     demo.add_argument("--workdir", default=".demo")
+    demo.add_argument("--steps", type=int, default=100, help="AdaRank adaptation steps")
+    demo.add_argument("--executor", choices=["local", "ray"], default="ray")
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="benchmark every method on a real-data suite: build it, run it, report tables and plots")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

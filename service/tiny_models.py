@@ -63,17 +63,21 @@ def perturb_(model: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
                 p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
-def make_family(kind: str, root: Path, num_tasks: int = 3, seed: int = 0, num_labels: tuple[int, ...] = (3, 4, 5), dtype: torch.dtype = torch.float32) -> tuple[Path, dict[str, Path]]:
-    """Save a base and `num_tasks` task models of one architecture under root; returns (base dir, task dirs)."""
+def make_family(kind: str, root: Path, num_tasks: int = 3, seed: int = 0, num_labels: tuple[int, ...] = (3, 4, 5),
+                dtype: torch.dtype = torch.float32, sizes: dict | None = None) -> tuple[Path, dict[str, Path]]:
+    """Save a base and `num_tasks` task models of one architecture under root; returns (base dir, task dirs).
+
+    `sizes` overrides config fields (e.g. hidden_size, num_hidden_layers) for larger random-init families.
+    """
     base_cls, task_cls = CLASSES[kind]
     torch.manual_seed(seed)
-    config = TINY[kind]()
+    config = _config(kind, sizes)
     base = base_cls(config).to(dtype)
     base_dir = root / "base"
     base.save_pretrained(base_dir)
     tasks = {}
     for t in range(num_tasks):
-        cfg = TINY[kind]()
+        cfg = _config(kind, sizes)
         if kind == "clip_vision":  # CLIPForImageClassification takes the full CLIP config around the vision one
             cfg = CLIPConfig(vision_config=cfg.to_dict(), text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 64, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1})
         if task_cls is not base_cls:
@@ -88,3 +92,9 @@ def make_family(kind: str, root: Path, num_tasks: int = 3, seed: int = 0, num_la
         tasks[f"task{t}"] = root / f"task{t}"
         model.save_pretrained(tasks[f"task{t}"])
     return base_dir, tasks
+
+
+def _config(kind: str, sizes: dict | None):
+    config = TINY[kind]()
+    config.update(sizes or {})
+    return config

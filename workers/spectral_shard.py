@@ -13,6 +13,7 @@ of shards, and into the single in-process shard of the local executor.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import ExitStack
 
 import torch
@@ -34,9 +35,11 @@ class SpectralShard:
         if threads:
             torch.set_num_threads(threads)
         self.columns = list(columns)
+        start = time.perf_counter()
         with ExitStack() as stack:
             base, tasks, plan = open_sources(sources, stack)
             self.merger: AdaptiveMerger = make_merger(params, lr, plan, base, tasks, self.columns)
+        self.build_seconds = time.perf_counter() - start  # read + task vectors + factorizations
         self.keys = [slot.key for slot in self.merger.slots]
         self._pending: dict[str, Tensor] | None = None
         self._before: dict[str, Tensor] = {}
