@@ -27,8 +27,8 @@ from torch import Tensor
 
 from cluster.coordinator import write_actor_table
 from cluster.executor import ActorLost, AdaptiveWork
+from cluster.ray_runtime import user_error_of
 from workers.entropy_worker import EntropyWorker
-from workers.errors import MergeInputError
 from workers.spectral_shard import SpectralShard, assemble_state, slice_state
 
 log = logging.getLogger(__name__)
@@ -171,9 +171,9 @@ class RayExecutor:
             except RayActorError as exc:
                 raise ActorLost(role, refs.index(ready[0]), exc) from None
             except RayTaskError as exc:
-                cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
-                if isinstance(cause, MergeInputError):
-                    raise cause from None
+                error = user_error_of(exc)
+                if error is not None:
+                    raise error from None
                 raise
         return self.ray.get(refs)
 

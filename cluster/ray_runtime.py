@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+
+from workers.errors import MergeInputError
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +22,7 @@ def ensure_ray(address: str | None, cpus_needed: float) -> None:
     if ray.is_initialized():
         return
     if address:
+        _check_reachable(address)
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return
@@ -30,5 +34,40 @@ def ensure_ray(address: str | None, cpus_needed: float) -> None:
              object_store_memory=max(256 * 1024**2, min(4 * 1024**3, int(0.1 * _total_memory()))))
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, with the fix, where ray.init would retry an unreachable head for minutes."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise MergeInputError(f"Ray address {address!r} is not HOST:PORT", "pass e.g. --address 10.0.0.5:6379 (the head's GCS port)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise MergeInputError(f"no Ray head answers at {address} ({exc.strerror or exc})",
+                              "start one with `ray start --head`, check the address, or drop --address to run on an embedded local Ray") from None
+
+
 def _total_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def user_error_of(exc: BaseException) -> MergeInputError | None:
+    """The MergeInputError a remote task or actor raised, if that is what a RayTaskError wraps."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, MergeInputError) else None
+
+
+def run_remote(function, *args, num_cpus: float = 1.0, num_gpus: float = 0.0):
+    """Run one function as a Ray task and return its result; a user error inside comes back as the same one-liner."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(function)
+    try:
+        return ray.get(task.remote(*args))
+    except RayTaskError as exc:
+        error = user_error_of(exc)
+        if error is not None:
+            raise error from None
+        raise

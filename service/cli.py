@@ -96,6 +96,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.overwrite:
         data["overwrite"] = True
     job = job_from_dict(data, Path(args.job).resolve().parent)
+    if not job.adaptive and args.executor == "ray":
+        from service.merge_job import run_merge_job_on_ray
+
+        print(summarize_report(run_merge_job_on_ray(job, args.address)))
+        return 0
     if not job.adaptive:
         print(summarize_report(run_merge_job(job)))
         return 0

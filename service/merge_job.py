@@ -109,3 +109,17 @@ def summarize_report(report: dict[str, Any]) -> str:
         f"merged {len(report['models'])} models with {report['method']} ({len(merged)} tensors merged, "
         f"roles {report['roles']}) in {report['wall_seconds']:.2f} s, peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB"
     )
+
+
+def run_merge_job_on_ray(job: MergeJob, address: str | None = None) -> dict[str, Any]:
+    """A static merge as one Ray task on the cluster (with the spec's CPUs per shard), after the cheap checks here.
+
+    The merge already streams one tensor at a time in bounded memory, so one task per job is the unit; the output path
+    must be visible to the node that runs it (a shared filesystem on a multi-node cluster).
+    """
+    from cluster.ray_runtime import ensure_ray, run_remote
+
+    with ExitStack() as stack:
+        prepare(job, stack)  # every user error surfaces here, before anything is scheduled
+    ensure_ray(address, job.resources.cpus_per_shard)
+    return run_remote(run_merge_job, job, num_cpus=job.resources.cpus_per_shard)

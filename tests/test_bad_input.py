@@ -229,3 +229,29 @@ def test_not_enough_disk_space(family, tmp_path, capsys, monkeypatch):
     code, err = run_cli(capsys, base, tasks, tmp_path / "out")
     assert_user_error(code, err, "not enough disk space", "GB free")
     assert_nothing_written(tmp_path / "out")
+
+
+def test_batch_not_divisible_by_workers(families, tmp_path, capsys):
+    from conftest import make_adaptive_spec
+
+    spec = make_adaptive_spec(families, tmp_path, batch_size=6)
+    spec["resources"] = {"workers": 4}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml"), "--executor", "ray"]) == 2
+    assert_user_error(2, capsys.readouterr().err.strip(), "batch_size 6", "resources.workers 4")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_unreachable_ray_address(families, tmp_path, capsys):
+    import socket
+
+    from conftest import make_adaptive_spec
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(make_adaptive_spec(families, tmp_path)))
+    assert main(["run", str(tmp_path / "job.yaml"), "--executor", "ray", "--address", f"127.0.0.1:{port}"]) == 2
+    assert_user_error(2, capsys.readouterr().err.strip(), "no Ray head answers", "ray start --head")
+    assert_nothing_written(tmp_path / "out")
+    assert not (tmp_path / "out.job" / "checkpoints").exists()

@@ -137,3 +137,18 @@ def test_killed_driver_resumes_with_the_same_result(job_spec, reference, tmp_pat
     assert_same_masks(masks, ref_masks)
     assert torch.equal(lam, ref_lam)
     assert report["history"] == ref_report["history"]
+
+
+def test_static_job_on_ray_writes_the_same_files(ray_cluster, families, tmp_path):
+    from service.cli import main
+
+    base, tasks = families("vit")
+    outputs = {}
+    for executor in ("local", "ray"):
+        spec = {"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": "ties",
+                "output": str(tmp_path / executor)}
+        (tmp_path / f"{executor}.yaml").write_text(yaml.safe_dump(spec))
+        assert main(["run", str(tmp_path / f"{executor}.yaml"), "--executor", executor]) == 0
+        outputs[executor] = load_file(str(tmp_path / executor / "model.safetensors"))
+    assert outputs["local"].keys() == outputs["ray"].keys()
+    assert all(torch.equal(outputs["local"][k], outputs["ray"][k]) for k in outputs["local"])
