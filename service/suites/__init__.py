@@ -20,6 +20,8 @@ from service.suites.digits import DigitsSuite, build_digits_suite
 SUITES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "digits-smoke": ("service.suites.digits", "build_digits_suite", {"scale": "test"}),
     "digits": ("service.suites.digits", "build_digits_suite", {"scale": "bench"}),
+    "text-smoke": ("service.suites.text", "build_text_suite", {"scale": "smoke"}),
+    "text": ("service.suites.text", "build_text_suite", {"scale": "full"}),
     "vision-smoke": ("service.suites.vision", "build_vision_suite", {"suite": "vision-smoke"}),
     "vision8": ("service.suites.vision", "build_vision_suite", {"suite": "vision8"}),
     "vision14": ("service.suites.vision", "build_vision_suite", {"suite": "vision14"}),
