@@ -20,12 +20,12 @@ from workers.methods.registry import parse_params
 from workers.tta.params import ADAPTIVE_METHODS
 
 TASKS = ["digits", "parity_rot90", "high_inverted", "mod3_flipped"]
-METHOD_LIST = "pretrained,individual,task_arithmetic,adarank_ta"
+METHOD_LIST = "pretrained,individual,task_arithmetic,dare,adarank_ta"
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """digits-smoke built and benchmarked (4 methods, 8 adaptation steps) and reported, once for the module."""
+    """digits-smoke built and benchmarked (5 methods, 8 adaptation steps) and reported, once for the module."""
     root, out = tmp_path_factory.mktemp("suite"), tmp_path_factory.mktemp("results")
     assert main(["bench", "build", "digits-smoke", "--root", str(root)]) == 0
     assert main(["bench", "run", "digits-smoke", "--root", str(root), "--out", str(out), "--methods", METHOD_LIST, "--steps", "8"]) == 0
@@ -62,6 +62,25 @@ def test_static_hyper_parameter_is_chosen_on_val(bench):
     assert sorted(p.name for p in chosen.parent.iterdir()) == sorted([chosen.name, f"{chosen.name}.yaml"])
 
 
+def test_random_method_reports_the_mean_over_seeds_of_the_val_choice(bench):
+    _, _, records = bench
+    record = records["dare"]
+    assert record["selection"]["split"] == "val" and record["params"]["seed"] == 0
+    runs = record["seed_runs"]
+    assert sorted(runs) == ["0", "1", "2"]
+    for split in ("test", "heldout"):
+        mean = sum(r[split]["average"] for r in runs.values()) / 3
+        assert record["accuracy"][split]["average"] == pytest.approx(mean, abs=1e-5)
+
+
+def test_adaptive_record_starts_from_its_static_equivalent(bench):
+    _, out, records = bench
+    start = records["adarank_ta"]["initial"]
+    assert start["method"] == "task_arithmetic" and start["params"] == {"lambda": 0.3}  # AdaRank-TA at step 0 ≡ TA(λ0)
+    assert (out / start["output"] / "merge_report.json").is_file()
+    assert all(0.0 <= v <= 1.0 for split in ("test", "heldout") for v in start["accuracy"][split].values())
+
+
 def test_adaptation_reads_no_labels_and_held_out_halves_are_disjoint(bench):
     root, out, records = bench
     record = records["adarank_ta"]
@@ -95,7 +114,7 @@ def test_report_tables_and_plots(bench):
     for name in ("test", "heldout"):
         rows = table["tables"][name]
         assert [r["method"] for r in rows] == METHOD_LIST.split(",")
-        assert [r["group"] for r in rows] == ["Reference", "Reference", "Data-free", "Test-time adaptation"]
+        assert [r["group"] for r in rows] == ["Reference", "Reference", "Data-free", "Data-free", "Test-time adaptation"]
     md = (out / "table.md").read_text()
     assert "| *Reference* |" in md and "TA+AdaRank" in md and "lambda=" in md and "(val)" in md
     assert set(table["plots"]) == {"masks_adarank_ta.png", "ranks.png"}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from workers.errors import MergeInputError
-from workers.tta.params import DEFAULT_LAMBDA
+from workers.tta.params import DEFAULT_LAMBDA, AdaRankParams
 
 Kind = Literal["reference", "static", "adaptive"]
 
@@ -36,6 +36,8 @@ class BenchMethod:
     method: str = ""  # registry / adaptive method name; empty for the reference rows
     fixed: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    seeds: tuple[int, ...] = ()  # random methods: the chosen parameters are re-run with these seeds and averaged
+    initial: tuple[str, dict[str, Any]] | None = None  # adaptive: the static job equal to the adaptive model at step 0
 
     def candidates(self) -> list[dict[str, Any]]:
         """Every parameter set to try: the fixed ones with each point of the grid's cartesian product."""
@@ -54,9 +56,18 @@ ALPHAS = _steps(0.5, 3.0, 0.5)  # TSV-M / Iso α (the papers search linspace(0, 
 DROP_RATES = (0.3, 0.5, 0.7)
 
 
+# AdaRank at step 0 equals its static base (ALGORITHMS.md project decision 6; workers/tta/state.py): these static jobs
+# show where each adaptation started. factorization -> (static method, its scale parameter, AdaRank defaults it shares)
+_ADARANK = AdaRankParams.model_fields
+STEP0 = {"ta": ("task_arithmetic", "lambda", {}), "cart": ("cart", "lambda", {"rho": _ADARANK["rho"].default}),
+         "tsv_m": ("tsv_m", "alpha", {}), "iso_cts": ("iso_cts", "alpha", {"common_fraction": _ADARANK["common_fraction"].default})}
+
+
 def _adarank(factorization: str, label: str) -> BenchMethod:
+    lambda0 = DEFAULT_LAMBDA[factorization]
+    static, scale, shared = STEP0[factorization]
     return BenchMethod(f"adarank_{factorization}", label, ADAPTIVE, "adaptive", "adarank",
-                       {"factorization": factorization, "lambda": DEFAULT_LAMBDA[factorization]})
+                       {"factorization": factorization, "lambda": lambda0}, initial=(static, {**shared, scale: lambda0}))
 
 
 METHODS: tuple[BenchMethod, ...] = (
@@ -65,7 +76,8 @@ METHODS: tuple[BenchMethod, ...] = (
     BenchMethod("weight_average", "Weight averaging", DATA_FREE, "static", "weight_average"),
     BenchMethod("task_arithmetic", "Task Arithmetic", DATA_FREE, "static", "task_arithmetic", grid={"lambda": LAMBDAS}),
     BenchMethod("ties", "TIES-Merging", DATA_FREE, "static", "ties", grid={"k": (0.1, 0.2, 0.4), "lambda": COARSE_LAMBDAS}),
-    BenchMethod("dare", "DARE (TA)", DATA_FREE, "static", "dare", {"seed": 0}, {"p": DROP_RATES, "lambda": COARSE_LAMBDAS}),
+    BenchMethod("dare", "DARE (TA)", DATA_FREE, "static", "dare", {"seed": 0}, {"p": DROP_RATES, "lambda": COARSE_LAMBDAS},
+                seeds=(1, 2)),  # ALGORITHMS.md §7.2: the drop seed matters, report the mean over seeds
     BenchMethod("consensus", "Consensus TA", DATA_FREE, "static", "consensus", {"k": 2},
                 {"tall_lambda": (0.2, 0.4, 0.6), "alpha": COARSE_LAMBDAS}),
     BenchMethod("tadrop_ta", "TA + dist.-aware drop", DATA_FREE, "static", "tadrop", {"host": "ta"},
@@ -77,7 +89,8 @@ METHODS: tuple[BenchMethod, ...] = (
     BenchMethod("tsv_m", "TSV-M", SPECTRAL, "static", "tsv_m", grid={"alpha": ALPHAS}),
     BenchMethod("iso_c", "Iso-C", SPECTRAL, "static", "iso_c", grid={"alpha": ALPHAS}),
     BenchMethod("iso_cts", "Iso-CTS", SPECTRAL, "static", "iso_cts", grid={"common_fraction": (0.6, 0.8), "alpha": ALPHAS}),
-    BenchMethod("adamerging", "TA+AdaMerging", ADAPTIVE, "adaptive", "adamerging", {"lambda": DEFAULT_LAMBDA["ta"]}),
+    BenchMethod("adamerging", "TA+AdaMerging", ADAPTIVE, "adaptive", "adamerging", {"lambda": DEFAULT_LAMBDA["ta"]},
+                initial=("task_arithmetic", {"lambda": DEFAULT_LAMBDA["ta"]})),
     _adarank("ta", "TA+AdaRank"),
     _adarank("cart", "CART+AdaRank"),
     _adarank("tsv_m", "TSV-M+AdaRank"),

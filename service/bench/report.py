@@ -34,14 +34,17 @@ def _order(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return known + [r for name, r in records.items() if name not in BY_NAME]
 
 
-def _setting(record: dict[str, Any]) -> str:
+def _setting(record: dict[str, Any], table: str) -> str:
     params = record.get("params") or {}
     text = ", ".join(f"{k}={v}" for k, v in params.items())
     if record["kind"] == "static":
-        return f"{text} (val)" if text else "-"
+        seeds = f"; mean of seeds {', '.join(record['seed_runs'])}" if record.get("seed_runs") else ""
+        return f"{text} (val){seeds}" if text else "-"
     if record["kind"] == "adaptive":
         tta = record["tta"]
-        return f"{text}; {tta['steps']} steps, lr {tta['lr']:g}, batch {tta['batch_size']}"
+        start = record.get("initial")
+        step0 = f"; step 0: {100 * start['accuracy'][table]['average']:.1f}" if start else ""
+        return f"{text}; {tta['steps']} steps, lr {tta['lr']:g}, batch {tta['batch_size']}{step0}"
     return "-"
 
 
@@ -52,7 +55,8 @@ def build_tables(records: dict[str, dict[str, Any]]) -> tuple[list[str], dict[st
     tables = {}
     for table in TABLES:
         tables[table] = [{"method": r["method"], "label": r["label"], "group": r["group"], "kind": r["kind"],
-                          "accuracy": r["accuracy"][table], "setting": _setting(r), "params": r.get("params"),
+                          "accuracy": r["accuracy"][table], "step0_accuracy": r["initial"]["accuracy"][table] if "initial" in r else None,
+                          "setting": _setting(r, table), "params": r.get("params"),
                           "wall_seconds": r["wall_seconds"]} for r in ordered]
     return tasks, tables
 

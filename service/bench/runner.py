@@ -36,6 +36,7 @@ from service.tta_job import run_adaptive_job
 log = logging.getLogger(__name__)
 
 SELECTION_CRITERION = "mean over tasks of val accuracy / individual model's val accuracy (normalized accuracy)"
+REPORTED = ("test", "heldout")  # the splits every record reports; val only ever selects
 PROTOCOLS = {  # protocol -> (data the adaptation reads, split the accuracy is reported on)
     "transductive": ("test inputs, labels removed", "test"),
     "heldout": ("seeded half of each task's test inputs, labels removed", "heldout"),
@@ -76,6 +77,14 @@ def _run_job(ctx: BenchContext, method: str, params: dict[str, Any], output: Pat
     return run_adaptive_job(job) if job.adaptive else run_merge_job(job)
 
 
+def score_reported(ctx: BenchContext, output: Path) -> dict[str, Scores]:
+    return {split: ctx.evaluator.score(output, split) for split in REPORTED}
+
+
+def mean_scores(runs: list[Scores]) -> Scores:
+    return {task: round(sum(r[task] for r in runs) / len(runs), 6) for task in runs[0]}
+
+
 def normalized_accuracy(scores: Scores, individual: Scores) -> float:
     tasks = [t for t in scores if t != "average"]
     return round(sum(scores[t] / individual[t] for t in tasks) / len(tasks), 6)
@@ -83,7 +92,7 @@ def normalized_accuracy(scores: Scores, individual: Scores) -> float:
 
 def run_reference(ctx: BenchContext, method: BenchMethod) -> dict[str, Any]:
     """Pretrained backbone (with each task's head) and the individual fine-tuned models."""
-    return {"accuracy": {split: ctx.references(split)[method.name] for split in ("test", "heldout")}}
+    return {"accuracy": {split: ctx.references(split)[method.name] for split in REPORTED}}
 
 
 def run_static(ctx: BenchContext, method: BenchMethod) -> dict[str, Any]:
@@ -103,19 +112,38 @@ def run_static(ctx: BenchContext, method: BenchMethod) -> dict[str, Any]:
         if output != chosen:
             shutil.rmtree(output, ignore_errors=True)
             output.with_suffix(".yaml").unlink(missing_ok=True)
-    return {
+    record = {
         "params": candidates[best]["params"],
         "selection": {"split": "val", "criterion": SELECTION_CRITERION, "chosen": best, "candidates": candidates},
         "output": ctx.relative(chosen), "job": ctx.relative(chosen.with_suffix(".yaml")),
-        "accuracy": {split: ctx.evaluator.score(chosen, split) for split in ("test", "heldout")},
+        "accuracy": score_reported(ctx, chosen),
     }
+    if method.seeds:
+        record.update(seed_average(ctx, method, record["params"], record["accuracy"]))
+    return record
+
+
+def seed_average(ctx: BenchContext, method: BenchMethod, params: dict[str, Any], first: dict[str, Scores]) -> dict[str, Any]:
+    """Re-run the val-chosen parameters with more seeds; the reported accuracy is the mean over all seeds."""
+    runs = {params["seed"]: first}
+    for seed in method.seeds:
+        output = run_dir(ctx.results, method.name) / "seeds" / f"seed{seed}"
+        _run_job(ctx, method.method, {**params, "seed": seed}, output)
+        runs[seed] = score_reported(ctx, output)
+    return {"accuracy": {split: mean_scores([r[split] for r in runs.values()]) for split in REPORTED},
+            "seed_runs": {str(seed): scores for seed, scores in runs.items()}}
 
 
 def run_adaptive(ctx: BenchContext, method: BenchMethod) -> dict[str, Any]:
     """Both protocols from the paper's initial parameters; the final step is reported, nothing is selected."""
     folder = run_dir(ctx.results, method.name)
     adapt_data = {"transductive": ctx.data.test_inputs, "heldout": ctx.data.adapt}
-    protocols, accuracy = {}, {}
+    protocols, accuracy, record = {}, {}, {}
+    if method.initial is not None:  # the static job equal to the model at step 0: where the adaptation started
+        static, params = method.initial
+        _run_job(ctx, static, params, folder / "step0")
+        record["initial"] = {"method": static, "params": params, "output": ctx.relative(folder / "step0"),
+                             "accuracy": score_reported(ctx, folder / "step0")}
     for protocol, (adapt_on, split) in PROTOCOLS.items():
         start = time.perf_counter()
         output = folder / protocol
@@ -130,7 +158,7 @@ def run_adaptive(ctx: BenchContext, method: BenchMethod) -> dict[str, Any]:
             "loss": {"first": history[0]["loss"], "last": history[-1]["loss"]}, "mask_flips": sum(h["flips"] for h in history),
             "wall_seconds": round(time.perf_counter() - start, 3),
         }
-    return {"params": method.fixed, "resolved_params": report["params"],
+    return {**record, "params": method.fixed, "resolved_params": report["params"],
             "tta": {"steps": ctx.tta.steps, "lr": ctx.tta.lr, "batch_size": ctx.tta.batch_size},
             "selection": {"split": None, "criterion": "none: the paper's initial parameters, final step reported"},
             "protocols": protocols, "accuracy": accuracy}
