@@ -1,0 +1,52 @@
+"""Watch a job and resubmit it when its driver dies: Ray never retries a job, so the service does.
+
+A new attempt runs the driver with `--resume` and continues from the last checkpoint; the result is the same as an
+uninterrupted run. Not every failure is worth another attempt: a user error (the driver exits 2 with a one-line
+message) fails the same way again, and a cancelled job stays cancelled. An unreachable head is waited for, up to
+`unreachable_timeout`; pass the new head's address to continue on another cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from service.cli import EXIT_USER_ERROR
+from service.job_service import follow, refresh, start_attempt
+from service.jobs_client import HeadUnreachable, JobsClient
+from service.registry import JobRecord
+
+log = logging.getLogger(__name__)
+
+
+def should_resubmit(record: JobRecord, max_attempts: int) -> bool:
+    attempt = record.current
+    if attempt is None or attempt.active or record.cancel_requested or record.status in ("SUCCEEDED", "STOPPED"):
+        return False
+    if attempt.exit_code == EXIT_USER_ERROR:
+        log.warning("job %s: attempt %s failed on a user error; not resubmitting", record.job_id, attempt.submission_id)
+        return False
+    return len(record.attempts) < max_attempts
+
+
+def supervise(record: JobRecord, on_change: Callable[[JobRecord], None], address: str | None = None,
+              max_attempts: int = 3, poll: float = 2.0, unreachable_timeout: float = 600.0) -> JobRecord:
+    """Follow the job to its end, resubmitting (with --resume) each attempt whose driver died; returns the last record."""
+    unreachable_since: float | None = None
+    while True:
+        try:
+            record = follow(record, on_change, poll, address)
+            unreachable_since = None
+        except HeadUnreachable as exc:
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > unreachable_timeout:
+                raise
+            log.warning("job %s: %s; retrying in %.0f s", record.job_id, exc, poll)
+            time.sleep(poll)
+            continue
+        if not should_resubmit(record, max_attempts):
+            return record
+        log.warning("job %s: attempt %d ended %s (exit %s); resubmitting with --resume", record.job_id,
+                    len(record.attempts), record.status, record.current.exit_code)
+        record = start_attempt(refresh(record, address), JobsClient(address or record.address), resume=True)
