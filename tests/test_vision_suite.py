@@ -20,7 +20,7 @@ from service.suites.vision_catalog import SUITES as VISION_SUITES
 from service.suites.vision_catalog import TASKS
 from workers.errors import MergeInputError
 
-pytestmark = pytest.mark.slow  # one ~15 s build and a short AdaRank run
+pytestmark = pytest.mark.slow  # one ~20 s build (2 free cores) and a short AdaRank run
 
 SPLITS = ("train", "val", "test")
 
@@ -40,7 +40,7 @@ def test_files_and_manifest(suite):
     assert (manifest["format"], manifest["suite"], manifest["seed"]) == (FORMAT, "vision-smoke", 0)
     assert list(manifest["tasks"]) == VISION_SUITES["vision-smoke"][1] == list(suite.task_dirs)
     assert manifest["build_seconds"] > 0 and manifest["derived_tasks"] == 0
-    assert manifest["pretraining"]["train_accuracy"] > 0.3  # the backbone really learned its pretraining mixture
+    assert manifest["pretraining"]["train_accuracy"] > 0.4  # the backbone really learned its pretraining mixture
     for task, record in manifest["tasks"].items():
         for split in SPLITS:
             x, y = _data(suite, task, split)
@@ -73,10 +73,10 @@ def test_models_load_and_the_manifest_accuracies_are_real(suite):
 
 
 def test_fine_tuning_beats_the_pretrained_probe(suite):
-    # measured (seed 0): digits .87 -> .94, font_digits .73 -> .84, upper .50 -> .64
+    # measured (seed 0): digits .86 -> .96, font_digits .75 -> .83, upper .46 -> .68
     for task, record in suite.manifest["tasks"].items():
         acc = record["accuracy"]
-        assert acc["finetuned"]["test"] >= acc["pretrained_head"]["test"] + 0.05, (task, acc)
+        assert acc["finetuned"]["test"] >= acc["pretrained_head"]["test"] + 0.06, (task, acc)
 
 
 def test_splits_are_disjoint(suite):
@@ -98,7 +98,7 @@ def test_adarank_through_the_cli_shows_a_merging_gap(suite, tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     assert main(["run", str(tmp_path / "job.yaml")]) == 0
     average = json.loads((tmp_path / "out" / "merge_report.json").read_text())["accuracy"]["average"]
-    # measured (seed 0): pretrained .70, individual .81, task arithmetic (AdaRank's step 0) .71
+    # measured (seed 0): pretrained .69, individual .82, task arithmetic (AdaRank's step 0) .68
     assert average["individual"] >= average["pretrained"] + 0.05, average
     assert average["initial"] <= average["individual"] - 0.05, average
 

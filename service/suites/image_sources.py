@@ -129,6 +129,7 @@ class GlyphRenderer:
         self.size, self.canvas = size, size * oversample
         self._fonts: dict[tuple[Path, int], ImageFont.FreeTypeFont] = {}
         self._notdef: dict[Path, bytes] = {}
+        self._covers: dict[tuple[Path, str], bool] = {}
 
     def _font(self, path: Path, px: int) -> ImageFont.FreeTypeFont:
         key = (path, px)
@@ -146,10 +147,12 @@ class GlyphRenderer:
 
     def covers(self, path: Path, char: str) -> bool:
         """The font maps the character to a real, visible glyph (not its .notdef box)."""
-        if path not in self._notdef:
-            self._notdef[path] = self._draw(MISSING_GLYPH, path).tobytes()
-        pixels = self._draw(char, path).tobytes()
-        return pixels != self._notdef[path] and any(pixels)
+        if (path, char) not in self._covers:
+            if path not in self._notdef:
+                self._notdef[path] = self._draw(MISSING_GLYPH, path).tobytes()
+            pixels = self._draw(char, path).tobytes()
+            self._covers[path, char] = pixels != self._notdef[path] and any(pixels)
+        return self._covers[path, char]
 
     def render(self, pairs: list[tuple[str, Path]], gen: torch.Generator) -> torch.Tensor:
         """float32 [N, size, size] in [0, 1]; jitter: size ×0.8–1.05, shift ±6% of the box, rotation ±8°."""

@@ -16,11 +16,17 @@ split), so test fonts are never seen in training; Fashion-MNIST tasks test on it
 seeded 60/20/20 split of the 1,797 images.
 
 Protocol (AdaRank/CART papers, scaled down): (1) pretrain the backbone on a broad mixture that shares no image with
-any task split: the identity of ~800 characters that no task uses (Latin accents, Greek/Cyrillic/Armenian lower
-case, currency, arrows, shapes, Devanagari, Thai, Ethiopic, Cherokee, Runic, …) rendered only in train-split fonts,
-plus self-supervised rotation prediction on Fashion-MNIST rows no task uses. (2) Per task: a linear head on frozen
+any task split: the identity of ~1,400 characters that no task uses (Greek/Cyrillic/Armenian lower case, currency,
+arrows, math, box drawing, shapes, Devanagari, Thai, Ethiopic, Cherokee, Runic, …) rendered only in train-split fonts,
+plus self-supervised rotation prediction on Fashion-MNIST rows no task uses. Accented Latin letters are left out on
+purpose: they are the task letters again, and with them a linear probe already matches fine-tuning. (2) Per task: a linear head on frozen
 pretrained features, then the encoder fine-tuned with that head frozen. Dropout-free, seeded, deterministic and
-single-threaded: a rebuild with the same torch writes identical files.
+single-threaded: a rebuild with the same torch writes identical model and data files.
+
+Measured (seed 0, torch 2.13 CPU, one thread, 2 busy cores): vision-smoke builds in ~20-45 s; vision8 in 555 s. vision8
+test accuracy, pretrained + head -> fine-tuned -> task arithmetic (λ 0.3): averages .846 -> .864 -> .802. The linear
+probe on these features is a strong baseline (the paper's is zero-shot), and on the Latin-letter tasks fine-tuning
+no longer beats it on unseen fonts; the merging gap (fine-tuned − TA ≈ 6 points) is real on every task.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ from service.suites.vision_catalog import FONTS, PRETRAIN_CHARS, STYLES, SUITES,
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the files or the protocol change, so older suites are rebuilt
+FORMAT = 2  # bump when the files or the protocol change, so older suites are rebuilt
 IMAGE_SIZE = 16
 PREPROCESSING = f"grey image in [0, 1] resized to {IMAGE_SIZE}×{IMAGE_SIZE}, pixel_values = (x - 0.5) / 0.5, [N, 1, 16, 16]"
 FASHION_TASK_ROWS = 30_000  # Fashion-MNIST train rows [0, 30000) feed the tasks, the rest feed pretraining
@@ -93,7 +99,7 @@ class Scale:
 
 SCALES = {
     "smoke": Scale(hidden=48, layers=2, heads=4, patch=4, fonts="core", sizes={"train": 600, "val": 200, "test": 300},
-                   pretrain_glyphs=4000, pretrain_fashion=0, pretrain_epochs=6, finetune_epochs=12, pretrain_classes=100,
+                   pretrain_glyphs=4000, pretrain_fashion=0, pretrain_epochs=4, finetune_epochs=16, pretrain_classes=100,
                    finetune_lr=2e-3),
     "bench": Scale(hidden=96, layers=4, heads=4, patch=4, fonts="full", sizes={"train": 3000, "val": 500, "test": 1000},
                    pretrain_glyphs=60_000, pretrain_fashion=20_000, pretrain_epochs=4, finetune_epochs=6),

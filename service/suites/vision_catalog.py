@@ -72,7 +72,7 @@ SCRIPT_LETTERS = {"latin": LOWER, "greek": "ΓΔΘΛΞΠΣΨΩ", "cyrillic": "Б
                   "armenian": ARMENIAN, "georgian": GEORGIAN}
 TASK_CHARS = set(DIGITS + UPPER + LOWER + GREEK + CYRILLIC + HEBREW + ARMENIAN + GEORGIAN + MATH + string.punctuation)
 PRETRAIN_CHARS = "".join(c for c in (
-    _span(0xC0, 0x17F) + _span(0x3B1, 0x3C9) + _span(0x430, 0x45F) + _span(0x561, 0x586) + "¢£¥€₹₽₩₪₫₴₺₦₱§¶©®°µ¿¡«»†‡•‰"
+    _span(0x3B1, 0x3C9) + _span(0x430, 0x45F) + _span(0x561, 0x586) + "¢£¥€₹₽₩₪₫₴₺₦₱§¶©®°µ¿¡«»†‡•‰"
     + _span(0x2190, 0x21FF) + _span(0x2200, 0x22FF) + _span(0x2500, 0x257F) + _span(0x25A0, 0x25FF)
     + _span(0x905, 0x939) + _span(0x985, 0x9B9) + _span(0xA85, 0xAB9) + _span(0xB85, 0xBB9) + _span(0xE01, 0xE2E)
     + _span(0x1780, 0x17B3) + _span(0x1200, 0x1250) + _span(0x13A0, 0x13F4) + _span(0x1401, 0x1480)
