@@ -16,7 +16,7 @@ from pathlib import Path
 
 from service.job_index import add_to_index
 from service.jobs_client import AttemptInfo, JobsClient, driver_command
-from service.registry import (TERMINAL, Attempt, JobRecord, claim_job_dir, last_checkpoint_step, log_path,
+from service.registry import (TERMINAL, Attempt, JobRecord, claim_job_dir, last_checkpoint_step, load_record, log_path,
                               update_record, write_atomic)
 from service.spec import MergeJob, job_from_dict, load_job_file
 from workers.errors import MergeInputError
@@ -52,13 +52,13 @@ def submit_job(spec_file: str | Path, address: str) -> JobRecord:
     job = job_from_dict(load_job_file(spec_file), Path(spec_file).resolve().parent)
     check_job(job)
     client = JobsClient(address)  # fails on a bad address or token before the job directory is touched
+    if load_record(job.resolved_job_dir) is None and last_checkpoint_step(job.resolved_job_dir) is not None:
+        raise MergeInputError(f"job_dir {job.resolved_job_dir} holds checkpoints of a run started with `rankmerge run`",
+                              "continue that one with `rankmerge run SPEC --resume`, or give this job another job_dir")
     record, created = claim_job_dir(job, client.url)
     if not created and record.attempts:
         raise MergeInputError(f"this job was already submitted as {record.job_id} (status {record.status})",
                               f"follow it with `rankmerge status {record.job_id}`, or continue it with `rankmerge resume {record.job_id}`")
-    if created and last_checkpoint_step(record.job_dir) is not None:
-        raise MergeInputError(f"job_dir {record.job_dir} holds checkpoints of a run started with `rankmerge run`",
-                              "continue that one with `rankmerge run SPEC --resume`, or give this job another job_dir")
     add_to_index(record)
     return start_attempt(record, client, resume=False)
 

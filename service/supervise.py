@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from service.cli import EXIT_USER_ERROR
-from service.job_service import follow, refresh, start_attempt
+from service.job_service import follow, start_attempt
 from service.jobs_client import HeadUnreachable, JobsClient
 from service.registry import JobRecord
 
@@ -33,20 +33,21 @@ def should_resubmit(record: JobRecord, max_attempts: int) -> bool:
 def supervise(record: JobRecord, on_change: Callable[[JobRecord], None], address: str | None = None,
               max_attempts: int = 3, poll: float = 2.0, unreachable_timeout: float = 600.0) -> JobRecord:
     """Follow the job to its end, resubmitting (with --resume) each attempt whose driver died; returns the last record."""
-    unreachable_since: float | None = None
+    unreachable_since = last_failure = -float("inf")
     while True:
         try:
             record = follow(record, on_change, poll, address)
-            unreachable_since = None
+            if not should_resubmit(record, max_attempts):
+                return record
+            log.warning("job %s: attempt %d ended %s (exit %s); resubmitting with --resume", record.job_id,
+                        len(record.attempts), record.status, record.current.exit_code)
+            record = start_attempt(record, JobsClient(address or record.address), resume=True)
         except HeadUnreachable as exc:
-            unreachable_since = unreachable_since or time.monotonic()
-            if time.monotonic() - unreachable_since > unreachable_timeout:
+            now = time.monotonic()
+            if now - last_failure > 2 * poll + 30:  # a new outage, not the same one still going on
+                unreachable_since = now
+            last_failure = now
+            if now - unreachable_since > unreachable_timeout:
                 raise
             log.warning("job %s: %s; retrying in %.0f s", record.job_id, exc, poll)
             time.sleep(poll)
-            continue
-        if not should_resubmit(record, max_attempts):
-            return record
-        log.warning("job %s: attempt %d ended %s (exit %s); resubmitting with --resume", record.job_id,
-                    len(record.attempts), record.status, record.current.exit_code)
-        record = start_attempt(refresh(record, address), JobsClient(address or record.address), resume=True)

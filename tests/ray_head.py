@@ -56,22 +56,39 @@ def free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
-def start_head(num_cpus: int = 4, extra_env: dict[str, str] | None = None) -> RayHead:
+def start_head(num_cpus: int = 4, extra_env: dict[str, str] | None = None, tries: int = 3) -> RayHead:
+    """Start the head; ports are picked free just before, so a race with another process is retried."""
+    for attempt in range(tries):
+        try:
+            return _start_head(num_cpus, extra_env or {})
+        except subprocess.CalledProcessError as exc:
+            if attempt == tries - 1:
+                raise RuntimeError(f"ray start failed: {exc.stderr[-2000:]}") from None
+
+
+def _start_head(num_cpus: int, extra_env: dict[str, str]) -> RayHead:
     temp = Path(tempfile.mkdtemp(prefix="rmhead"))  # short: Ray's unix sockets live under it
     token_file = temp / "auth_token"
     token_file.write_text(secrets.token_hex(24))
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
-    worker_low = free_ports(1)[0]
+    worker_low = max(ports.values()) + 1  # a worker port range that overlaps none of the ports above
+    if worker_low + 200 > 65535:
+        worker_low = min(ports.values()) - 201
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-               **(extra_env or {}))
+               **extra_env)
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--include-dashboard=true",
                "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={temp / 'ray'}",
                f"--object-store-memory={128 * 1024**2}", "--disable-usage-stats",
                f"--min-worker-port={worker_low}", f"--max-worker-port={worker_low + 200}",
                *(f"{flag}={port}" for flag, port in ports.items())]
-    subprocess.run(command, env=env, check=True, capture_output=True, timeout=120)
-    return RayHead(temp, token_file, f"http://127.0.0.1:{ports['--dashboard-port']}", ports["--port"])
+    head = RayHead(temp, token_file, f"http://127.0.0.1:{ports['--dashboard-port']}", ports["--port"])
+    try:
+        subprocess.run(command, env=env, check=True, capture_output=True, text=True, timeout=120)
+    except subprocess.CalledProcessError:
+        stop_head(head)  # whatever did start
+        raise
+    return head
 
 
 def stop_head(head: RayHead, grace: float = 3.0) -> None:

@@ -19,7 +19,8 @@ from ray_head import kill_driver, start_head, stop_head
 from service.cli import main
 from service.job_index import find_job
 from service.jobs_client import JobsClient, dashboard_url, driver_command, find_token
-from service.registry import claim_job_dir, load_record, spec_copy_text
+from service.registry import Attempt, claim_job_dir, load_record, save_record, spec_copy_text
+from service.supervise import should_resubmit, supervise
 from service.spec import job_from_dict, load_job_file
 from workers.errors import MergeInputError
 
@@ -266,3 +267,23 @@ def test_watcher_resubmits_a_killed_driver_with_the_same_result(head, spec, refe
     record = find_job(job_id_of(path))
     assert len(record.attempts) == 2 and record.attempts[0].status == "FAILED" and record.attempts[1].resume
     assert assert_same_result(spec[0] / "watched", reference[1])["resumed_from_step"] >= 4
+
+
+def test_watcher_policy_and_an_unreachable_head(spec, tmp_path):
+    root, data = spec
+    record, _ = claim_job_dir(job_from_dict(dict(data, output=str(tmp_path / "w")), root), "http://127.0.0.1:1")
+
+    def ended(status, code):
+        return Attempt(submission_id="s", address="http://127.0.0.1:1", resume=False, submitted_at=0.0, status=status, exit_code=code)
+
+    record.attempts, record.status = [ended("FAILED", -9)], "FAILED"
+    assert should_resubmit(record, max_attempts=3)  # a killed driver
+    record.attempts = [ended("FAILED", 2)]
+    assert not should_resubmit(record, 3)  # a user error fails the same way again
+    record.attempts, record.status = [ended("LOST", None)], "LOST"
+    assert should_resubmit(record, 3) and not should_resubmit(record.model_copy(update={"cancel_requested": True}), 3)
+    assert not should_resubmit(record.model_copy(update={"attempts": [ended("FAILED", 1)] * 3}), 3)
+    record.attempts, record.status = [ended("RUNNING", None)], "RUNNING"
+    save_record(record)
+    with pytest.raises(MergeInputError, match="no Ray dashboard answers"):
+        supervise(record, lambda r: None, poll=0.01, unreachable_timeout=0.05)
