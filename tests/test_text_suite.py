@@ -18,10 +18,12 @@ from service.cli import main
 from service.suites import SUITES, build_suite
 from service.spec import job_from_dict, load_job_file
 from service.suites.text import FORMAT, build_text_suite
+from service.suites.text_sources import man_section
 from service.tta_job import evaluate_output
+from workers.errors import MergeInputError
 from workers.tta.data import load_task_data
 
-pytestmark = pytest.mark.slow  # one ~25 s build and a static merge
+pytestmark = pytest.mark.slow  # one build (~25 s of CPU) and a static merge
 
 SPLITS = ("train", "val", "test")
 
@@ -88,6 +90,11 @@ def test_splits_are_disjoint_real_text(suite):
     for ids, label in zip(test["input_ids"], test["labels"]):
         word = tokenizer.decode(ids, skip_special_tokens=True).replace(" ' ", "'").replace(" - ", "-")
         assert word in rating and names[int(label)] == ("positive" if rating[word] > 0 else "negative"), word
+
+
+def test_a_missing_source_names_the_command_that_fixes_it():
+    with pytest.raises(MergeInputError, match="apt-get install -y man-db manpages"):
+        man_section(10, 0, sections=("no-such-section",))
 
 
 def test_jsonl_text_tokenises_like_the_suite(suite, tmp_path):

@@ -16,6 +16,12 @@ scale="smoke" (suite `text-smoke`) needs only the dev extras: sentiment (VADER l
 two tasks where a few hundred short examples reliably lift a fine-tune above the probe (on stdlib docstrings the
 sentence-embedding features are already so topical that 300 examples move the test accuracy only by noise).
 scale="full" (suite `text`) adds docstrings, Debian package descriptions (`apt-get update` first) and man pages.
+
+Measured (seed 0, torch 2.13 CPU, one thread), test accuracy pretrained + head → fine-tuned → task arithmetic (λ 0.3):
+text-smoke (~25 s of CPU, 44 s wall on 2 shared cores): sentiment .84 → .90 → .88, language .83 → .92 → .88.
+text (811 s wall on 2 cores shared with other jobs, 510 s CPU): sentiment .86 → .94 → .93, language (8) .60 → .73 →
+.65, docstring_area (7) .85 → .89 → .87, debian_section (8) .82 → .85 → .84, man_section (6) .55 → .77 → .63;
+average .74 → .84 → .78.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch.nn.functional import cross_entropy
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerBase
@@ -80,7 +87,7 @@ SCALES = {
         TaskSpec("docstring_area", 250),
         TaskSpec("debian_section", 300),
         TaskSpec("man_section", 200),
-    ), max_length=64, finetune_epochs=3, finetune_lr=5e-5),
+    ), max_length=64, finetune_epochs=3, finetune_lr=1e-4),
 }
 
 
@@ -156,8 +163,6 @@ def _tokenize(texts: LabelledTexts, tokenizer: PreTrainedTokenizerBase, max_leng
 
 
 def _save_split(path: Path, data: Batch) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in data.items()}, str(path))
 

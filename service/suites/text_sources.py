@@ -45,8 +45,10 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def balanced(pools: dict[str, Iterable[str]], per_class: int, seed: int, source: str, minimum: int = 20) -> LabelledTexts:
-    """At most per_class distinct texts per class, seeded; ambiguous texts dropped; classes keep their given order."""
+def balanced(pools: dict[str, Iterable[str]], per_class: int, seed: int, source: str, fix: str,
+             minimum: int = 20) -> LabelledTexts:
+    """At most per_class distinct texts per class, seeded; ambiguous texts dropped; classes keep their given order.
+    A class with fewer than `minimum` texts means the source is missing or broken: MergeInputError with `fix`."""
     sets = {name: {_normalise(t) for t in pool} - {""} for name, pool in pools.items()}
     seen_twice = {t for a in sets for b in sets if a < b for t in sets[a] & sets[b]}
     rng = random.Random(f"{source}:{seed}")
@@ -54,7 +56,7 @@ def balanced(pools: dict[str, Iterable[str]], per_class: int, seed: int, source:
     for label, (name, pool) in enumerate(sets.items()):
         kept = sorted(pool - seen_twice)
         if len(kept) < minimum:
-            raise MergeInputError(f"{source}: only {len(kept)} texts for class {name!r}", "install the source's data (see service/suites/text_sources.py)")
+            raise MergeInputError(f"{source}: only {len(kept)} texts for class {name!r}", fix)
         chosen = rng.sample(kept, min(per_class, len(kept)))
         texts += chosen
         labels += [label] * len(chosen)
@@ -71,13 +73,17 @@ def _take(candidates: Iterable[str], per_class: int) -> list[str]:
     return list(out)
 
 
+def _pip(package: str) -> str:
+    return f"pip install {package}  (or {DEV_EXTRAS})"
+
+
 def _module_file(module: str, package: str) -> Path:
-    """A data file shipped inside a PyPI package, or a MergeInputError naming the install command."""
+    """The folder of an installed PyPI package (its data files live there), or a MergeInputError naming the install."""
     from importlib.util import find_spec
 
     spec = find_spec(module)
     if spec is None or spec.origin is None:
-        raise MergeInputError(f"the Python package {package!r} is not installed", f"pip install {package}  (or {DEV_EXTRAS})")
+        raise MergeInputError(f"the Python package {package!r} is not installed", _pip(package))
     return Path(spec.origin).parent
 
 
@@ -90,7 +96,7 @@ def sentiment(per_class: int, seed: int, min_rating: float = 1.0) -> LabelledTex
         token, mean = line.split("\t")[:2]
         if re.fullmatch(r"[a-z][a-z' -]*", token) and abs(float(mean)) >= min_rating:
             pools["positive" if float(mean) > 0 else "negative"].append(token)
-    return balanced(pools, per_class, seed, "vaderSentiment vader_lexicon.txt, sign of the mean rating")
+    return balanced(pools, per_class, seed, "vaderSentiment vader_lexicon.txt, sign of the mean rating", _pip("vaderSentiment"))
 
 
 LANGUAGES = ("en", "de", "fr", "es", "it", "nl", "pt", "sv")
@@ -106,7 +112,8 @@ def language(per_class: int, seed: int, languages: tuple[str, ...] = LANGUAGES, 
     for lang in languages:
         vocabulary = [w for w in top_n_list(lang, top) if w.isalpha()]
         pools[lang] = [" ".join(rng.sample(vocabulary, words)) for _ in range(2 * per_class)]
-    return balanced(pools, per_class, seed, f"wordfreq top-{top} word lists, {words}-word sequences")
+    fix = f"pip install --force-reinstall wordfreq (languages with word lists: {', '.join(LANGUAGES)}, …)"
+    return balanced(pools, per_class, seed, f"wordfreq top-{top} word lists, {words}-word sequences", fix)
 
 
 # ---- the Python standard library --------------------------------------------------------------------------------------
@@ -140,7 +147,8 @@ def docstring_area(per_class: int, seed: int, areas: tuple[str, ...] = tuple(ARE
     """Docstrings (≥ 30 characters) of modules, classes and functions, labelled with their package's area."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     pools = {area: [d for pkg in AREAS[area] if (stdlib / pkg).is_dir() for d in _docstrings(stdlib / pkg)] for area in areas}
-    return balanced(pools, per_class, seed, f"docstrings of the Python {sysconfig.get_python_version()} standard library")
+    return balanced(pools, per_class, seed, f"docstrings of the Python {sysconfig.get_python_version()} standard library",
+                    "use a Python whose standard library ships as .py sources (python.org, pyenv, or Debian's python3 packages)")
 
 
 # ---- Debian -----------------------------------------------------------------------------------------------------------
@@ -161,7 +169,7 @@ def debian_section(per_class: int, seed: int, sections: tuple[str, ...] = SECTIO
             pools[section].append(fields["Description"])
     if not any(pools.values()):
         raise MergeInputError("the apt package lists are empty", fix)
-    return balanced(pools, per_class, seed, "apt-cache dumpavail short descriptions, package section")
+    return balanced(pools, per_class, seed, "apt-cache dumpavail short descriptions, package section", fix)
 
 
 # ---- man pages --------------------------------------------------------------------------------------------------------
@@ -186,9 +194,10 @@ def _groff_text(line: str) -> str:
 def man_page_text(path: Path) -> str:
     """NAME line plus the first DESCRIPTION paragraph of a (gzipped) groff man page; "" for aliases (.so) and oddities."""
     try:
-        lines = gzip.decompress(path.read_bytes()).decode("utf-8", "replace").splitlines() if path.suffix == ".gz" else path.read_text("utf-8", "replace").splitlines()
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile):
         return ""
+    lines = raw.decode("utf-8", "replace").splitlines()
     if any(line.startswith(".so ") for line in lines[:5]):
         return ""
     parts: dict[str, list[str]] = {"NAME": [], "DESCRIPTION": []}
@@ -223,10 +232,9 @@ def man_section(per_class: int, seed: int, sections: tuple[str, ...] = MAN_SECTI
         files = sorted(p for p in (MAN_ROOT / f"man{section}").glob("*") if p.is_file() and not p.is_symlink())
         random.Random(f"man{section}:{seed}").shuffle(files)
         pools[section] = _take((man_page_text(f) for f in _diverse(files, per_family)), per_class)
-        if len(pools[section]) < 20:
-            raise MergeInputError(f"only {len(pools[section])} man pages in section {section}",
-                                  "apt-get install -y man-db manpages manpages-dev (and drop any path-exclude of /usr/share/man in /etc/dpkg/dpkg.cfg.d)")
-    return balanced(pools, per_class, seed, "man pages under /usr/share/man: NAME and first DESCRIPTION paragraph, section")
+    return balanced(pools, per_class, seed, "man pages under /usr/share/man: NAME and first DESCRIPTION paragraph, section",
+                    "apt-get install -y man-db manpages manpages-dev (after removing any path-exclude of /usr/share/man "
+                    "from /etc/dpkg/dpkg.cfg.d)")
 
 
 SOURCES: dict[str, Callable[..., LabelledTexts]] = {
