@@ -18,6 +18,7 @@ from conftest import make_adaptive_spec
 from ray_head import kill_driver, start_head, stop_head
 from service.cli import main
 from service.job_index import find_job
+from service.job_service import refresh
 from service.jobs_client import JobsClient, dashboard_url, driver_command, find_token
 from service.registry import Attempt, claim_job_dir, load_record, save_record, spec_copy_text
 from service.supervise import should_resubmit, supervise
@@ -287,3 +288,15 @@ def test_watcher_policy_and_an_unreachable_head(spec, tmp_path):
     save_record(record)
     with pytest.raises(MergeInputError, match="no Ray dashboard answers"):
         supervise(record, lambda r: None, poll=0.01, unreachable_timeout=0.05)
+
+
+@pytest.mark.slow
+def test_an_attempt_the_head_forgot_is_lost_and_resubmittable(head, spec, tmp_path):
+    """What a replaced head looks like from the registry: it does not know the attempt; the job is not lost."""
+    root, data = spec
+    record, _ = claim_job_dir(job_from_dict(dict(data, output=str(tmp_path / "orphan")), root), head.dashboard)
+    record.attempts = [Attempt(submission_id="raysubmit_fromtheoldhead", address="http://127.0.0.1:1", resume=False,
+                               submitted_at=time.time(), status="RUNNING")]
+    save_record(record)
+    record = refresh(record, head.dashboard)
+    assert record.status == "LOST" and record.current.status == "LOST" and should_resubmit(record, 3)
