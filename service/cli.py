@@ -258,8 +258,13 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from service.job_index import find_job
     from service.job_service import refresh
+    from service.jobs_client import HeadUnreachable
 
-    record = refresh(find_job(args.job_ref), args.address)
+    record = find_job(args.job_ref)
+    try:
+        record = refresh(record, args.address)
+    except HeadUnreachable as exc:  # the registry still knows the job: show what it recorded
+        print(f"warning: {exc}; showing the recorded state (pass --address of a new head to `rankmerge resume`)", file=sys.stderr)
     if args.json:
         print(record.model_dump_json(indent=1))
         return 0

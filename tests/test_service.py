@@ -300,3 +300,14 @@ def test_an_attempt_the_head_forgot_is_lost_and_resubmittable(head, spec, tmp_pa
     save_record(record)
     record = refresh(record, head.dashboard)
     assert record.status == "LOST" and record.current.status == "LOST" and should_resubmit(record, 3)
+
+
+def test_status_without_a_head_shows_the_recorded_state(spec, tmp_path, capsys):
+    root, data = spec
+    record, _ = claim_job_dir(job_from_dict(dict(data, output=str(tmp_path / "headless")), root), "http://127.0.0.1:1")
+    record.attempts = [Attempt(submission_id="raysubmit_x", address="http://127.0.0.1:1", resume=False, submitted_at=0.0, status="RUNNING")]
+    record.status = "RUNNING"
+    save_record(record)
+    assert main(["status", str(record.job_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "no Ray dashboard answers" in captured.err and "RUNNING, attempt 1 (raysubmit_x)" in captured.out
