@@ -180,7 +180,7 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     from service.bench.runner import run_methods
 
     logging.getLogger("service.bench").setLevel(logging.INFO)  # one line per finished method
-    methods = select_methods([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None)
+    methods = select_methods([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None, args.suite)
     suite = _bench_suite(args)
     results = results_dir(suite.root, Path(args.out) if args.out else None)
     records = run_methods(args.suite, suite, results, methods, tta_settings(args.suite, args.steps), args.seed, args.threads)

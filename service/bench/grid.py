@@ -10,7 +10,7 @@ per suite below — written once, never tuned on test accuracy.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from workers.errors import MergeInputError
@@ -98,6 +98,25 @@ METHODS: tuple[BenchMethod, ...] = (
 )
 BY_NAME = {m.name: m for m in METHODS}
 
+# Smaller val grids where the full one (154 merges) does not fit a CPU budget, fixed from cost alone before any result:
+# on `text` one candidate (merge MiniLM-L6 + score ~1900 val texts) takes ~20 s on one shared core, so the full grid
+# alone would take ~1 h. Each grid keeps the range of the full one at fewer points; selection is still on val only.
+SUITE_GRIDS: dict[str, dict[str, dict[str, tuple[Any, ...]]]] = {
+    "text": {
+        "task_arithmetic": {"lambda": COARSE_LAMBDAS},
+        "ties": {"k": (0.2,), "lambda": (0.3, 0.5, 0.7, 1.0)},
+        "dare": {"p": (0.5,), "lambda": (0.1, 0.2, 0.3, 0.5)},
+        "consensus": {"tall_lambda": (0.4,), "alpha": (0.2, 0.3, 0.5, 0.7)},
+        "tadrop_ta": {"p": (0.5,), "lambda": (0.2, 0.3, 0.5, 0.7)},
+        "tadrop_ties": {"p": (0.5,), "lambda": (0.3, 0.5, 0.7, 1.0)},
+        "star": {"eta": (20.0, 60.0, 90.0)},
+        "cart": {"rho": (0.16, 0.32), "lambda": (1.0, 2.0, 3.0)},
+        "tsv_m": {"alpha": (0.5, 1.0, 2.0, 3.0)},
+        "iso_c": {"alpha": (0.5, 1.0, 2.0, 3.0)},
+        "iso_cts": {"common_fraction": (0.8,), "alpha": (0.5, 1.0, 2.0, 3.0)},
+    },
+}
+
 
 @dataclass(frozen=True)
 class TTASettings:
@@ -109,9 +128,30 @@ class TTASettings:
 
 
 # digits-smoke: the settings of the digits AdaRank test; digits: the paper's lr (1e-3) with steps for a CPU budget.
+#
+# The others are fixed from cost alone, before any test number of the suite was seen (ALGORITHMS.md §1). The paper runs
+# 10 000 steps at lr 1e-3 (lr·steps = 10). Adam moves each mask logit by ~lr per step and a logit starts 0.1 from the
+# threshold, so an entry flips after ~0.1/lr steps of consistently signed gradient: a CPU budget allows fewer steps at a
+# proportionally larger lr, with lr·steps ~1 where the budget allows (every entry can flip, and λ, which also moves ~lr
+# per step, moves by at most ~1, the scale of the paper's λ0 range).
+# Measured on 2 CPU cores shared with other work, one torch thread, one protocol of one adaptive method:
+#   text (MiniLM-L6, 5 tasks, batch 16/task): ~4.5 s per step + ~12 s setup, and the static part of the suite alone
+#     takes ~25 min: 16 steps at lr 1e-2 (lr·steps 0.16; entries with a steady gradient sign flip after ~10 steps).
+#     A real adaptation of this backbone is out of a CPU budget (10 000 steps would take ~12 h per run).
+#   vision8 (4-layer ViT, hidden 96, 8 tasks, batch 16/task): 50 steps took 6.8 s with setup -> 500 steps at lr 2e-3
+#     (lr·steps 1.0), ~1 min per protocol, ~20 min for the suite.
+#   vision14 / vision20: same backbone, the step cost grows ~linearly with the task count -> 300 steps at 3e-3 /
+#     250 steps at 4e-3 (lr·steps 0.9 / 1.0).
+#   smoke suites: CI runs them; a few dozen steps at lr 1e-2 exercise the loop, flips included.
 TTA: dict[str, TTASettings] = {
     "digits-smoke": TTASettings(steps=100, lr=1e-2, batch_size=32),
     "digits": TTASettings(steps=1000, lr=1e-3, batch_size=32),
+    "text-smoke": TTASettings(steps=20, lr=1e-2, batch_size=8),
+    "text": TTASettings(steps=16, lr=1e-2, batch_size=16),
+    "vision-smoke": TTASettings(steps=50, lr=1e-2, batch_size=16),
+    "vision8": TTASettings(steps=500, lr=2e-3, batch_size=16),
+    "vision14": TTASettings(steps=300, lr=3e-3, batch_size=16),
+    "vision20": TTASettings(steps=250, lr=4e-3, batch_size=16),
 }
 DEFAULT_TTA = TTASettings(steps=500, lr=1e-3, batch_size=16)  # AdaMerging's 500 iterations, paper lr and batch
 
@@ -122,11 +162,10 @@ def tta_settings(suite: str, steps: int | None = None) -> TTASettings:
     return settings if steps is None else TTASettings(steps, settings.lr, settings.batch_size)
 
 
-def select_methods(names: list[str] | None) -> list[BenchMethod]:
-    """The named methods in table order (all when None); unknown names are a user error."""
-    if not names:
-        return list(METHODS)
-    unknown = [n for n in names if n not in BY_NAME]
+def select_methods(names: list[str] | None, suite: str | None = None) -> list[BenchMethod]:
+    """The named methods in table order (all when None), with the suite's smaller grids; unknown names are a user error."""
+    unknown = [n for n in names or () if n not in BY_NAME]
     if unknown:
         raise MergeInputError(f"unknown benchmark method(s) {', '.join(unknown)}", f"use some of: {', '.join(BY_NAME)}")
-    return [m for m in METHODS if m.name in set(names)]
+    grids = SUITE_GRIDS.get(suite or "", {})
+    return [replace(m, grid=grids.get(m.name, m.grid)) for m in METHODS if not names or m.name in set(names)]

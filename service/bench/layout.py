@@ -69,4 +69,5 @@ def open_suite(name: str, root: Path | None = None, seed: int = 0) -> "Suite":
 
     if name not in SUITES:
         raise MergeInputError(f"unknown suite {name!r}", f"use one of: {', '.join(SUITES)}")
-    return build_suite(name, Path(root) if root is not None else default_suite_root(name), seed=seed)
+    # resolved: job specs are written under the results folder and resolve relative paths against their own folder
+    return build_suite(name, (Path(root) if root is not None else default_suite_root(name)).resolve(), seed=seed)
