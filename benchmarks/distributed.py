@@ -40,7 +40,7 @@ from workers.tta.sources import open_sources  # noqa: E402
 
 
 def fixture(args: argparse.Namespace) -> dict:
-    root = Path(args.workdir) / f"vit-h{args.hidden}-l{args.layers}-t{args.tasks}"
+    root = (Path(args.workdir) / f"vit-h{args.hidden}-l{args.layers}-t{args.tasks}").resolve()
     sizes = {"hidden_size": args.hidden, "num_hidden_layers": args.layers, "num_attention_heads": args.hidden // 64,
              "intermediate_size": 4 * args.hidden, "image_size": args.image, "patch_size": 4}
     if not (root / "done").exists():
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the local executor (each actor has 1)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -116,7 +117,7 @@ def main() -> None:
             plan = open_sources(job.sources, stack)[2]
         if "local" not in results:
             start = time.perf_counter()
-            local = LocalExecutor(adaptive_work(job, plan, 1), threads=2)
+            local = LocalExecutor(adaptive_work(job, plan, 1), threads=args.threads)
             build = time.perf_counter() - start
             times, _ = time_steps(local, job, args)
             results["local"] = {"startup_s": build, "factorize_s": local.shard.build_seconds, "step_s": statistics.median(times)}
