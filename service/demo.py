@@ -23,11 +23,12 @@ DEMO_SUITES = ("vision-smoke", "digits-smoke")  # the first one registered is us
 TA_LAMBDA = 0.3  # task arithmetic's usual λ, and AdaRank-TA's starting point (no tuning on test labels)
 
 
-def run_demo(workdir: Path, steps: int = 100, executor: str = "ray") -> str:
+def run_demo(workdir: Path, steps: int = 100, executor: str = "ray", suite_root: Path | None = None) -> str:
+    """Build or reuse the suite (in workdir/suites/<name>, or suite_root), merge, adapt, return the printed table."""
     workdir = workdir.resolve()
     name = next(s for s in DEMO_SUITES if s in SUITES)
     start = time.perf_counter()
-    suite = build_suite(name, workdir / "suites" / name)
+    suite = build_suite(name, suite_root or workdir / "suites" / name)
     built = time.perf_counter() - start
     models = {task: str(path) for task, path in suite.task_dirs.items()}
     test = {task: str(splits["test"]) for task, splits in suite.data.items()}

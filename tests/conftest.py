@@ -27,6 +27,14 @@ def families(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def vision_smoke_suite(tmp_path_factory):
+    """The smoke vision suite, built once per test session (the suite tests and the main-job test share it)."""
+    from service.suites import build_suite
+
+    return build_suite("vision-smoke", tmp_path_factory.mktemp("vision-smoke"))
+
+
 def make_adaptive_spec(families, tmp_path, method="adarank", params=None, steps=4, family="vit", **tta):
     """An adaptive job spec over a tiny family, with random (unlabelled-looking) inputs per task."""
     base, tasks = families(family)

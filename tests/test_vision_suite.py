@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import ViTForImageClassification, ViTModel
 
 from service.cli import main
-from service.suites import SUITES, build_suite
+from service.suites import SUITES
 from service.suites.image_sources import FontGroup, find_fonts, load_fashion_mnist
 from service.suites.vision import FORMAT, IMAGE_SIZE, build_vision_suite
 from service.suites.vision_catalog import SUITES as VISION_SUITES
@@ -26,8 +26,8 @@ SPLITS = ("train", "val", "test")
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    return build_suite("vision-smoke", tmp_path_factory.mktemp("vision-smoke"))
+def suite(vision_smoke_suite):
+    return vision_smoke_suite
 
 
 def _data(suite, task, split):
