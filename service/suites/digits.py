@@ -120,7 +120,7 @@ def _layout(root: Path) -> Suite:
 
 def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """Images in [0, 1] as float32 [N, 8, 8] and digits as int64 [N]."""
-    from sklearn.datasets import load_digits  # a dev dependency: imported only when a suite is actually built
+    from sklearn.datasets import load_digits  # imported only when a suite is actually built
 
     raw = load_digits()
     return torch.tensor(raw.images, dtype=torch.float32) / 16.0, torch.as_tensor(raw.target, dtype=torch.int64)

@@ -51,7 +51,7 @@ def load_fashion_mnist(directory: Path = FASHION_DIR) -> dict[str, tuple[torch.T
 
 def load_sklearn_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1,797 handwritten digits: images float32 [N, 8, 8] in [0, 1], digits int64 [N]."""
-    from sklearn.datasets import load_digits  # a dev dependency: imported only when a suite is actually built
+    from sklearn.datasets import load_digits  # imported only when a suite is actually built
 
     raw = load_digits()
     return torch.tensor(raw.images, dtype=torch.float32) / 16.0, torch.as_tensor(raw.target, dtype=torch.int64)
