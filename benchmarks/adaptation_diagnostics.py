@@ -9,8 +9,8 @@ Reads a finished `rankmerge bench run SUITE` (its results folder) and writes int
 
 Test labels are read only to score; nothing here chooses a setting of the benchmark.
 
-    python benchmarks/adaptation_diagnostics.py digits --entropy --variants --out /tmp/diag
-    python benchmarks/adaptation_diagnostics.py vision8 --root .bench/suites/vision8 --entropy --variants --out /tmp/diag8
+    python benchmarks/adaptation_diagnostics.py digits --entropy --variants --out DIR
+    python benchmarks/adaptation_diagnostics.py vision8 --root .bench/suites/vision8 --entropy --variants --out DIR
 """
 
 from __future__ import annotations
