@@ -7,10 +7,14 @@ from safetensors.torch import save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# One torch thread per process (this one, CLI subprocesses, Ray actors): the test models are tiny, and on 2 cores a
+# multi-threaded step next to any other busy process runs up to ~80x slower (OpenMP threads waiting on each other).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from service.tiny_models import make_family  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
