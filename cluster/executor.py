@@ -17,6 +17,7 @@ from torch import Tensor
 
 from workers.entropy_worker import EntropyWorker, Partition
 from workers.spectral_shard import SpectralShard, assemble_state, slice_state
+from workers.tta.adapters import TaskModels
 from workers.tta.params import AdaMergingParams, AdaRankParams
 from workers.tta.sources import Sources
 
@@ -58,11 +59,12 @@ class Executor(Protocol):
 class LocalExecutor:
     """One shard holding every tensor and one replicated worker, in this process (the embedded default)."""
 
-    def __init__(self, work: AdaptiveWork, threads: int | None = None) -> None:
+    def __init__(self, work: AdaptiveWork, threads: int | None = None,
+                 loaded: tuple[TaskModels, list[dict[str, Tensor]]] | None = None) -> None:
         columns = sorted(c for cols in work.columns for c in cols)
         self.work = work
         self.shard = SpectralShard(work.sources, work.params, work.lr, columns, threads)
-        self.worker = EntropyWorker(work.sources, work.data, work.max_length, [self.shard.keys], threads=threads)
+        self.worker = EntropyWorker(work.sources, work.data, work.max_length, [self.shard.keys], threads=threads, loaded=loaded)
         self.worker.join("127.0.0.1", 0)
 
     def step(self, indices: list[Tensor]) -> tuple[list[float], int]:

@@ -92,9 +92,11 @@ def adaptive_work(job: MergeJob, plan: MergePlan, shards: int) -> AdaptiveWork:
                         len(plan.merged), job.resources.partition)
 
 
-def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, address: str | None) -> Executor:
+def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, address: str | None,
+                   loaded: tuple[TaskModels, list[dict[str, torch.Tensor]]] | None = None) -> Executor:
+    """`loaded`: the driver's task models and datasets, reused in-process by the local executor."""
     if executor == "local":
-        return LocalExecutor(adaptive_work(job, plan, 1))
+        return LocalExecutor(adaptive_work(job, plan, 1), loaded=loaded)
     from cluster.ray_executor import RayExecutor
     from cluster.ray_runtime import ensure_ray
 
@@ -114,7 +116,7 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
         base, tasks, plan = open_inputs(job, stack)
         datasets = [load_task_data(tta.data[ck.name], ck.name, job.base, tta.max_length) for ck in tasks]
         models = build_task_models(plan, base, tasks)  # checks the adapter before any actor starts
-        runner = start_executor(job, plan, executor, address)
+        runner = start_executor(job, plan, executor, address, loaded=(models, datasets))
         stack.callback(runner.close)
         streams = [IndexStream(ck.name, num_rows(data), tta.seed) for ck, data in zip(tasks, datasets)]
         loop = LoopConfig(tta.steps, tta.batch_size, tta.checkpoint_every, tta.keep_checkpoints)

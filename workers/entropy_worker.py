@@ -47,16 +47,23 @@ ZERO3_CONFIG = {
 
 class EntropyWorker:
     def __init__(self, sources: Sources, data: dict[str, Path], max_length: int, routes: list[list[str]],
-                 rank: int = 0, world: int = 1, partition: Partition = "replicated", threads: int | None = None) -> None:
+                 rank: int = 0, world: int = 1, partition: Partition = "replicated", threads: int | None = None,
+                 loaded: tuple[TaskModels, list[dict[str, Tensor]]] | None = None) -> None:
+        """`loaded`: task models and datasets the caller already holds (the in-process executor's driver has them
+        for evaluation), so they are not built and read a second time; replicated partition only."""
         if threads:
             torch.set_num_threads(threads)
         self.rank, self.world, self.partition, self.routes = rank, world, partition, routes
-        with ExitStack() as stack:
-            base, tasks, plan = open_sources(sources, stack)
-            self.models: TaskModels = build_task_models(plan, base, tasks)
-            self.keys = [e.key for e in plan.merged]
-            self.label_counts = [len(ck.config.get("id2label") or {}) or int(ck.config.get("num_labels", 0)) for ck in tasks]
-        self.data = [load_task_data(data[name], name, sources.base, max_length) for name in sources.models]
+        self.label_counts: list[int] = []
+        if loaded is not None and partition == "replicated":
+            self.models, self.data = loaded
+        else:
+            with ExitStack() as stack:
+                base, tasks, plan = open_sources(sources, stack)
+                self.models = build_task_models(plan, base, tasks)
+                self.label_counts = [len(ck.config.get("id2label") or {}) or int(ck.config.get("num_labels", 0)) for ck in tasks]
+            self.data = [load_task_data(data[name], name, sources.base, max_length) for name in sources.models]
+        self.keys = list(self.models.names[0])  # plan.merged order
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.engine = None
 
