@@ -230,3 +230,30 @@ def test_streaming_kth_is_exact_over_chunks(keep):
     for c in chunks:
         kth.observe_low(0, c)
     assert float(kth.thresholds()[0]) == float(ew.kth_smallest_threshold(allv, keep))
+
+
+def test_ties_tensor_scope_trims_each_tensor_to_its_own_top_k():
+    """scope=tensor (mergekit's TIES) keeps k of every tensor; scope=model keeps k of the whole model."""
+    gen = torch.Generator().manual_seed(3)
+    small, large = torch.randn(T, 10, 10, generator=gen) * 0.01, torch.randn(T, 10, 10, generator=gen)
+    ctx = MergeContext(tuple(f"t{i}" for i in range(T)), small[0].numel() + large[0].numel())
+    kept = {}
+    for scope in ("model", "tensor"):
+        m = make_method("ties", {"k": 0.2, "scope": scope}, ctx)
+        tensors = [TensorInputs("small", Role.SPECTRAL, torch.zeros(10, 10), small), TensorInputs("large", Role.SPECTRAL, torch.zeros(10, 10), large)]
+        for p in m.stat_passes():
+            for inputs in tensors:
+                p.observe(inputs)
+            p.finish()
+        kept[scope] = [m.merge(TensorInputs(i.key, i.role, i.base, i.taus.clone()))[1]["kept_fraction"] for i in tensors]
+    assert kept["tensor"] == [0.21, 0.21]  # the reference keeps |τ| >= the (d − ⌊k·d⌋)-th smallest: 21 of 100
+    assert kept["model"][0] < 0.05 and kept["model"][1] > 0.35  # the global threshold sits in the large tensor's range
+    one = torch.randn(T, 12, 8, generator=gen)
+    torch.testing.assert_close(run("ties", one, k=0.3, scope="tensor"), _ties_by_hand(one, 0.3, 0.3, "sum"))
+
+
+@pytest.mark.parametrize("method", ["ta_svd", "cart", "tsv_m"])
+def test_max_rank_caps_components_per_task(taus, method):
+    m = make_method(method, {"max_rank": 2, "rho": 0.9} if method != "tsv_m" else {"max_rank": 1}, MergeContext(("a", "b", "c"), taus[0].numel()))
+    _, info = m.merge(TensorInputs("w", Role.SPECTRAL, torch.zeros(12, 8), taus.clone()))
+    assert info.get("rank_per_task", info.get("components")) == (2 if method != "tsv_m" else 3)

@@ -18,6 +18,7 @@ from workers.errors import MergeInputError
 from workers.methods import elementwise as ew
 from workers.methods import spectral as sp
 from workers.methods.streaming_stats import StreamingKthSmallest
+from workers.methods.svd import SvdOptions
 from workers.roles import Role
 
 
@@ -228,12 +229,15 @@ class _MajoritySignPass(StatPass):
 class Ties(MergeMethod):
     name = "ties"
     task_copies = 2.5
-    summary = "TIES: global top-k trim per task, sign election, disjoint sum/mean, × λ"
+    summary = "TIES: top-k trim per task (over the whole model, or per tensor), sign election, disjoint sum/mean, × λ"
 
     class Params(Params):
         k: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector's entries kept")
         lambda_: float = Lambda
         merge: Literal["sum", "mean"] = "sum"
+        scope: Literal["model", "tensor"] = Field(
+            "model", description="model: one trim threshold per task over all its entries (the TIES paper; 3 extra "
+            "streaming passes); tensor: per tensor, as mergekit does (one pass)")
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
@@ -246,7 +250,7 @@ class Ties(MergeMethod):
         return ew.trim_(inputs.taus.clone(), self.thresholds())
 
     def stat_passes(self):
-        return [_KthHighPass(self.kth), _KthLowPass(self.kth), self.signs]
+        return [_KthHighPass(self.kth), _KthLowPass(self.kth), self.signs] if self.params.scope == "model" else []
 
     def thresholds(self) -> Tensor:
         """Per-task trim thresholds; valid once both histogram passes have run."""
@@ -255,9 +259,15 @@ class Ties(MergeMethod):
         return self._thresholds
 
     def merge(self, inputs):
-        trimmed = ew.trim_(inputs.taus, self.thresholds())  # the inputs are ours to consume
+        if self.params.scope == "model":
+            trimmed = ew.trim_(inputs.taus, self.thresholds())  # the inputs are ours to consume
+            majority = self.signs.majority
+        else:
+            thresholds = torch.stack([ew.kth_smallest_threshold(t, self.params.k) for t in inputs.taus])
+            trimmed = ew.trim_(inputs.taus, thresholds)
+            majority = float(torch.sign(ew.elected_signs(trimmed).sum()))
         kept = int(torch.count_nonzero(trimmed)) / trimmed.numel()
-        delta = ew.disjoint_merge_(trimmed, self.signs.majority, self.params.merge).mul_(self.params.lambda_)
+        delta = ew.disjoint_merge_(trimmed, majority, self.params.merge).mul_(self.params.lambda_)
         return delta, {"kept_fraction": round(kept, 6)}
 
 
@@ -332,6 +342,20 @@ class DistributionAwareDrop(MergeMethod):
 
 
 # ---- spectral methods ---------------------------------------------------------------------------------------------
+class SvdParams(Params):
+    """How the leading singular components are computed (shared by every factorizing method and AdaRank)."""
+
+    svd: Literal["exact", "randomized"] = Field("exact", description="randomized: seeded sketch + power iterations, only the components kept")
+    oversample: int = Field(10, ge=0, le=4096, description="randomized: sketch columns beyond the components kept")
+    power_iters: int = Field(2, ge=0, le=20, description="randomized: power iterations (sharper on flat spectra)")
+
+    def svd_options(self) -> SvdOptions:
+        return SvdOptions(self.svd, self.oversample, self.power_iters)
+
+
+MaxRank = Field(None, ge=1, description="at most this many components per task vector (memory and time cap)")
+
+
 @register
 class Star(MergeMethod):
     name = "star"
@@ -355,15 +379,16 @@ class TaSvd(MergeMethod):
     summary = "TA-SVD: θ0 + λ Σ_t rank-max(1, ⌊ρ r⌋) SVD of τ_t (spectral tensors; full τ_t elsewhere)"
     factorizes = True
 
-    class Params(Params):
+    class Params(SvdParams):
         lambda_: float = Lambda
         rho: float = Field(0.1, ge=0.0, le=1.0, description="fraction of each task vector's rank kept")
+        max_rank: int | None = MaxRank
 
     def merge(self, inputs):
         if inputs.role is not Role.SPECTRAL:
             return ew.task_arithmetic(inputs.taus, self.params.lambda_), {}
-        keep = sp.cart_keep(min(inputs.taus.shape[1:]), self.params.rho)
-        fac = sp.per_task_factorization(inputs.taus, keep=keep)
+        keep = capped(sp.cart_keep(min(inputs.taus.shape[1:]), self.params.rho), self.params.max_rank)
+        fac = sp.per_task_factorization(inputs.taus, keep=keep, cap=keep, svd=self.params.svd_options())
         return fac.materialize(scale=self.params.lambda_), {"rank_per_task": keep}
 
 
@@ -374,16 +399,23 @@ class Cart(MergeMethod):
     factorizes = True
     summary = "CART: θ̄ + λ Σ low-rank(θ_t − θ̄), rank max(1, ⌊ρ r⌋)"
 
-    class Params(Params):
+    class Params(SvdParams):
         lambda_: float = Field(2.0, alias="lambda", ge=-10.0, le=10.0)
         rho: float = Field(0.12, ge=0.0, le=1.0, description="fraction of each centered task vector's rank kept")
+        max_rank: int | None = MaxRank
 
     def merge(self, inputs):
         mean = inputs.taus.mean(0)
         if inputs.role is not Role.SPECTRAL:
             return mean, {}
-        fac = sp.cart_factorization(inputs.taus - mean, self.params.rho)
-        return mean.add_(fac.materialize(scale=self.params.lambda_)), {"rank_per_task": sp.cart_keep(min(mean.shape), self.params.rho)}
+        keep = capped(sp.cart_keep(min(mean.shape), self.params.rho), self.params.max_rank)
+        centered = inputs.taus.sub_(mean)  # the inputs are ours to consume
+        fac = sp.per_task_factorization(centered, keep=keep, cap=keep, svd=self.params.svd_options())
+        return mean.add_(fac.materialize(scale=self.params.lambda_)), {"rank_per_task": keep}
+
+
+def capped(keep: int, max_rank: int | None) -> int:
+    return keep if max_rank is None else min(keep, max_rank)
 
 
 class _SpectralOnMean(MergeMethod):
@@ -405,14 +437,20 @@ class _AlphaParams(Params):
     alpha: float = Field(1.0, ge=-10.0, le=10.0, description="scale of the merged delta")
 
 
+class _AlphaSvdParams(_AlphaParams, SvdParams):
+    pass
+
+
 @register
 class TsvM(_SpectralOnMean):
     name = "tsv_m"
     summary = "TSV-M: top ⌊r/T⌋ singular vectors per task, whitened (polar), × α"
-    Params = _AlphaParams
+
+    class Params(_AlphaSvdParams):
+        max_rank: int | None = MaxRank
 
     def factorize(self, taus):
-        return sp.tsv_factorization(taus)
+        return sp.tsv_factorization(taus, self.params.svd_options(), self.params.max_rank)
 
 
 @register
@@ -430,8 +468,8 @@ class IsoCts(_SpectralOnMean):
     name = "iso_cts"
     summary = "Iso-CTS: common + task-specific subspaces, orthogonalised, isotropic spectrum, × α"
 
-    class Params(_AlphaParams):
+    class Params(_AlphaSvdParams):
         common_fraction: float = Field(0.8, ge=0.0, le=1.0, description="share of the rank given to the common subspace")
 
     def factorize(self, taus):
-        return sp.iso_cts_factorization(taus, self.params.common_fraction)
+        return sp.iso_cts_factorization(taus, self.params.common_fraction, self.params.svd_options())

@@ -12,16 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from workers.methods.svd import EXACT, SvdOptions, thin_svd, top_svd
+
 SHARED = -1  # task_of_component value for components that belong to no single task (Iso-CTS common block)
-
-
-def thin_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """fp32 thin SVD computed in the tall orientation (wide matrices are transposed: much faster on CPU)."""
-    a = a.float()
-    if a.shape[0] < a.shape[1]:
-        u, s, vh = torch.linalg.svd(a.T, full_matrices=False)
-        return vh.T, s, u.T
-    return torch.linalg.svd(a, full_matrices=False)
 
 
 def polar(a: Tensor) -> Tensor:
@@ -57,9 +50,12 @@ def _top_mask(num_tasks: int, rank: int, keep: int) -> Tensor:
     return block.repeat(num_tasks)
 
 
-def per_task_factorization(taus: Tensor, keep: int | None = None) -> SpectralFactorization:
-    """Full thin SVD of every τ_t, concatenated; the initial mask keeps each task's top `keep` (None: all)."""
-    factors = [thin_svd(t) for t in taus]
+def per_task_factorization(taus: Tensor, keep: int | None = None, cap: int | None = None,
+                           svd: SvdOptions = EXACT) -> SpectralFactorization:
+    """SVD of every τ_t (its top `cap` components; None: all), concatenated; the initial mask keeps each task's top
+    `keep` (None: all it has)."""
+    full = min(taus.shape[1:])
+    factors = [top_svd(t, full if cap is None else cap, svd) for t in taus]
     rank = factors[0][1].numel()
     num_tasks = taus.shape[0]
     return SpectralFactorization(
@@ -67,7 +63,7 @@ def per_task_factorization(taus: Tensor, keep: int | None = None) -> SpectralFac
         s=torch.cat([f[1] for f in factors]),
         Vh=torch.cat([f[2] for f in factors], dim=0),
         task_of_component=torch.arange(num_tasks).repeat_interleave(rank),
-        initial_mask=_top_mask(num_tasks, rank, rank if keep is None else keep),
+        initial_mask=_top_mask(num_tasks, rank, rank if keep is None else min(keep, rank)),
     )
 
 
@@ -76,26 +72,28 @@ def cart_keep(rank: int, rho: float) -> int:
     return max(1, int(rho * rank))
 
 
-def cart_factorization(centered: Tensor, rho: float) -> SpectralFactorization:
-    """CART: factorize c_t = θ_t − θ̄ and keep the top max(1, ⌊ρ r⌋) components of each."""
+def cart_factorization(centered: Tensor, rho: float, cap: int | None = None, svd: SvdOptions = EXACT) -> SpectralFactorization:
+    """CART: factorize c_t = θ_t − θ̄ and keep the top max(1, ⌊ρ r⌋) components of each (`cap`: compute at most
+    that many per task; the static merge needs only the kept ones, AdaRank may want more to switch on)."""
     rank = min(centered.shape[1:])
-    return per_task_factorization(centered, keep=cart_keep(rank, rho))
+    return per_task_factorization(centered, keep=cart_keep(rank, rho), cap=cap, svd=svd)
 
 
-def tsv_factorization(taus: Tensor) -> SpectralFactorization:
-    """TSV-M: top ⌊r/T⌋ components per task, concatenated, then U and Vh replaced by their polar factors."""
+def tsv_factorization(taus: Tensor, svd: SvdOptions = EXACT, cap: int | None = None) -> SpectralFactorization:
+    """TSV-M: top ⌊r/T⌋ components per task (at most `cap`), concatenated, then U and Vh replaced by their polar
+    factors."""
     num_tasks = taus.shape[0]
     rank = min(taus.shape[1:])
-    k = rank // num_tasks
+    k = rank // num_tasks if cap is None else min(rank // num_tasks, cap)
     if k == 0:
         m, n = taus.shape[1:]
         return SpectralFactorization(
             torch.zeros(m, 0), torch.zeros(0), torch.zeros(0, n), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool)
         )
-    factors = [thin_svd(t) for t in taus]
-    u_hat = torch.cat([f[0][:, :k] for f in factors], dim=1)
-    s_hat = torch.cat([f[1][:k] for f in factors])
-    vh_hat = torch.cat([f[2][:k] for f in factors], dim=0)
+    factors = [top_svd(t, k, svd) for t in taus]
+    u_hat = torch.cat([f[0] for f in factors], dim=1)
+    s_hat = torch.cat([f[1] for f in factors])
+    vh_hat = torch.cat([f[2] for f in factors], dim=0)
     return SpectralFactorization(
         U=polar(u_hat),
         s=s_hat,
@@ -125,21 +123,20 @@ def iso_cts_split(rank: int, num_tasks: int, common_fraction: float) -> tuple[in
     return rank - per_task * num_tasks, per_task
 
 
-def iso_cts_factorization(taus: Tensor, common_fraction: float = 0.8) -> SpectralFactorization:
+def iso_cts_factorization(taus: Tensor, common_fraction: float = 0.8, svd: SvdOptions = EXACT) -> SpectralFactorization:
     """Iso-CTS: common subspace of Σ τ_t plus each task's top directions orthogonal to it; polar; isotropic σ̄."""
     num_tasks = taus.shape[0]
     rank = min(taus.shape[1:])
     k_common, per_task = iso_cts_split(rank, num_tasks, common_fraction)
-    u, s, vh = thin_svd(taus.sum(0))
-    u_c, s_c, vh_c = u[:, :k_common], s[:k_common], vh[:k_common]
+    u_c, s_c, vh_c = top_svd(taus.sum(0), k_common, svd)
     us, ss, vhs, owners = [], [], [], []
     if per_task > 0:
         for t, tau in enumerate(taus):
             residual = tau.float() - u_c @ (u_c.T @ tau.float())
-            ut, st, vht = thin_svd(residual)
-            us.append(ut[:, :per_task])
-            ss.append(st[:per_task])
-            vhs.append(vht[:per_task])
+            ut, st, vht = top_svd(residual, per_task, svd)
+            us.append(ut)
+            ss.append(st)
+            vhs.append(vht)
             owners.append(torch.full((per_task,), t, dtype=torch.long))
     us.append(u_c)
     ss.append(s_c)

@@ -17,7 +17,8 @@ def make_merger(params: AdaRankParams | AdaMergingParams, lr: float, plan: Merge
     if isinstance(params, AdaRankParams):
         slots, lam = build_state(plan, base, tasks, params.factorization, params.initial_lambda(), params.rho,
                                  params.common_fraction, params.mask_range, params.max_rank,
-                                 getattr(torch, params.factor_dtype), columns=columns)
+                                 getattr(torch, params.factor_dtype), columns=columns,
+                                 svd=params.svd_options())
         options = AdaptiveOptions(params.temperature, params.learn_lambda, params.learn_masks, None, lr, params.cache_masked)
     else:
         slots, lam = build_state(plan, base, tasks, "none", params.lambda_, columns=columns)

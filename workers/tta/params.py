@@ -7,12 +7,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from workers.methods.registry import Params
+from workers.methods.registry import Params, SvdParams
 
 DEFAULT_LAMBDA = {"ta": 0.3, "cart": 2.3, "tsv_m": 1.0, "iso_cts": 1.0}
 
 
-class AdaRankParams(Params):
+class AdaRankParams(SvdParams):
     """AdaRank: learnable binary masks over the singular components of a factorization, plus λ per task × tensor."""
 
     factorization: Literal["ta", "cart", "tsv_m", "iso_cts"] = "ta"

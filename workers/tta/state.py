@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.methods import spectral as sp
+from workers.methods.svd import EXACT, SvdOptions
 from workers.plan import MergePlan
 from workers.roles import Role
 from workers.static_merge import load_inputs
@@ -62,15 +63,21 @@ def truncate(fac: sp.SpectralFactorization, cap: int | None) -> sp.SpectralFacto
     return sp.SpectralFactorization(fac.U[:, keep], fac.s[keep], fac.Vh[keep], fac.task_of_component[keep], fac.initial_mask[keep])
 
 
-def factorize(taus: Tensor, kind: Factorization, rho: float, common_fraction: float) -> sp.SpectralFactorization:
+def factorize(taus: Tensor, kind: Factorization, rho: float, common_fraction: float, cap: int | None = None,
+              svd: SvdOptions = EXACT) -> sp.SpectralFactorization:
+    """The factorization AdaRank's masks live on, with at most `cap` components per owner.
+
+    TA and CART compute only the capped components (the saving that makes 20 × ViT-L fit); TSV-M and Iso-CTS are
+    whitened over all their components first, then truncated, so their kept directions are exactly the static ones.
+    """
     if kind == "ta":
-        return sp.per_task_factorization(taus)
+        return sp.per_task_factorization(taus, cap=cap, svd=svd)
     if kind == "cart":
-        return sp.cart_factorization(taus, rho)
+        return sp.cart_factorization(taus, rho, cap=cap, svd=svd)
     if kind == "tsv_m":
-        return sp.tsv_factorization(taus)
+        return truncate(sp.tsv_factorization(taus, svd), cap)
     if kind == "iso_cts":
-        return sp.iso_cts_factorization(taus, common_fraction)
+        return truncate(sp.iso_cts_factorization(taus, common_fraction, svd), cap)
     raise ValueError(f"unknown factorization {kind!r}")
 
 
@@ -86,6 +93,7 @@ def build_state(
     max_rank: int | None = None,
     factor_dtype: torch.dtype = torch.float32,
     columns: list[int] | None = None,
+    svd: SvdOptions = EXACT,
 ) -> tuple[list[Slot], Tensor]:
     """Read every merged tensor once and build its slot; returns (slots, λ init of shape [T+1, K]).
 
@@ -107,10 +115,9 @@ def build_state(
         if not spectral:
             slots.append(ElementwiseSlot(entry.key, origin, taus))
             continue
-        fac = factorize(taus, kind, rho, common_fraction)
         rank = min(entry.shape)
         caps = [c for c in (max_rank, math.ceil(mask_range * rank) if mask_range is not None else None) if c is not None]
-        fac = truncate(fac, min(caps) if caps else None)
+        fac = factorize(taus, kind, rho, common_fraction, min(caps) if caps else None, svd)
         owner = torch.where(fac.task_of_component < 0, num_tasks, fac.task_of_component)
         slots.append(SpectralSlot(entry.key, origin, fac.U.to(factor_dtype).contiguous(), fac.s.float(),
                                   fac.Vh.to(factor_dtype).contiguous(), owner, fac.initial_mask))
