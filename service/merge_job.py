@@ -10,6 +10,7 @@ from typing import Any
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.checkpoint_writer import check_disk_space, check_output_free, parse_size
 from workers.errors import MergeInputError
+from workers.forecast import Forecast, forecast
 from workers.methods.registry import MergeContext, MergeMethod, make_method
 from workers.plan import MergePlan
 from workers.safetensors_format import nbytes
@@ -58,8 +59,15 @@ def prepare(job: MergeJob, stack: ExitStack) -> PreparedMerge:
     return PreparedMerge(job, base, tasks, plan, method)
 
 
-def describe_plan(prepared: PreparedMerge) -> str:
-    """The --dry-run text: every tensor's role, shape and dtype, then totals and predicted peak memory."""
+def forecast_merge(prepared: PreparedMerge) -> Forecast:
+    """Time and memory of this merge, measured on one tensor of each shape (see workers/forecast.py)."""
+    job = prepared.job
+    ctx = MergeContext(tuple(job.models), prepared.plan.merged_numel)
+    return forecast(prepared.plan, lambda: make_method(job.method, job.params, ctx), prepared.base, prepared.tasks, job.output)
+
+
+def describe_plan(prepared: PreparedMerge, predicted: Forecast | None = None) -> str:
+    """The --dry-run text: every tensor's role, shape and dtype, then totals and the predicted time and memory."""
     plan, job = prepared.plan, prepared.job
     lines = [f"{'tensor':<60} {'role':<12} {'shape':<18} dtype"]
     for t in plan.tensors:
@@ -76,7 +84,7 @@ def describe_plan(prepared: PreparedMerge) -> str:
         f"method: {job.method} {prepared.method.params.model_dump(by_alias=True)}",
         f"tensors: {counts}; merged entries per model: {plan.merged_numel:,}",
         f"passes over the inputs: {len(passes) + 1} ({', '.join(passes + ['merge'])})",
-        f"predicted peak memory: {prepared.predicted_peak_bytes / 2**30:.2f} GiB",
+        predicted.summary() if predicted is not None else f"predicted peak memory: {prepared.predicted_peak_bytes / 2**30:.2f} GiB",
         f"output: {job.output} (nothing written: dry run)",
     ]
     return "\n".join(lines)
@@ -87,7 +95,7 @@ def run_merge_job(job: MergeJob, dry_run: bool = False) -> dict[str, Any] | str:
     with ExitStack() as stack:
         prepared = prepare(job, stack)
         if dry_run:
-            return describe_plan(prepared)
+            return describe_plan(prepared, forecast_merge(prepared))
         report = {
             "method": job.method,
             "params": prepared.method.params.model_dump(by_alias=True),

@@ -119,7 +119,7 @@ def test_dry_run_prints_plan_and_writes_nothing(families, tmp_path, capsys):
     out = tmp_path / "merged"
     assert main(merge_args(base, tasks, "tsv_m", out, "--dry-run")) == 0
     text = capsys.readouterr().out
-    assert "h.0.attn.c_attn.weight" in text and "spectral" in text and "predicted peak memory" in text
+    assert "h.0.attn.c_attn.weight" in text and "spectral" in text and "predicted peak memory" in text and "predicted wall time" in text
     assert "score.weight" in text and "head" in text
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -161,7 +161,7 @@ def test_schema_commands(capsys):
     schema = json.loads(capsys.readouterr().out)
     assert {"base", "models", "method", "params", "output"} <= set(schema["properties"])
     assert main(["schema", "--method", "ties"]) == 0
-    assert {"k", "lambda", "merge"} == set(json.loads(capsys.readouterr().out)["properties"])
+    assert {"k", "lambda", "merge", "scope"} == set(json.loads(capsys.readouterr().out)["properties"])
     assert main(["methods"]) == 0
     listing = capsys.readouterr().out
     assert all(m in listing for m in ALL_METHODS)

@@ -1,0 +1,144 @@
+"""Predict a static merge's wall time and peak memory before running it, by measuring a sample of the real work.
+
+A formula from shapes alone cannot know this machine's SVD speed, its disk, or how a method's temporaries land in
+the allocator; so the forecast runs the real code on one representative tensor per (role, shape) group — the real
+reads from the real files, the method's real stat passes and merge, the conversion to the output dtype — and
+scales each group's measured time by its tensor count. Peak memory is the process's measured peak over those
+samples (the largest group's working set, read the same way the merge reads it) plus what the pipelined merge holds
+on top: the next tensor read ahead and the previous result waiting to be written.
+
+The sample costs about one tensor of each shape: a few percent of a merge over many layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from workers.checkpoint_reader import ModelCheckpoint
+from workers.methods.registry import MergeMethod, TensorInputs
+from workers.plan import MergePlan, TensorPlan, current_rss_bytes
+from workers.roles import Role
+from workers.safetensors_format import nbytes
+from workers.static_merge import PREFETCH_BUDGET_BYTES, load_inputs, peak_rss_bytes
+
+log = logging.getLogger(__name__)
+WRITE_PROBE_BYTES = 64 * 2**20
+CHEAP_SAMPLE_S = 1.0  # samples cheaper than this are repeated (median of up to 3)
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    role: Role
+    shape: tuple[int, ...]
+    count: int
+    read_s: float  # one pass's reads of one tensor (every model)
+    stat_s: float  # all stat passes' compute on one tensor
+    merge_s: float  # the merge and the conversion to the output dtype
+
+    def seconds(self, passes: int) -> float:
+        return self.count * (passes * self.read_s + self.stat_s + self.merge_s)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    seconds: float
+    peak_bytes: int
+    groups: list[GroupCost]
+    write_s: float
+    calibration_s: float
+
+    def summary(self) -> str:
+        return (f"predicted wall time: {self.seconds:.1f} s; predicted peak memory: {self.peak_bytes / 2**30:.2f} GiB "
+                f"(measured on one tensor of each of {len(self.groups)} shapes in {self.calibration_s:.1f} s)")
+
+
+def _groups(plan: MergePlan) -> dict[tuple[Role, tuple[int, ...]], list[TensorPlan]]:
+    groups: dict[tuple[Role, tuple[int, ...]], list[TensorPlan]] = {}
+    for entry in plan.tensors:
+        groups.setdefault((entry.role, entry.shape), []).append(entry)
+    return groups
+
+
+def _spread(entries: list[TensorPlan], most: int = 3) -> list[TensorPlan]:
+    """Up to `most` members from across the group (first, middle, last): different files, different layers."""
+    picks = sorted({0, len(entries) // 2, len(entries) - 1})
+    return [entries[i] for i in picks][:most]
+
+
+def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def _sample_merged(entry: TensorPlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> tuple[float, float, float]:
+    """(read s, stat-pass s, merge s) of one merged tensor through a fresh method instance."""
+    inputs, read_s = _timed(lambda: load_inputs(entry, base, tasks))
+    assert isinstance(inputs, TensorInputs)
+    stat_s = 0.0
+    for stat_pass in method.stat_passes():
+        _, spent = _timed(lambda: (stat_pass.observe(inputs), stat_pass.finish()))
+        stat_s += spent
+
+    def merge() -> torch.Tensor:
+        delta, _ = method.merge(inputs)
+        return delta.add_(inputs.base).to(entry.out_dtype)
+
+    _, merge_s = _timed(merge)
+    return read_s, stat_s, merge_s
+
+
+def write_seconds_per_byte(directory: Path) -> float:
+    """Measured cost of writing and fsyncing a probe file where the output will go (its nearest existing folder:
+    a dry run creates nothing)."""
+    while not directory.exists():
+        directory = directory.parent
+    data = os.urandom(WRITE_PROBE_BYTES)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".rankmerge-write-probe-") as fh:
+        start = time.perf_counter()
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+        return (time.perf_counter() - start) / len(data)
+
+
+def pipeline_extra_bytes(plan: MergePlan, num_tasks: int) -> int:
+    """What the pipelined merge holds besides the tensor being merged: the next inputs read ahead (only tensors
+    within the prefetch budget are read ahead) and one finished tensor waiting for the writer."""
+    ahead = [e.numel * 4 * (num_tasks + 2) for e in plan.tensors if e.numel * 4 * (num_tasks + 2) <= PREFETCH_BUDGET_BYTES]
+    pending = max((nbytes(e.shape, e.out_dtype) for e in plan.tensors), default=0)
+    return max(ahead, default=0) + pending
+
+
+def forecast(plan: MergePlan, new_method: Callable[[], MergeMethod], base: ModelCheckpoint, tasks: list[ModelCheckpoint],
+             output: Path) -> Forecast:
+    """Measure one tensor per (role, shape) group, largest last, and extrapolate to the whole merge."""
+    start = time.perf_counter()
+    groups = sorted(_groups(plan).items(), key=lambda kv: kv[1][0].numel)
+    passes = len(new_method().stat_passes()) + 1
+    costs = []
+    for (role, shape), entries in groups:
+        samples = []
+        for entry in _spread(entries):
+            if role in (Role.SPECTRAL, Role.ELEMENTWISE):
+                samples.append(_sample_merged(entry, new_method(), base, tasks))
+            else:
+                samples.append((_timed(lambda: base.read(entry.key))[1], 0.0, 0.0))
+            if sum(samples[-1]) > CHEAP_SAMPLE_S:
+                break  # one sample of an expensive shape is enough; cheap ones are noisy, take the median of a few
+        read_s, stat_s, merge_s = (statistics.median(column) for column in zip(*samples))
+        costs.append(GroupCost(role, shape, len(entries), read_s, stat_s, merge_s))
+    out_bytes = sum(nbytes(shape, dtype) for _, dtype, shape in plan.layout())
+    write_s = out_bytes * write_seconds_per_byte(output.parent)
+    compute = sum(c.seconds(passes if c.role in (Role.SPECTRAL, Role.ELEMENTWISE) else 1) for c in costs)
+    peak = max(peak_rss_bytes(), current_rss_bytes()) + pipeline_extra_bytes(plan, len(tasks))
+    return Forecast(compute + write_s, peak, costs, write_s, time.perf_counter() - start)
