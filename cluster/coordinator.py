@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class Coordinator:
         self.executor, self.streams, self.loop = executor, streams, loop
         self.job_dir, self.spec_hash = job_dir, spec_hash
         self.history: list[dict[str, Any]] = []
+        self.step_seconds: list[float] = []  # wall time of each step this process ran (not checkpointed: not identity)
         self.recoveries = 0
         self.step = 0
         self.resumed_from: int | None = None
@@ -76,6 +78,7 @@ class Coordinator:
         with tqdm(total=self.loop.steps, initial=self.step, desc="adapt", disable=None) as bar:
             while self.step < self.loop.steps:
                 indices = [s.next_indices(self.loop.batch_size) for s in self.streams]
+                started = time.perf_counter()
                 try:
                     losses, flips = self.executor.step(indices)
                 except ActorLost as lost:
@@ -84,8 +87,12 @@ class Coordinator:
                     bar.refresh()
                     continue
                 self.step += 1
+                self.step_seconds.append(round(time.perf_counter() - started, 3))
                 loss = sum(losses)
-                self.history.append({"step": self.step, "loss": round(loss, 6), "flips": flips})
+                # entropies are those of the weights this step started from (after step - 1 updates)
+                self.history.append({"step": self.step, "loss": round(loss, 6), "flips": flips,
+                                     "entropy": [round(x, 6) for x in losses]})
+                log.info("step %d: loss %.6f, %d flips, %.1f s", self.step, loss, flips, self.step_seconds[-1])
                 bar.set_postfix(loss=f"{loss:.4f}", flips=flips)
                 bar.update(1)
                 if self.step % self.loop.checkpoint_every == 0 or self.step == self.loop.steps:

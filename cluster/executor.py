@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from workers.entropy_worker import EntropyWorker, Partition
@@ -43,13 +44,22 @@ class AdaptiveWork:
     keys: list[list[str]]  # per shard: tensor keys (same order as columns)
     num_columns: int
     partition: Partition = "replicated"
+    compute_dtype: str = "float32"  # resolved (never "auto"): the workers' model and the weights/gradients they exchange
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.compute_dtype)
 
 
 class Executor(Protocol):
+    build_seconds: float  # the slowest shard's read + task vectors + factorizations
+    bytes_last_step: int  # through the object store in the last step (0 in-process)
+
     def step(self, indices: list[Tensor]) -> tuple[list[float], int]: ...
     def state(self) -> dict[str, Tensor]: ...
     def load_state(self, tensors: dict[str, Tensor]) -> None: ...
     def rebuild(self, lost: ActorLost) -> None: ...
+    def stop_workers(self) -> None: ...
     def weights_by_shard(self, which: str) -> Iterator[dict[str, Tensor]]: ...
     def hard_masks(self) -> dict[str, Tensor]: ...
     def learned_ranks(self) -> dict[str, list[int]]: ...
@@ -64,13 +74,16 @@ class LocalExecutor:
         columns = sorted(c for cols in work.columns for c in cols)
         self.work = work
         self.shard = SpectralShard(work.sources, work.params, work.lr, columns, threads)
-        self.worker = EntropyWorker(work.sources, work.data, work.max_length, [self.shard.keys], threads=threads, loaded=loaded)
+        self.worker = EntropyWorker(work.sources, work.data, work.max_length, [self.shard.keys], threads=threads, loaded=loaded,
+                                    compute_dtype=work.dtype)
         self.worker.join("127.0.0.1", 0)
+        self.build_seconds = self.shard.build_seconds
+        self.bytes_last_step = 0  # nothing leaves the process
 
     def step(self, indices: list[Tensor]) -> tuple[list[float], int]:
-        weights = self.shard.materialize()
-        (grads,), losses = self.worker.gradients(weights, indices)
-        return losses, self.shard.apply_gradients(grads)
+        self.worker.load_weights(self.shard.materialize(self.work.dtype))
+        (grads,), losses = self.worker.gradients(indices)
+        return losses, self.shard.apply_gradients([grads])
 
     def state(self) -> dict[str, Tensor]:
         return assemble_state([(self.shard.columns, self.shard.state())], self.work.num_columns)
@@ -80,6 +93,9 @@ class LocalExecutor:
 
     def rebuild(self, lost: ActorLost) -> None:
         raise lost  # nothing to rebuild in-process: a dead process is the whole job (resume with --resume)
+
+    def stop_workers(self) -> None:
+        self.worker.leaves = {}
 
     def weights_by_shard(self, which: str) -> Iterator[dict[str, Tensor]]:
         yield self.shard.final_weights() if which == "final" else self.shard.initial_weights()

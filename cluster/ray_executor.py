@@ -5,8 +5,11 @@
   rebuilt.
 - Rank group: rank 0 picks its node address and a free port, every rank then joins at once (gloo on CPU, NCCL on GPU).
 - Transport: tensors cross the object store as numpy arrays, which Ray maps zero-copy (torch tensors would be copied);
-  receivers wrap them read-only with torch.from_numpy. Each worker pulls every shard's weights; rank 0 returns the
-  gradients split per shard, so each shard pulls only its own.
+  receivers wrap them read-only with torch.from_numpy (bf16 travels as its raw bits). Each shard puts its weights in
+  the store itself and frees its own copy at once (its backward keeps only the graph); each worker pulls every
+  shard's weights, and the driver drops them before any gradient is made, so weights and gradients never share the
+  store. Gradients come back split per shard — rank 0's full ones (replicated), or every rank's ZeRO-3 partitions —
+  so each shard pulls only its own.
 - Failure: actors never restart by themselves (their state would be empty); a dead shard or worker surfaces as
   ActorLost, the coordinator calls rebuild() and reloads the last checkpoint. A lost worker takes its whole
   process group down with it (the survivors would wait forever in a collective), so the group is rebuilt.
@@ -34,14 +37,26 @@ from workers.spectral_shard import SpectralShard, assemble_state, slice_state
 log = logging.getLogger(__name__)
 
 
+BF16 = np.dtype([("bfloat16", "<u2")])  # numpy has no bfloat16: its bits travel under this named 2-byte type
+
+
 def as_numpy(tensors: dict[str, Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().contiguous().numpy() for k, v in tensors.items()}
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().contiguous()
+        out[k] = v.view(torch.uint16).numpy().view(BF16) if v.dtype == torch.bfloat16 else v.numpy()
+    return out
 
 
 def as_torch(arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
     with warnings.catch_warnings():  # object-store arrays are read-only; nothing here writes into them
         warnings.simplefilter("ignore", UserWarning)
-        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+        return {k: torch.from_numpy(v.view(np.uint16)).view(torch.bfloat16) if v.dtype == BF16 else torch.from_numpy(v)
+                for k, v in arrays.items()}
+
+
+def nbytes(arrays: dict[str, np.ndarray]) -> int:
+    return sum(a.nbytes for a in arrays.values())
 
 
 class ShardHost:
@@ -57,13 +72,19 @@ class ShardHost:
     def build_seconds(self) -> float:
         return self.shard.build_seconds
 
-    def materialize(self) -> tuple[dict[str, np.ndarray], int]:
-        """(weights, their bytes): the small second value lets the driver check for failure without fetching."""
-        weights = as_numpy(self.shard.materialize())
-        return weights, sum(a.nbytes for a in weights.values())
+    def materialize(self, dtype: str) -> tuple[Any, int]:
+        """(a reference to the weights, their bytes): put in the store here, so this process can free its copy now."""
+        import ray
 
-    def apply_gradients(self, grads: dict[str, np.ndarray]) -> int:
-        return self.shard.apply_gradients(as_torch(grads))
+        weights = as_numpy(self.shard.materialize(getattr(torch, dtype)))
+        ref = ray.put(weights)
+        size = nbytes(weights)
+        del weights
+        self.shard.release()
+        return ref, size
+
+    def apply_gradients(self, *parts: dict[str, np.ndarray]) -> int:
+        return self.shard.apply_gradients([as_torch(p) for p in parts])
 
     def state(self) -> dict[str, np.ndarray]:
         return as_numpy(self.shard.state())
@@ -86,7 +107,8 @@ class WorkerHost:
 
     def __init__(self, work: AdaptiveWork, rank: int, world: int, threads: int | None) -> None:
         _quiet_plan_warnings()
-        self.worker = EntropyWorker(work.sources, work.data, work.max_length, work.keys, rank, world, work.partition, threads)
+        self.worker = EntropyWorker(work.sources, work.data, work.max_length, work.keys, rank, world, work.partition, threads,
+                                    compute_dtype=work.dtype)
 
     def pid(self) -> int:
         return self.worker.pid()
@@ -103,12 +125,17 @@ class WorkerHost:
     def join(self, addr: str, port: int) -> None:
         self.worker.join(addr, port)
 
-    def gradients(self, indices: list[Tensor], *weights: dict[str, np.ndarray]) -> tuple[Any, ...]:
+    def load_weights(self, *weights: dict[str, np.ndarray]) -> None:
         merged: dict[str, np.ndarray] = {}
         for part in weights:
             merged.update(part)
-        grads, losses = self.worker.gradients(as_torch(merged), indices)
-        return (*(as_numpy(g) for g in grads), losses)
+        self.worker.load_weights(as_torch(merged))
+
+    def gradients(self, indices: list[Tensor]) -> tuple[Any, ...]:
+        """(gradient pieces per shard, …, (losses, their bytes))."""
+        grads, losses = self.worker.gradients(indices)
+        arrays = [as_numpy(g) for g in grads]
+        return (*arrays, (losses, sum(nbytes(a) for a in arrays)))
 
 
 class RayExecutor:
@@ -126,7 +153,8 @@ class RayExecutor:
         self.worker_group = placement_group([_bundle(cpus_per_worker, gpus_per_worker)] * workers, strategy=worker_strategy)
         ray.get([self.shard_group.ready(), self.worker_group.ready()])
         self.shards = [self._new_shard(i) for i in range(len(work.columns))]
-        self._check([s.pid.remote() for s in self.shards], "shard")
+        self.build_seconds = max(self._check([s.build_seconds.remote() for s in self.shards], "shard"))
+        log.info("shards built (read, task vectors, factorizations) in %.1f s (slowest)", self.build_seconds)
         self.workers: list[Any] = []
         self.bytes_last_step = 0
         self._start_workers()
@@ -180,14 +208,17 @@ class RayExecutor:
     # ---- the step ------------------------------------------------------------------------------------------------
     def step(self, indices: list[Tensor]) -> tuple[list[float], int]:
         shards = len(self.shards)
-        materialized = [s.materialize.options(num_returns=2).remote() for s in self.shards]
-        weight_bytes = sum(self._check([nbytes for _, nbytes in materialized], "shard"))
-        # every rank pulls every shard's weights; the shards pull rank 0's gradients (same size)
-        self.bytes_last_step = weight_bytes * (len(self.workers) + 1)
-        weight_refs = [weights for weights, _ in materialized]
-        outputs = [w.gradients.options(num_returns=shards + 1).remote(indices, *weight_refs) for w in self.workers]
-        losses = self._check([out[shards] for out in outputs], "worker")[0]
-        flips = self._check([s.apply_gradients.remote(outputs[0][i]) for i, s in enumerate(self.shards)], "shard")
+        materialized = [s.materialize.options(num_returns=2).remote(self.work.compute_dtype) for s in self.shards]
+        weight_refs = self._check([ref for ref, _ in materialized], "shard")
+        weight_bytes = sum(self._check([size for _, size in materialized], "shard"))
+        self._check([w.load_weights.remote(*weight_refs) for w in self.workers], "worker")
+        del weight_refs, materialized  # ZeRO-3 ranks copied their slices: the weights leave the store before gradients enter
+        outputs = [w.gradients.options(num_returns=shards + 1).remote(indices) for w in self.workers]
+        summaries = self._check([out[shards] for out in outputs], "worker")
+        losses = summaries[0][0]
+        flips = self._check([s.apply_gradients.remote(*[out[i] for out in outputs]) for i, s in enumerate(self.shards)], "shard")
+        # every rank pulls every shard's weights; every shard pulls its gradient pieces from every rank
+        self.bytes_last_step = weight_bytes * len(self.workers) + sum(size for _, size in summaries)
         return losses, sum(flips)
 
     def state(self) -> dict[str, Tensor]:
@@ -238,6 +269,12 @@ class RayExecutor:
         for part in self._check([s.learned_ranks.remote() for s in self.shards], "shard"):
             out.update(part)
         return out
+
+    def stop_workers(self) -> None:
+        """End the worker group once adaptation is over: export needs only the shards, and the memory."""
+        for w in self.workers:
+            self.ray.kill(w, no_restart=True)
+        self.workers = []
 
     def close(self) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -11,11 +11,13 @@ from workers.errors import MergeInputError
 log = logging.getLogger(__name__)
 
 
-def ensure_ray(address: str | None, cpus_needed: float) -> None:
+def ensure_ray(address: str | None, cpus_needed: float, store_bytes: int = 0) -> None:
     """Reuse an initialised Ray, connect to `address`, or start a local Ray with enough logical CPUs for the job.
 
     Logical CPUs only reserve scheduling slots: on a 2-core machine a job of 2 shards and 2 workers still runs,
-    its actors sharing the cores.
+    its actors sharing the cores. `store_bytes`: what the job keeps in the object store at once (one step's merged
+    weights); the embedded store holds that with a margin, so no step spills to disk (shared memory is only taken
+    as objects are written).
     """
     import ray
 
@@ -31,7 +33,13 @@ def ensure_ray(address: str | None, cpus_needed: float) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     log.info("starting an embedded local Ray with %d logical CPUs", cpus)
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             object_store_memory=max(256 * 1024**2, min(4 * 1024**3, int(0.1 * _total_memory()))))
+             object_store_memory=object_store_size(store_bytes, _total_memory()))
+
+
+def object_store_size(store_bytes: int, total_memory: int) -> int:
+    """10% of memory within [256 MB, 4 GB], raised to 1.25 × what the job keeps at once, at most half the memory."""
+    default = max(256 * 1024**2, min(4 * 1024**3, int(0.1 * total_memory)))
+    return max(default, min(int(1.25 * store_bytes), total_memory // 2))
 
 
 def _check_reachable(address: str) -> None:

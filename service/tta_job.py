@@ -85,11 +85,19 @@ def evaluate_output(job: MergeJob, data: dict[str, Any], batch: int = 256, max_l
 
 
 # ---- the job ------------------------------------------------------------------------------------------------------
+def compute_dtype(setting: str, plan: MergePlan) -> str:
+    """`auto`: bfloat16 when every merged tensor is exported as bfloat16 — the entropy is then that of the exported
+    model, and the workers' parameters, gradients and transfers halve — else float32."""
+    if setting != "auto":
+        return setting
+    return "bfloat16" if all(e.out_dtype == torch.bfloat16 for e in plan.merged) else "float32"
+
+
 def adaptive_work(job: MergeJob, plan: MergePlan, shards: int) -> AdaptiveWork:
     columns = shard_columns(plan, shards)
     return AdaptiveWork(job.sources, parse_adaptive_params(job.method, job.params), job.tta.lr, dict(job.tta.data),
                         job.tta.max_length, columns, [[plan.merged[c].key for c in cols] for cols in columns],
-                        len(plan.merged), job.resources.partition)
+                        len(plan.merged), job.resources.partition, compute_dtype(job.tta.compute_dtype, plan))
 
 
 def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, address: str | None,
@@ -101,9 +109,11 @@ def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, addre
     from cluster.ray_runtime import ensure_ray
 
     res = job.resources
-    ensure_ray(address, res.shards * res.cpus_per_shard + res.workers * res.cpus_per_worker)
-    return RayExecutor(adaptive_work(job, plan, res.shards), job.resolved_job_dir, res.workers, res.cpus_per_shard,
-                       res.cpus_per_worker, res.gpus_per_shard, res.gpus_per_worker)
+    work = adaptive_work(job, plan, res.shards)
+    ensure_ray(address, res.shards * res.cpus_per_shard + res.workers * res.cpus_per_worker,
+               plan.merged_numel * work.dtype.itemsize)
+    return RayExecutor(work, job.resolved_job_dir, res.workers, res.cpus_per_shard, res.cpus_per_worker,
+                       res.gpus_per_shard, res.gpus_per_worker)
 
 
 def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName = "local", address: str | None = None) -> dict[str, Any]:
@@ -122,7 +132,11 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
         loop = LoopConfig(tta.steps, tta.batch_size, tta.checkpoint_every, tta.keep_checkpoints)
         coordinator = Coordinator(runner, streams, loop, job_dir, spec_hash)
         history = coordinator.run(resume)
-        final = {k: v for part in runner.weights_by_shard("final") for k, v in part.items()}
+        runner.stop_workers()  # the rest needs only the shards
+        labelled = tta.evaluate and any("labels" in data for data in datasets)
+        # unevaluated weights are only written: keep each in its output dtype as it arrives, not all of them in fp32
+        out_dtypes = None if labelled else {e.key: e.out_dtype for e in plan.merged}
+        final = collect_weights(runner, "final", out_dtypes)
         state = runner.state()
         report = {
             "method": job.method, "params": parse_adaptive_params(job.method, job.params).model_dump(by_alias=True),
@@ -130,12 +144,22 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
             "resources": job.resources.model_dump() if executor == "ray" else None, "recoveries": coordinator.recoveries,
             "resumed_from_step": coordinator.resumed_from,
             "history": history, "learned_ranks": runner.learned_ranks(), "lambda": state["lambda"].tolist(),
+            "timing": {"shard_build_seconds": round(runner.build_seconds, 3), "step_seconds": coordinator.step_seconds,
+                       "bytes_per_step": runner.bytes_last_step},
         }
-        if tta.evaluate:
-            initial = {k: v for part in runner.weights_by_shard("initial") for k, v in part.items()}
+        if labelled:
+            initial = collect_weights(runner, "initial")
             report["accuracy"] = evaluate(models, plan, base, tasks, datasets, {"initial": initial, "merged": final}, tta.eval_batch_size)
         export(job, plan, base, tasks, runner.hard_masks(), state["lambda"], final, report, start_time)
     return report
+
+
+def collect_weights(runner: Executor, which: str, dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+    """Every shard's `which` weights, one shard at a time, each cast to `dtypes` on arrival when given."""
+    out: dict[str, torch.Tensor] = {}
+    for part in runner.weights_by_shard(which):
+        out.update({k: v.to(dtypes[k]) if dtypes else v for k, v in part.items()})
+    return out
 
 
 def export(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], masks: dict[str, torch.Tensor],

@@ -10,8 +10,12 @@ Two ways to hold the model (ALGORITHMS §10, DESIGN "Adaptive path"):
   are reduced to rank 0 with one collective per tensor.
 - zero3: a real module under DeepSpeed ZeRO-3 (LLM scale), each rank holding 1/N of every parameter. Merged weights
   are written straight into each rank's own flat partition (no gather); tasks run one after the other with the task's
-  head written in, since a ZeRO parameter has one value across the group; `safe_get_full_grad` (a collective) gives
-  the DP-mean gradient per tensor.
+  head written in, since a ZeRO parameter has one value across the group, and their gradients accumulate in
+  DeepSpeed's partitioned buffers (already the DP mean). Every rank returns its own flat partitions: no rank ever
+  holds a full gradient, and the shards join the pieces (workers/spectral_shard.join_gradient).
+
+A step is two calls, load_weights then gradients, so the caller can let go of the weights before gradients exist.
+The model runs in `compute_dtype` (bf16 halves the worker's parameters and gradients and what crosses to the shards).
 
 A plain class: the local executor uses it in-process (world 1), the Ray executor wraps each rank in an actor.
 """
@@ -48,12 +52,15 @@ ZERO3_CONFIG = {
 class EntropyWorker:
     def __init__(self, sources: Sources, data: dict[str, Path], max_length: int, routes: list[list[str]],
                  rank: int = 0, world: int = 1, partition: Partition = "replicated", threads: int | None = None,
-                 loaded: tuple[TaskModels, list[dict[str, Tensor]]] | None = None) -> None:
+                 loaded: tuple[TaskModels, list[dict[str, Tensor]]] | None = None,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
         """`loaded`: task models and datasets the caller already holds (the in-process executor's driver has them
         for evaluation), so they are not built and read a second time; replicated partition only."""
         if threads:
             torch.set_num_threads(threads)
         self.rank, self.world, self.partition, self.routes = rank, world, partition, routes
+        self.compute_dtype = compute_dtype
+        self.leaves: dict[str, Tensor] = {}
         self.label_counts: list[int] = []
         if loaded is not None and partition == "replicated":
             self.models, self.data = loaded
@@ -80,33 +87,47 @@ class EntropyWorker:
             dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                     world_size=self.world, timeout=datetime.timedelta(minutes=10))
         if self.partition == "zero3":
-            self.engine = _zero3_engine(self.models, backend, max(self.label_counts) if self.models.kind == "classification" else None)
+            self.engine = _zero3_engine(self.models, backend, max(self.label_counts) if self.models.kind == "classification" else None,
+                                        self.compute_dtype)
             params = dict(self.engine.module.named_parameters())
             self.zero3_heads = [{n: pad_head(v, params[n].ds_shape) for n, v in head.items()} for head in self.models.heads]
             for name, value in self.models.fixed.items():
                 _write_partition(params[name], value, self.rank)
 
     # ---- one step ------------------------------------------------------------------------------------------------
-    def gradients(self, weights: dict[str, Tensor], indices: list[Tensor]) -> tuple[list[dict[str, Tensor]], list[float]]:
-        """(∂L/∂W split by route — on rank 0 only, empty elsewhere —, per-task mean entropy of the whole batch)."""
+    def load_weights(self, weights: dict[str, Tensor]) -> None:
+        """Take this step's merged weights: zero3 copies its slice into its partitions (the caller may then drop them),
+        replicated keeps them as the leaves of its backward."""
+        if self.partition == "zero3":
+            params = dict(self.engine.module.named_parameters())
+            names = self.models.names[0]
+            with torch.no_grad():
+                for key in self.keys:
+                    _write_partition(params[names[key]], weights[key], self.rank)
+            return
+        self.leaves = {k: weights[k].to(self.device, self.compute_dtype).detach().requires_grad_(True) for k in self.keys}
+
+    def gradients(self, indices: list[Tensor]) -> tuple[list[dict[str, Tensor]], list[float]]:
+        """(∂L/∂W split by route, in the compute dtype — replicated: the full gradient on rank 0, nothing elsewhere;
+        zero3: this rank's flat partitions —, per-task mean entropy of the whole batch)."""
         batches = []
         for data, index in zip(self.data, indices):
             mine = torch.tensor_split(index, self.world)[self.rank]
             batches.append({k: v.to(self.device) for k, v in model_inputs(data, mine).items()})
         if self.partition == "zero3":
-            grads, losses = self._zero3_gradients(weights, batches)
+            grads, losses = self._zero3_gradients(batches)
         else:
-            grads, losses = self._replicated_gradients(weights, batches)
+            grads, losses = self._replicated_gradients(batches)
         if self.world > 1:
             losses_t = torch.tensor(losses, dtype=torch.float64)
             dist.all_reduce(losses_t)
             losses = (losses_t / self.world).tolist()
-        if self.rank != 0:
+        if not grads:
             return [{} for _ in self.routes], losses
-        return [{k: grads[k].cpu() for k in route} for route in self.routes], losses
+        return [{k: grads[k].to("cpu", self.compute_dtype) for k in route} for route in self.routes], losses
 
-    def _replicated_gradients(self, weights: dict[str, Tensor], batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[float]]:
-        leaves = {k: weights[k].to(self.device).detach().requires_grad_(True) for k in self.keys}
+    def _replicated_gradients(self, batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[float]]:
+        leaves = self.leaves
         per_task = [self.models.entropy(leaves, t, batch) for t, batch in enumerate(batches)]
         grads = torch.autograd.grad(torch.stack(per_task).sum(), list(leaves.values()), allow_unused=True)
         out = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads)}
@@ -114,39 +135,43 @@ class EntropyWorker:
             for g in out.values():
                 dist.reduce(g, dst=0)
                 g.div_(self.world)
-        return out, [float(e.detach()) for e in per_task]
+        return (out if self.rank == 0 else {}), [float(e.detach()) for e in per_task]
 
-    def _zero3_gradients(self, weights: dict[str, Tensor], batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[float]]:
-        from deepspeed.utils import safe_get_full_grad
+    def _zero3_gradients(self, batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[float]]:
+        from deepspeed.utils import safe_get_local_grad
 
         engine = self.engine
         params = dict(engine.module.named_parameters())
         names = self.models.names[0]
-        with torch.no_grad():
-            for key in self.keys:
-                _write_partition(params[names[key]], weights[key], self.rank)
-        total: dict[str, Tensor] = {}
+        flat = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
+        if flat is not None:
+            flat.zero_()  # a parameter no task reaches must read 0, not the last step's gradient
         losses = []
-        for t, batch in enumerate(batches):
+        for t, batch in enumerate(batches):  # each backward adds into the partitioned gradients (the DP mean)
             with torch.no_grad():
                 for name, value in self.zero3_heads[t].items():
                     _write_partition(params[name], value, self.rank)
             entropy = self.models.entropy_of_logits(engine(**self.models.model_kwargs(batch)).logits, batch)
             engine.backward(entropy)
-            for key in self.keys:  # same order on every rank: each call is a collective
-                grad = safe_get_full_grad(params[names[key]])
-                grad = torch.zeros(weights[key].shape) if grad is None else grad.detach().reshape(weights[key].shape).float()
-                total[key] = total[key] + grad if key in total else grad.clone()
-            engine.optimizer.zero_grad()
             losses.append(float(entropy.detach()))
-        return total, losses
+        local = {key: safe_get_local_grad(params[names[key]]).to(self.compute_dtype, copy=True) for key in self.keys}
+        engine.optimizer.zero_grad()
+        return local, losses
 
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _zero3_engine(models: TaskModels, backend: str, num_labels: int | None):
+def zero3_config(compute_dtype: torch.dtype) -> dict:
+    """ZeRO-3 in fp32, or in bf16 with bf16 master weights and gradients: nothing is ever stepped (lr 0), so an fp32
+    master copy would only double the partitions."""
+    if compute_dtype != torch.bfloat16:
+        return ZERO3_CONFIG
+    return {**ZERO3_CONFIG, "bf16": {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}}
+
+
+def _zero3_engine(models: TaskModels, backend: str, num_labels: int | None, compute_dtype: torch.dtype):
     import deepspeed
     from transformers.utils import logging as hf_logging
 
@@ -156,11 +181,12 @@ def _zero3_engine(models: TaskModels, backend: str, num_labels: int | None):
     config = copy.deepcopy(models.model.config)
     if num_labels is not None:  # one module serves every task: its head is as wide as the widest task's
         config.num_labels = num_labels
-    with deepspeed.zero.Init(config_dict_or_path=ZERO3_CONFIG):
+    ds_config = zero3_config(compute_dtype)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
         module = type(models.model)(config)
     module.eval()
     # Backward through a DeepSpeed engine needs an optimizer; it is never stepped (lr 0): the shards own the update.
-    engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.0), config=ZERO3_CONFIG)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.0), config=ds_config)
     return engine
 
 

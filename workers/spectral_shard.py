@@ -12,6 +12,7 @@ of shards, and into the single in-process shard of the local executor.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from contextlib import ExitStack
@@ -48,20 +49,39 @@ class SpectralShard:
         return os.getpid()
 
     # ---- the step, split in two halves around the workers' forward/backward ----------------------------------
-    def materialize(self) -> dict[str, Tensor]:
-        """Current merged weights (hard masks, current λ); the autograd graph is kept for apply_gradients."""
+    def materialize(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """Current merged weights in `dtype` (hard masks, current λ); the autograd graph is kept for apply_gradients.
+
+        Built one tensor at a time: where `dtype` is 16-bit, each fp32 weight is freed as soon as its copy exists.
+        """
         self._before = self.merger.hard_masks()
         self.merger.optimizer.zero_grad(set_to_none=True)
-        self._pending = self.merger.merged_weights()
-        return {k: v.detach() for k, v in self._pending.items()}
+        self._pending = {}
+        out: dict[str, Tensor] = {}
+        for key, weight in self.merger.iter_merged_weights():
+            self._pending[key] = weight
+            out[key] = weight.detach().to(dtype)
+            if out[key].data_ptr() != weight.data_ptr():
+                _free(weight)
+        return out
 
-    def apply_gradients(self, grads: dict[str, Tensor]) -> int:
-        """Backpropagate ∂L/∂W into masks and λ, step Adam; returns how many mask entries flipped."""
+    def release(self) -> None:
+        """Free the merged values once they are shipped: the backward needs only their graph and shapes."""
+        for weight in (self._pending or {}).values():
+            _free(weight)
+
+    def apply_gradients(self, parts: list[dict[str, Tensor]]) -> int:
+        """Backpropagate ∂L/∂W into masks and λ, step Adam; returns how many mask entries flipped.
+
+        `parts`: what each worker rank sent for this shard's tensors (see join_gradient). One tensor at a time, so
+        at most one full-size gradient is formed here at once.
+        """
         if self._pending is None:
             raise RuntimeError("apply_gradients without a materialize first")
-        outputs = [(w, grads[k]) for k, w in self._pending.items() if w.requires_grad]
-        if outputs:
-            torch.autograd.backward([w for w, _ in outputs], [g.to(w.dtype) for w, g in outputs])
+        outputs = [(k, w) for k, w in self._pending.items() if w.requires_grad]
+        for i, (key, weight) in enumerate(outputs):
+            grad = join_gradient([p[key] for p in parts if key in p], weight.shape).to(weight.dtype)
+            torch.autograd.backward(weight, grad, retain_graph=i + 1 < len(outputs))  # λ may pass a shared clamp
         self.merger.optimizer.step()
         self._pending = None
         after = self.merger.hard_masks()
@@ -113,6 +133,21 @@ class SpectralShard:
 
     def num_components(self) -> int:
         return sum(int(s.s.numel()) for s in self.merger.slots if isinstance(s, SpectralSlot))
+
+
+def _free(weight: Tensor) -> None:
+    """Drop a merged weight's memory but keep its autograd node and shape (no function that makes it saves its
+    output): its data becomes one broadcast element. Not a storage resize: storages shared with numpy cannot shrink."""
+    weight.data = torch.zeros((), dtype=weight.dtype).expand(weight.shape)
+
+
+def join_gradient(pieces: list[Tensor], shape: torch.Size) -> Tensor:
+    """∂L/∂W of one tensor from the ranks' pieces: one full gradient (replicated rank 0), or every rank's flat ZeRO-3
+    partition in rank order, the last one zero-padded."""
+    if len(pieces) == 1 and tuple(pieces[0].shape) == tuple(shape):
+        return pieces[0]
+    numel = math.prod(shape)
+    return torch.cat([p.reshape(-1) for p in pieces])[:numel].reshape(shape)
 
 
 def is_column_state(name: str) -> bool:

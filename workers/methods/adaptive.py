@@ -31,7 +31,8 @@ class SpectralMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, origin: Tensor, U: Tensor, Vh: Tensor, coef: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(U, Vh)
-        return torch.addmm(origin, U * coef.to(U.dtype), Vh).to(origin.dtype)
+        # fp32 product even for 16-bit factors (CPU has no 16-bit GEMM with an fp32 output): the merged weight is fp32
+        return torch.addmm(origin.float(), U.float() * coef, Vh.float())
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -79,6 +80,31 @@ class MaskedTaskSum(torch.autograd.Function):
             diag = ((grad.to(Vh.dtype) @ Vh.T) * U).sum(0).float()
             grad_b = lam[owner] * s * diag
         return None, grad_lam, grad_b, None, None, None, None, None
+
+
+class TaskVectorSum(torch.autograd.Function):
+    """W = origin + Σ_t λ_t τ_t over stored task vectors of any float dtype, summed in fp32 one task at a time.
+
+    Backward ∂L/∂λ_t = ⟨G, τ_t⟩, again one task at a time: no [T, ...] fp32 temporary besides the stack itself, so
+    16-bit stacks stay 16-bit (the difference of two nearby bf16 weights is exact in bf16, by Sterbenz' lemma).
+    """
+
+    @staticmethod
+    def forward(ctx, origin: Tensor, lam: Tensor, taus: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(lam, taus)
+        out = origin.to(torch.float32, copy=True)
+        for t in range(taus.shape[0]):
+            out.add_(taus[t].float(), alpha=float(lam[t]))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        lam, taus = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            return None, None, None
+        g = grad.float()
+        grad_lam = torch.stack([torch.vdot(taus[t].float().reshape(-1), g.reshape(-1)) for t in range(taus.shape[0])])
+        return None, grad_lam.to(lam.dtype), None
 
 
 def mean_entropy(logits: Tensor, valid: Tensor | None = None) -> Tensor:

@@ -50,8 +50,9 @@ class TaskModels:
 
     def logits(self, weights: dict[str, Tensor], task: int, batch: dict[str, Tensor]) -> Tensor:
         params = {self.names[task][k]: w for k, w in weights.items()}
-        params.update(self.heads[task])
-        params.update(self.fixed)
+        dtype = next(iter(params.values())).dtype  # heads and frozen parameters follow the merged weights' dtype
+        params.update({n: v.to(dtype) for n, v in self.heads[task].items()})
+        params.update({n: v.to(dtype) for n, v in self.fixed.items()})
         return functional_call(self.model, params, args=(), kwargs=self.model_kwargs(batch)).logits
 
     def model_kwargs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

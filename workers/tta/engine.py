@@ -4,14 +4,16 @@ through a `loss_fn`, so the same object serves the local loop and (later) a Ray 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
 from workers.methods.adaptive import (
     MaskedTaskSum,
+    TaskVectorSum,
     initial_logits,
     masked_task_matrices,
     refresh_masked_matrix,
@@ -28,7 +30,21 @@ class AdaptiveOptions:
     learn_masks: bool = True
     clamp: tuple[float, float] | None = None  # AdaMerging's optional clamp of λ in the forward
     lr: float = 1e-3
-    cache_masked: bool = True  # keep M_t = U_t diag(b_t s_t) V_t per task: T·m·n more memory, no forward GEMM
+    cache_masked: bool | Literal["auto"] = "auto"  # keep M_t = U_t diag(b_t s_t) V_t per task (see caches_masked)
+
+
+def caches_masked(slot: SpectralSlot, setting: bool | Literal["auto"]) -> bool:
+    """Whether a spectral tensor keeps its masked task matrices (T·m·n fp32) instead of one GEMM per forward.
+
+    `auto` caches only where the cache costs at most the factors it is derived from (full-rank fp32 factors of
+    ViT-scale models: the forward then skips a T·r·m·n GEMM for ≤ 2× the state); with `max_rank` or 16-bit factors
+    the cache would dwarf the factors (LLM scale: 8 × a whole model), so those tensors run the GEMM.
+    """
+    if setting != "auto":
+        return bool(setting)
+    rows = int(slot.owner.max()) + 1 if slot.owner.numel() else 0
+    cache_bytes = rows * slot.U.shape[0] * slot.Vh.shape[1] * 4
+    return cache_bytes <= slot.U.nbytes + slot.Vh.nbytes
 
 
 class AdaptiveMerger:
@@ -42,6 +58,7 @@ class AdaptiveMerger:
             s.key: initial_logits(s.initial_mask).requires_grad_(options.learn_masks) for s in slots if isinstance(s, SpectralSlot)
         }
         self._cache: dict[str, tuple[Tensor, Tensor]] = {}  # key -> (masked task matrices, hard mask they hold)
+        self.cached = {s.key for s in slots if isinstance(s, SpectralSlot) and caches_masked(s, options.cache_masked)}
         params = ([self.lam] if options.learn_lambda else []) + (list(self.logits.values()) if options.learn_masks else [])
         if not params:
             raise ValueError("nothing to learn: enable learn_lambda or learn_masks")
@@ -57,19 +74,21 @@ class AdaptiveMerger:
         return straight_through_mask(logits, self.options.temperature) if self.options.learn_masks else (logits > 0).float()
 
     def merged_weights(self) -> dict[str, Tensor]:
+        return dict(self.iter_merged_weights())
+
+    def iter_merged_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """(key, fp32 merged weight) one tensor at a time, so a caller can ship and drop each before the next."""
         lam = self.coefficients()
-        out: dict[str, Tensor] = {}
         for k, slot in enumerate(self.slots):
-            if isinstance(slot, SpectralSlot) and self.options.cache_masked:
+            if isinstance(slot, SpectralSlot) and slot.key in self.cached:
                 cache = self._masked_cache(slot)
-                out[slot.key] = MaskedTaskSum.apply(slot.origin, lam[: cache.shape[0], k], self.masks(slot.key), cache,
+                yield slot.key, MaskedTaskSum.apply(slot.origin, lam[: cache.shape[0], k], self.masks(slot.key), cache,
                                                     slot.U, slot.s, slot.Vh, slot.owner)
             elif isinstance(slot, SpectralSlot):
                 coef = lam[slot.owner, k] * self.masks(slot.key) * slot.s
-                out[slot.key] = spectral_merge(slot.origin, slot.U, slot.Vh, coef)
+                yield slot.key, spectral_merge(slot.origin, slot.U, slot.Vh, coef)
             else:
-                out[slot.key] = slot.origin + torch.tensordot(lam[: self.num_tasks, k], slot.taus, dims=1)
-        return out
+                yield slot.key, TaskVectorSum.apply(slot.origin, lam[: self.num_tasks, k], slot.taus)
 
     def _masked_cache(self, slot: SpectralSlot) -> Tensor:
         """The masked task matrices for the current hard mask; rows whose mask flipped are recomputed exactly."""

@@ -24,8 +24,8 @@ class AdaRankParams(SvdParams):
     max_rank: int | None = Field(None, ge=1, description="keep at most this many components per task vector (memory cap)")
     learn_lambda: bool = True
     learn_masks: bool = True
-    factor_dtype: Literal["float32", "bfloat16"] = "float32"
-    cache_masked: bool = Field(True, description="cache each task's masked matrix: no merge GEMM in the forward, T·m·n more memory per tensor")
+    factor_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the stored factors and of the elementwise task-vector stacks")
+    cache_masked: bool | Literal["auto"] = Field("auto", description="cache each task's masked matrix (no merge GEMM in the forward, T·m·n fp32 more per tensor); auto: only where the cache is no larger than the tensor's factors")
 
     def initial_lambda(self) -> float:
         return self.lambda_ if self.lambda_ is not None else DEFAULT_LAMBDA[self.factorization]
@@ -54,3 +54,7 @@ class TTAConfig(Params):
     evaluate: bool = Field(True, description="report per-task accuracy where the data has labels")
     eval_batch_size: int = Field(256, ge=1)
     max_length: int = Field(128, ge=1, description="token length for .jsonl text data")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of the entropy forward/backward and of the weights and gradients sent between shards and "
+                            "workers; auto: bfloat16 when every merged tensor is exported as bfloat16 (the forward then runs the "
+                            "exported model), else float32")

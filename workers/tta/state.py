@@ -34,7 +34,7 @@ Factorization = Literal["ta", "cart", "tsv_m", "iso_cts", "none"]
 @dataclass
 class SpectralSlot:
     key: str
-    origin: Tensor  # fp32 m×n
+    origin: Tensor  # m×n: fp32, or the base's dtype where it is the base itself
     U: Tensor  # m×R (factor dtype)
     s: Tensor  # R fp32
     Vh: Tensor  # R×n (factor dtype)
@@ -45,8 +45,8 @@ class SpectralSlot:
 @dataclass
 class ElementwiseSlot:
     key: str
-    origin: Tensor  # fp32
-    taus: Tensor  # [T, ...] fp32, relative to the origin
+    origin: Tensor  # fp32, or the base's dtype where it is the base itself
+    taus: Tensor  # [T, ...] in the factor dtype, relative to the origin
 
 
 Slot = SpectralSlot | ElementwiseSlot
@@ -112,8 +112,10 @@ def build_state(
             origin, taus = origin + mean, taus - mean
         spectral = kind != "none" and entry.role is Role.SPECTRAL
         lam[:, k] = lambda0 if (spectral or not whitened) else lambda0 / num_tasks
+        if kind != "cart":  # the origin is the base itself: exact in the checkpoint's own (maybe 16-bit) dtype
+            origin = origin.to(base.dtypes[entry.key])
         if not spectral:
-            slots.append(ElementwiseSlot(entry.key, origin, taus))
+            slots.append(ElementwiseSlot(entry.key, origin, taus.to(factor_dtype)))
             continue
         rank = min(entry.shape)
         caps = [c for c in (max_rank, math.ceil(mask_range * rank) if mask_range is not None else None) if c is not None]

@@ -1,0 +1,122 @@
+"""Memory-lean adaptive merging at LLM scale, on tiny models: the automatic choices (masked-matrix cache, compute
+dtype, object-store size), 16-bit task-vector stacks, shards that free their shipped weights, and gradients joined
+from ZeRO-3 partitions."""
+
+import json
+from contextlib import ExitStack
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from cluster.ray_runtime import object_store_size
+from service.spec import job_from_dict
+from service.tta_job import compute_dtype
+from workers.methods.adaptive import TaskVectorSum
+from workers.spectral_shard import SpectralShard, join_gradient
+from workers.tta.engine import caches_masked
+from workers.tta.params import AdaRankParams
+from workers.tta.sources import Sources, open_sources
+from workers.tta.state import SpectralSlot
+
+GB = 1024**3
+
+
+def slot(m: int, n: int, rank: int, tasks: int, dtype: torch.dtype) -> SpectralSlot:
+    return SpectralSlot("w", torch.zeros(m, n), torch.zeros(m, tasks * rank, dtype=dtype), torch.ones(tasks * rank),
+                        torch.zeros(tasks * rank, n, dtype=dtype), torch.arange(tasks).repeat_interleave(rank),
+                        torch.ones(tasks * rank, dtype=torch.bool))
+
+
+def test_auto_cache_only_where_it_costs_no_more_than_the_factors():
+    assert caches_masked(slot(64, 64, 64, 8, torch.float32), "auto")  # full-rank fp32 factors: cache ≤ factors
+    assert not caches_masked(slot(64, 176, 8, 8, torch.bfloat16), "auto")  # capped bf16 factors: cache would dominate
+    assert caches_masked(slot(64, 176, 8, 8, torch.bfloat16), True) and not caches_masked(slot(64, 64, 64, 8, torch.float32), False)
+
+
+def test_task_vector_sum_over_bf16_stacks_matches_fp32_autograd():
+    gen = torch.Generator().manual_seed(0)
+    origin, taus = torch.randn(5, 7, generator=gen), torch.randn(3, 5, 7, generator=gen).bfloat16()
+    lam = torch.tensor([0.3, -0.2, 0.7], requires_grad=True)
+    grad = torch.randn(5, 7, generator=gen)
+    out = TaskVectorSum.apply(origin.bfloat16(), lam, taus)
+    torch.autograd.backward(out, grad)
+    ref_lam = lam.detach().clone().requires_grad_(True)
+    ref = origin.bfloat16().float() + torch.tensordot(ref_lam, taus.float(), dims=1)
+    torch.autograd.backward(ref, grad)
+    assert out.dtype == torch.float32 and taus.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lam.grad, ref_lam.grad)
+
+
+def test_join_gradient_from_zero3_partitions_or_one_full_gradient():
+    full = torch.arange(10.0).reshape(2, 5)
+    parts = [torch.arange(0.0, 6.0), torch.cat([torch.arange(6.0, 10.0), torch.zeros(2)])]  # 2 ranks, padded to 12
+    assert torch.equal(join_gradient(parts, full.shape), full)
+    assert join_gradient([full], full.shape) is full
+
+
+def test_shard_that_frees_its_shipped_weights_steps_exactly_like_one_that_keeps_them(families):
+    base, tasks = families("llama", dtype=torch.bfloat16)
+    sources = Sources(base, dict(tasks))
+    params = AdaRankParams.model_validate({"factorization": "ta", "max_rank": 4, "factor_dtype": "bfloat16"})
+    with ExitStack() as stack:
+        columns = list(range(len(open_sources(sources, stack)[2].merged)))
+    states = []
+    for release in (False, True):
+        shard = SpectralShard(sources, params, 0.05, columns, threads=1)
+        for step in range(3):
+            weights = {k: v.clone() for k, v in shard.materialize(torch.bfloat16).items()}
+            if release:
+                shard.release()
+            gen = torch.Generator().manual_seed(step)
+            shard.apply_gradients([{k: torch.randn(v.shape, generator=gen).bfloat16() for k, v in weights.items()}])
+        states.append(shard.state())
+    assert states[0].keys() == states[1].keys()
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name
+    assert all(slot.taus.dtype == torch.bfloat16 and slot.origin.dtype == torch.bfloat16
+               for slot in shard.merger.slots if not isinstance(slot, SpectralSlot))
+
+
+def llama_job(families, tmp_path, dtype, **tta):
+    base, tasks = families("llama", dtype=dtype)
+    data = {}
+    for i, name in enumerate(tasks):
+        path = tmp_path / f"{name}.safetensors"
+        gen = torch.Generator().manual_seed(i)
+        save_file({"input_ids": torch.randint(1, 64, (8, 6), generator=gen), "attention_mask": torch.ones(8, 6, dtype=torch.long)}, path)
+        data[name] = str(path)
+    return {"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": "adarank",
+            "params": {"factorization": "ta", "max_rank": 4, "factor_dtype": "bfloat16"}, "output": str(tmp_path / "out"),
+            "tta": {"data": data, "steps": 2, "batch_size": 4, "lr": 0.01, **tta}}
+
+
+@pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, "bfloat16"), (torch.float32, "float32")])
+def test_auto_compute_dtype_follows_the_export_dtype(families, tmp_path, dtype, expected):
+    from service.merge_job import open_inputs
+
+    job = job_from_dict(llama_job(families, tmp_path, dtype), tmp_path)
+    with ExitStack() as stack:
+        plan = open_inputs(job, stack)[2]
+        assert compute_dtype("auto", plan) == expected
+        assert compute_dtype("float32", plan) == "float32"
+
+
+def test_bf16_llama_adapts_in_bf16_and_reports_entropy_and_timing(families, tmp_path):
+    from service.cli import main
+
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(llama_job(families, tmp_path, torch.bfloat16)))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 0
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert [len(h["entropy"]) for h in report["history"]] == [3, 3]
+    assert all(torch.isfinite(torch.tensor(h["entropy"])).all() for h in report["history"])
+    assert len(report["timing"]["step_seconds"]) == 2 and report["timing"]["shard_build_seconds"] > 0
+    assert torch.tensor(report["lambda"]).sub(0.3).abs().max() > 0, "λ must have moved"
+
+
+def test_object_store_holds_a_step_with_margin_within_half_the_memory():
+    assert object_store_size(0, 24 * GB) == int(2.4 * GB)  # the small-job default: 10 % of memory
+    assert object_store_size(4 * GB, 24 * GB) == 5 * GB
+    assert object_store_size(40 * GB, 24 * GB) == 12 * GB
