@@ -18,6 +18,8 @@ from service.spec import job_from_dict
 from service.tta_job import build_merger
 from workers.methods.adaptive import spectral_merge, straight_through_mask
 from workers.methods.registry import MergeContext, make_method
+from workers.checkpoint_reader import ModelCheckpoint
+from workers.plan import build_plan
 from workers.static_merge import load_inputs
 from workers.tta.adapters import build_task_models
 from workers.tta.data import TaskStream
@@ -252,3 +254,19 @@ def test_memory_options_cap_components_and_keep_bf16_factors(families, tmp_path)
             assert torch.bincount(s.owner).max() <= min(3, -(-rank // 2))
         assert not merger.lam.requires_grad and all(v.requires_grad for v in merger.logits.values())
         assert all(len(r) == len(tasks) for r in merger.learned_ranks().values())
+
+
+@pytest.mark.parametrize("kind", ["vit", "clip_vision"])
+def test_images_of_another_size_use_interpolated_position_embeddings(families, kind):
+    """Adapting on smaller (or larger) unlabeled images than the checkpoint's size works for ViT and CLIP."""
+    base_dir, task_dirs = families(kind)
+    with ExitStack() as stack:
+        base = stack.enter_context(ModelCheckpoint(base_dir, "base"))
+        tasks = [stack.enter_context(ModelCheckpoint(p, n)) for n, p in task_dirs.items()]
+        plan = build_plan(base, {t.name: t for t in tasks})
+        models = build_task_models(plan, base, tasks)
+        weights = {e.key: base.read(e.key).float() for e in plan.merged}
+        channels = 1 if kind == "vit" else 3
+        for size in (8, 16):
+            logits = models.logits(weights, 0, {"pixel_values": torch.randn(2, channels, size, size)})
+            assert logits.shape == (2, 3) and bool(torch.isfinite(logits).all())

@@ -55,8 +55,16 @@ class TaskModels:
         params.update({n: v.to(dtype) for n, v in self.fixed.items()})
         return functional_call(self.model, params, args=(), kwargs=self.model_kwargs(batch)).logits
 
-    def model_kwargs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: batch[name] for name in self.inputs if name in batch}
+    def model_kwargs(self, batch: dict[str, Tensor]) -> dict[str, Tensor | bool]:
+        """The model's inputs; images of another size than the checkpoint's get interpolated position embeddings
+        (adaptation on small unlabeled images is much cheaper, and ViT/CLIP support it natively)."""
+        kwargs: dict[str, Tensor | bool] = {name: batch[name] for name in self.inputs if name in batch}
+        pixels = batch.get("pixel_values")
+        config = getattr(self.model.config, "vision_config", self.model.config)
+        size = getattr(config, "image_size", None)
+        if pixels is not None and size is not None and tuple(pixels.shape[-2:]) != (size, size):
+            kwargs["interpolate_pos_encoding"] = True
+        return kwargs
 
     def entropy(self, weights: dict[str, Tensor], task: int, batch: dict[str, Tensor]) -> Tensor:
         return self.entropy_of_logits(self.logits(weights, task, batch), batch)
