@@ -98,6 +98,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.overwrite:
         data["overwrite"] = True
     job = job_from_dict(data, Path(args.job).resolve().parent)
+    if args.dry_run:
+        from service.tta_job import dry_run_adaptive_job
+
+        print(dry_run_adaptive_job(job) if job.adaptive else run_merge_job(job, dry_run=True))
+        return 0
     if not job.adaptive and args.executor == "ray":
         from service.merge_job import run_merge_job_on_ray
 
@@ -186,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job spec in-process: static, or adaptive (AdaRank/AdaMerging) with checkpoints")
     run.add_argument("job", help="job spec YAML")
     run.add_argument("--resume", action="store_true", help="continue from the job's last intact checkpoint")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check everything and predict wall time and peak memory (in-process executor) from a measured sample; write nothing")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     run.add_argument("--executor", choices=["local", "ray"], default="local",
                      help="local: in this process; ray: shards and workers as Ray actors (spec `resources:` block)")

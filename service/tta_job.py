@@ -31,6 +31,7 @@ from workers.tta.adapters import TaskModels, build_task_models
 from workers.tta.data import IndexStream, load_task_data, num_rows
 from workers.tta.engine import AdaptiveMerger
 from workers.tta.factory import make_merger
+from workers.tta.forecast import forecast_adaptive
 
 log = logging.getLogger(__name__)
 ExecutorName = Literal["local", "ray"]
@@ -114,6 +115,28 @@ def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, addre
                plan.merged_numel * work.dtype.itemsize)
     return RayExecutor(work, job.resolved_job_dir, res.workers, res.cpus_per_shard, res.cpus_per_worker,
                        res.gpus_per_shard, res.gpus_per_worker)
+
+
+def dry_run_adaptive_job(job: MergeJob) -> str:
+    """Every check a run makes, then the forecast of the in-process run (workers/tta/forecast.py); writes nothing."""
+    tta = job.tta
+    with ExitStack() as stack:
+        base, tasks, plan = open_inputs(job, stack)
+        datasets = [load_task_data(tta.data[ck.name], ck.name, job.base, tta.max_length) for ck in tasks]
+        models = build_task_models(plan, base, tasks)
+        params = parse_adaptive_params(job.method, job.params)
+        dtype = getattr(torch, compute_dtype(tta.compute_dtype, plan))
+        predicted = forecast_adaptive(plan, params, tta.lr, base, tasks, models, datasets, tta.batch_size, tta.steps,
+                                      dtype, job.output.parent)
+    counts = ", ".join(f"{n} {role}" for role, n in plan.role_counts().items())
+    return "\n".join([
+        f"architecture rules: {plan.rules.name}; tasks: {', '.join(plan.task_names)}",
+        f"method: {job.method} {params.model_dump(by_alias=True)}",
+        f"tensors: {counts}; merged entries per model: {plan.merged_numel:,}",
+        f"adaptation: {tta.steps} steps, batch {tta.batch_size} per task, compute {dtype}".replace("torch.", ""),
+        predicted.summary(),
+        f"output: {job.output} (nothing written: dry run)",
+    ])
 
 
 def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName = "local", address: str | None = None) -> dict[str, Any]:

@@ -270,3 +270,20 @@ def test_images_of_another_size_use_interpolated_position_embeddings(families, k
         for size in (8, 16):
             logits = models.logits(weights, 0, {"pixel_values": torch.randn(2, channels, size, size)})
             assert logits.shape == (2, 3) and bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("method,params", [("adarank", {"factorization": "tsv_m", "svd": "randomized", "oversample": 2}), ("adamerging", {})])
+def test_adaptive_dry_run_predicts_time_and_memory_and_writes_nothing(families, tmp_path, capsys, method, params):
+    from service.cli import main
+
+    spec = make_job(families, tmp_path, method=method, params=params)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["run", str(path), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "predicted wall time" in text and "factorization" in text and "predicted peak memory" in text
+    seconds = float(text.split("predicted wall time: ")[1].split(" s")[0])
+    gib = float(text.split("predicted peak memory: ")[1].split(" GiB")[0])
+    assert seconds > 0 and 0.05 < gib < 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no job dir

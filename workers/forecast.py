@@ -52,18 +52,19 @@ class GroupCost:
 class Forecast:
     seconds: float
     peak_bytes: int
-    groups: list[GroupCost]
-    write_s: float
+    parts: dict[str, float]  # named parts of the time (seconds)
+    shapes: int  # (role, shape) groups sampled
     calibration_s: float
 
     def summary(self) -> str:
-        return (f"predicted wall time: {self.seconds:.1f} s; predicted peak memory: {self.peak_bytes / 2**30:.2f} GiB "
-                f"(measured on one tensor of each of {len(self.groups)} shapes in {self.calibration_s:.1f} s)")
+        parts = ", ".join(f"{name} {value:.1f} s" for name, value in self.parts.items())
+        return (f"predicted wall time: {self.seconds:.1f} s ({parts}); predicted peak memory: {self.peak_bytes / 2**30:.2f} GiB "
+                f"(measured on one tensor of each of {self.shapes} shapes in {self.calibration_s:.1f} s)")
 
 
-def _groups(plan: MergePlan) -> dict[tuple[Role, tuple[int, ...]], list[TensorPlan]]:
+def group_entries(entries: list[TensorPlan]) -> dict[tuple[Role, tuple[int, ...]], list[TensorPlan]]:
     groups: dict[tuple[Role, tuple[int, ...]], list[TensorPlan]] = {}
-    for entry in plan.tensors:
+    for entry in entries:
         groups.setdefault((entry.role, entry.shape), []).append(entry)
     return groups
 
@@ -74,7 +75,7 @@ def _spread(entries: list[TensorPlan], most: int = 3) -> list[TensorPlan]:
     return [entries[i] for i in picks][:most]
 
 
-def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+def timed(fn: Callable[[], object]) -> tuple[object, float]:
     start = time.perf_counter()
     value = fn()
     return value, time.perf_counter() - start
@@ -82,18 +83,18 @@ def _timed(fn: Callable[[], object]) -> tuple[object, float]:
 
 def _sample_merged(entry: TensorPlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> tuple[float, float, float]:
     """(read s, stat-pass s, merge s) of one merged tensor through a fresh method instance."""
-    inputs, read_s = _timed(lambda: load_inputs(entry, base, tasks))
+    inputs, read_s = timed(lambda: load_inputs(entry, base, tasks))
     assert isinstance(inputs, TensorInputs)
     stat_s = 0.0
     for stat_pass in method.stat_passes():
-        _, spent = _timed(lambda: (stat_pass.observe(inputs), stat_pass.finish()))
+        _, spent = timed(lambda: (stat_pass.observe(inputs), stat_pass.finish()))
         stat_s += spent
 
     def merge() -> torch.Tensor:
         delta, _ = method.merge(inputs)
         return delta.add_(inputs.base).to(entry.out_dtype)
 
-    _, merge_s = _timed(merge)
+    _, merge_s = timed(merge)
     return read_s, stat_s, merge_s
 
 
@@ -123,7 +124,7 @@ def forecast(plan: MergePlan, new_method: Callable[[], MergeMethod], base: Model
              output: Path) -> Forecast:
     """Measure one tensor per (role, shape) group, largest last, and extrapolate to the whole merge."""
     start = time.perf_counter()
-    groups = sorted(_groups(plan).items(), key=lambda kv: kv[1][0].numel)
+    groups = sorted(group_entries(plan.tensors).items(), key=lambda kv: kv[1][0].numel)
     passes = len(new_method().stat_passes()) + 1
     costs = []
     for (role, shape), entries in groups:
@@ -132,7 +133,7 @@ def forecast(plan: MergePlan, new_method: Callable[[], MergeMethod], base: Model
             if role in (Role.SPECTRAL, Role.ELEMENTWISE):
                 samples.append(_sample_merged(entry, new_method(), base, tasks))
             else:
-                samples.append((_timed(lambda: base.read(entry.key))[1], 0.0, 0.0))
+                samples.append((timed(lambda: base.read(entry.key))[1], 0.0, 0.0))
             if sum(samples[-1]) > CHEAP_SAMPLE_S:
                 break  # one sample of an expensive shape is enough; cheap ones are noisy, take the median of a few
         read_s, stat_s, merge_s = (statistics.median(column) for column in zip(*samples))
@@ -141,4 +142,5 @@ def forecast(plan: MergePlan, new_method: Callable[[], MergeMethod], base: Model
     write_s = out_bytes * write_seconds_per_byte(output.parent)
     compute = sum(c.seconds(passes if c.role in (Role.SPECTRAL, Role.ELEMENTWISE) else 1) for c in costs)
     peak = max(peak_rss_bytes(), current_rss_bytes()) + pipeline_extra_bytes(plan, len(tasks))
-    return Forecast(compute + write_s, peak, costs, write_s, time.perf_counter() - start)
+    parts = {f"{passes} pass{'es' if passes > 1 else ''} over the inputs": compute, "write": write_s}
+    return Forecast(compute + write_s, peak, parts, len(costs), time.perf_counter() - start)

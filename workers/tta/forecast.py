@@ -1,0 +1,118 @@
+"""Predict an adaptive job's wall time and peak memory (in-process executor) from a measured sample of its work.
+
+Like the static forecast (workers/forecast.py), nothing is guessed from FLOP counts: the real code runs on a sample
+and is scaled by counts.
+- Factorization: one tensor per (role, shape) group goes through the real `make_merger` (reads, task vectors, the
+  configured SVD); its time and the exact bytes its slot keeps scale by the group's size.
+- A step's merge side: the sampled one-tensor mergers materialise their weight and backpropagate a gradient, as a
+  shard does every step.
+- A step's model side: one task's real forward and backward on one batch (the base weights as leaves in the compute
+  dtype), times the number of tasks; its memory (weights, gradients, activations) is sampled while it runs.
+Peak = what the process holds before the job + the whole kept state + the larger of the step's and the
+factorization's working set. The Ray executor spreads the same parts over processes; this forecast is per process
+for the in-process executor.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from workers.checkpoint_reader import ModelCheckpoint
+from workers.forecast import Forecast, group_entries, timed, write_seconds_per_byte
+from workers.plan import MergePlan, current_rss_bytes
+from workers.safetensors_format import nbytes
+from workers.tta.adapters import TaskModels
+from workers.tta.data import model_inputs
+from workers.tta.engine import AdaptiveMerger
+from workers.tta.factory import make_merger
+from workers.tta.params import AdaMergingParams, AdaRankParams
+from workers.tta.state import ElementwiseSlot
+
+
+class PeakRss:
+    """Highest resident size of this process while the block runs (sampled every few ms by a thread)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRss":
+        self.peak = current_rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes())
+
+
+def kept_bytes(merger: AdaptiveMerger) -> int:
+    """Bytes a merger keeps between steps: slots, learned parameters, Adam moments, masked-matrix caches."""
+    total = 0
+    for slot in merger.slots:
+        parts = (slot.origin, slot.taus) if isinstance(slot, ElementwiseSlot) else (slot.origin, slot.U, slot.s, slot.Vh, slot.owner)
+        total += sum(t.numel() * t.element_size() for t in parts)
+    learned = [merger.lam, *merger.logits.values()]
+    total += 3 * sum(p.numel() * p.element_size() for p in learned)  # value + two Adam moments
+    total += sum(c.numel() * c.element_size() for c, _ in merger._cache.values())
+    return total
+
+
+@dataclass(frozen=True)
+class StepSample:
+    seconds: float
+    rss_peak: int
+
+
+def model_step(models: TaskModels, plan: MergePlan, base: ModelCheckpoint, data: dict[str, Tensor], batch: int,
+               dtype: torch.dtype) -> StepSample:
+    """One task's real forward + backward on one batch, with the base weights as the leaves a worker would hold."""
+    with PeakRss() as rss:
+        leaves = {e.key: base.read(e.key).to(dtype).requires_grad_(True) for e in plan.merged}
+        rows = model_inputs(data, torch.arange(min(batch, next(iter(data.values())).shape[0])))
+        start = time.perf_counter()
+        models.entropy(leaves, 0, rows).backward()
+        seconds = time.perf_counter() - start
+        del leaves
+    return StepSample(seconds, rss.peak)
+
+
+def forecast_adaptive(plan: MergePlan, params: AdaRankParams | AdaMergingParams, lr: float, base: ModelCheckpoint,
+                      tasks: list[ModelCheckpoint], models: TaskModels, data: list[dict[str, Tensor]], batch: int,
+                      steps: int, dtype: torch.dtype, output_dir) -> Forecast:
+    start = time.perf_counter()
+    before = current_rss_bytes()
+    step = model_step(models, plan, base, data[0], batch, dtype)
+    index = {e.key: i for i, e in enumerate(plan.merged)}
+    build_s = merge_s = 0.0
+    state_bytes = build_peak = 0
+    groups = group_entries(plan.merged)
+    for entries in groups.values():
+        with PeakRss() as rss:
+            merger, seconds = timed(lambda: make_merger(params, lr, plan, base, tasks, [index[entries[0].key]]))
+        build_peak = max(build_peak, rss.peak - before)
+        build_s += seconds * len(entries)
+        (_, weight), forward_s = timed(lambda: next(merger.iter_merged_weights()))
+        _, backward_s = timed(lambda: torch.autograd.backward(weight, torch.ones_like(weight)))
+        merge_s += (forward_s + backward_s) * len(entries)
+        state_bytes += kept_bytes(merger) * len(entries)
+        del merger, weight
+    out_bytes = sum(nbytes(shape, dtype_) for _, dtype_, shape in plan.layout())
+    write_s = out_bytes * write_seconds_per_byte(output_dir)
+    step_s = merge_s + step.seconds * len(tasks)
+    peak = before + state_bytes + max(step.rss_peak - before, build_peak)
+    parts = {"factorization": build_s, "step": step_s, "steps": step_s * steps, "export": write_s}
+    return Forecast(build_s + step_s * steps + write_s, peak, parts, len(groups), time.perf_counter() - start)
+
