@@ -22,14 +22,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import torch
 from safetensors import safe_open
 
-from venvs import ensure_venv  # benchmarks/ is on sys.path: this script's own directory
+from measure import BUSY_LIMIT, flush, measure, wait_quiet  # benchmarks/ is on sys.path: this script's own directory
+from venvs import ensure_venv
 
 LOG = logging.getLogger("static_merge")
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +36,6 @@ MERGEKIT_REQS = REPO / "benchmarks" / "mergekit-requirements.txt"
 FINETUNES = ("a", "b", "c")
 LAMBDA = 0.3
 GB = 1e9
-BUSY_LIMIT = 0.15  # cores busy with other work that make a timing untrustworthy
 TOLERANCE = 1e-5  # relative to max|ref|: a few float32 ulps, far below any real mistake
 
 
@@ -91,60 +89,11 @@ def generate(root: Path, spec: dict) -> None:
 
 
 # --------------------------------------------------------------------------- measuring
-def busy_seconds() -> float:
-    cpu = psutil.cpu_times()
-    return sum(cpu) - cpu.idle - getattr(cpu, "iowait", 0.0)
-
-
-def measure(cmd: list[str], log: Path, env: dict) -> tuple[float, int, int, float]:
-    """Run cmd; return (wall s, ru_maxrss bytes, sampled peak RSS of its process tree,
-    CPU cores busy with *other* work meanwhile).
-
-    ru_maxrss comes from wait4() on that very child (largest single process, as the
-    kernel counted it); the tree sum is sampled every 50 ms with psutil, which catches
-    tools that fan out to worker processes. The background figure flags runs that
-    shared the 2 cores with something else, which makes their times meaningless.
-    """
-    with open(log, "w") as fh:
-        busy0 = busy_seconds()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        ps, tree_peak = psutil.Process(proc.pid), 0
-        while True:
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            try:
-                procs = [ps, *ps.children(recursive=True)]
-                tree_peak = max(tree_peak, sum(p.memory_info().rss for p in procs))
-            except psutil.Error:
-                pass
-            time.sleep(0.05)
-        wall = time.perf_counter() - t0
-        background = (busy_seconds() - busy0 - ru.ru_utime - ru.ru_stime) / wall
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        sys.exit(f"{cmd[0]} failed (exit {proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
-    return wall, ru.ru_maxrss * 1024, tree_peak, background  # ru_maxrss is KiB on Linux
-
-
-def wait_quiet(limit_s: float = 180.0) -> None:
-    """On a shared 2-core box, start a run only once other work has (mostly) stopped."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        b0 = busy_seconds()
-        time.sleep(1.0)
-        if busy_seconds() - b0 < BUSY_LIMIT:
-            return
-        LOG.info("machine busy with other work; waiting")
-    LOG.warning("machine still busy after %.0f s; measuring anyway", limit_s)
-
-
 def bench(runs: dict[str, tuple[list[str], Path]], logs: Path, repeats: int) -> list[dict]:
     """One warm-up per tool (fills the page cache; nothing is dropped), then `repeats`
     rounds that interleave the tools, so slow drift on the machine hits all of them alike.
 
-    Before every run the previous run's dirty pages are flushed (os.sync, untimed), so one
+    Before every run the previous run's dirty pages are flushed (sync, untimed), so one
     tool's output writeback is never billed to the next tool; a run that shared the CPU
     with other work is redone (up to 3 tries).
     """
@@ -154,9 +103,12 @@ def bench(runs: dict[str, tuple[list[str], Path]], logs: Path, repeats: int) -> 
         for name, (cmd, out) in runs.items():
             for _ in range(3):
                 shutil.rmtree(out, ignore_errors=True)
-                os.sync()
+                flush()
                 wait_quiet()
-                wall, rss, tree, bg = measure(cmd, logs / f"{name.replace(' ', '_')}-{i}.log", env)
+                log = logs / f"{name.replace(' ', '_')}-{i}.log"
+                run = measure(cmd, log, env)
+                run.exit_unless_ok(cmd, log)
+                wall, rss, tree, bg = run.wall, run.rss, run.tree, run.background
                 LOG.info("%s %s: %.1f s, peak RSS %.2f GB (tree %.2f GB), background CPU %.2f cores",
                          name, "warm-up" if i == 0 else f"run {i}", wall, rss / GB, tree / GB, bg)
                 if bg <= BUSY_LIMIT:
