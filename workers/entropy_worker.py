@@ -41,9 +41,14 @@ from workers.tta.sources import Sources, open_sources
 log = logging.getLogger(__name__)
 
 Partition = Literal["replicated", "zero3"]
+# DeepSpeed's defaults suit large GPUs: up to 1e9 gathered parameters kept live and reused (a whole 1B model on every
+# rank) and 5e8-element reduce buckets (1-2 GB per rank). Here a rank gathers at most ~1e8 parameters (a decoder layer,
+# an embedding), releases each after use, and reduces in 5e7-element buckets.
 ZERO3_CONFIG = {
     "train_micro_batch_size_per_gpu": 1,
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": int(1e8),
+                          "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": int(5e7),
+                          "reduce_bucket_size": int(5e7)},
     "zero_allow_untested_optimizer": True,
     "steps_per_print": 2**31 - 1,
 }
