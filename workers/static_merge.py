@@ -69,6 +69,7 @@ def _pipelined(entries: list[TensorPlan], load, budget: int = PREFETCH_BUDGET_BY
             fits = following is not None and following.numel * 4 * (len(following.sources) + 2) <= budget
             ahead = pool.submit(load, following) if fits else None
             yield entry, current
+            del current  # else this frame keeps the consumed inputs alive while the next ones are read
 
 
 def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], desc: str) -> Iterator[TensorInputs]:
