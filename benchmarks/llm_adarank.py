@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,10 +74,26 @@ def run(args: argparse.Namespace, spec_path: Path) -> tuple[float, TreeSampler, 
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         with TreeSampler(proc.pid, args.interval) as sampler:
-            code = proc.wait()
+            while proc.poll() is None:
+                if available_bytes() < args.abort_below_gb * GB:  # the machine is shared: never push others into OOM
+                    kill_tree(proc.pid)
+                    sys.exit(f"aborted: available memory fell below {args.abort_below_gb} GiB with this job's tree at "
+                             f"{sampler.peak.pss / GB:.1f} GiB PSS (peak so far); see {log}")
+                time.sleep(1.0)
+            code = proc.returncode
     if code != 0:
         sys.exit(f"the job failed (exit {code}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
     return time.perf_counter() - start, sampler, code
+
+
+def kill_tree(pid: int) -> None:
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
 
 
 def table(report: dict, wall: float, sampler: TreeSampler, args: argparse.Namespace, spec_path: Path) -> str:
@@ -119,6 +136,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
     ap.add_argument("--min-available-gb", type=float, default=18.0)
+    ap.add_argument("--abort-below-gb", type=float, default=1.0, help="kill the job if available memory falls below this")
     args = ap.parse_args()
     args.models = args.models.resolve()
     args.out = (args.out or REPO / ".bench" / "llm-adarank" / args.factorization).resolve()

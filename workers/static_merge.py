@@ -33,12 +33,14 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
-def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> TensorInputs:
-    """Read one tensor from every model and form fp32 task vectors, each written straight into its slot."""
+def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
+                dtype: torch.dtype = torch.float32) -> TensorInputs:
+    """Read one tensor from every model and form task vectors (computed in fp32, stored in `dtype`), each written
+    straight into its slot: a 16-bit stack never exists in fp32 as a whole."""
     base_t = base.read(entry.key).float()
     if not all_finite(base_t):
         raise MergeInputError(f"the base has NaN/Inf values in {entry.key!r}", "use a healthy base checkpoint")
-    taus = torch.empty((len(tasks),) + entry.shape, dtype=torch.float32)
+    taus = torch.empty((len(tasks),) + entry.shape, dtype=dtype)
     for t, (ck, src) in enumerate(zip(tasks, entry.sources)):
         torch.sub(ck.read(src), base_t, out=taus[t])
         if not all_finite(taus[t]):

@@ -105,12 +105,13 @@ def build_state(
     entries = plan.merged if columns is None else [plan.merged[c] for c in columns]
     lam = torch.empty(num_tasks + 1, len(entries))
     for k, entry in enumerate(tqdm(entries, desc=f"factorize ({kind})", leave=False, disable=None)):
-        inputs = load_inputs(entry, base, tasks)
+        spectral = kind != "none" and entry.role is Role.SPECTRAL
+        # elementwise stacks are read straight into the factor dtype (CART centres them in fp32 first)
+        inputs = load_inputs(entry, base, tasks, torch.float32 if spectral or kind == "cart" else factor_dtype)
         origin, taus = inputs.base, inputs.taus
         if kind == "cart":
             mean = taus.mean(0)
             origin, taus = origin + mean, taus - mean
-        spectral = kind != "none" and entry.role is Role.SPECTRAL
         lam[:, k] = lambda0 if (spectral or not whitened) else lambda0 / num_tasks
         if kind != "cart":  # the origin is the base itself: exact in the checkpoint's own (maybe 16-bit) dtype
             origin = origin.to(base.dtypes[entry.key])
