@@ -39,7 +39,20 @@ from workers.tta.data import IndexStream  # noqa: E402
 from workers.tta.sources import open_sources  # noqa: E402
 
 
+def existing_fixture(args: argparse.Namespace) -> dict:
+    """The first --tasks models of a checkpoint set (benchmarks/scale_models.py), for the SVD phase only."""
+    models = Path(args.models).resolve()
+    tasks = sorted((d for d in models.iterdir() if (d / "config.json").exists() and d.name != "base"),
+                   key=lambda d: int("".join(filter(str.isdigit, d.name)) or 0))[: args.tasks]
+    data = {d.name: str(models / "data" / f"{d.name}.safetensors") for d in tasks}
+    return {"base": str(models / "base"), "models": {d.name: str(d) for d in tasks}, "method": "adarank",
+            "params": {"factorization": "ta", **json.loads(args.params)}, "output": str(Path(args.workdir).resolve() / "out"),
+            "tta": {"data": data, "steps": 1, "batch_size": args.batch}}
+
+
 def fixture(args: argparse.Namespace) -> dict:
+    if args.models:
+        return existing_fixture(args)
     root = (Path(args.workdir) / f"vit-h{args.hidden}-l{args.layers}-t{args.tasks}").resolve()
     sizes = {"hidden_size": args.hidden, "num_hidden_layers": args.layers, "num_attention_heads": args.hidden // 64,
              "intermediate_size": 4 * args.hidden, "image_size": args.image, "patch_size": 4}
@@ -50,7 +63,7 @@ def fixture(args: argparse.Namespace) -> dict:
             save_file({"pixel_values": torch.randn(256, 1, args.image, args.image, generator=gen)}, root / f"data{t}.safetensors")
         (root / "done").write_text("1")
     return {"base": str(root / "base"), "models": {f"task{t}": str(root / f"task{t}") for t in range(args.tasks)},
-            "method": "adarank", "params": {"factorization": "ta"}, "output": str(root / "out"),
+            "method": "adarank", "params": {"factorization": "ta", **json.loads(args.params)}, "output": str(root / "out"),
             "tta": {"data": {f"task{t}": str(root / f"data{t}.safetensors") for t in range(args.tasks)},
                     "steps": 100, "batch_size": args.batch, "lr": 0.01}}
 
@@ -105,13 +118,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the local executor (each actor has 1)")
+    parser.add_argument("--params", default="{}", help='AdaRank parameters as JSON, e.g. \'{"max_rank": 64, "svd": "randomized"}\'')
+    parser.add_argument("--models", help="an existing checkpoint set (base/, task dirs, data/) instead of the random ViT")
+    parser.add_argument("--svd-only", action="store_true", help="measure only the SVD phase with 1 and 2 shard actors")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     spec = fixture(args)
     root = Path(spec["output"]).parent
     results: dict[str, dict] = {}
-    for shards, workers, partition in [(1, 1, "replicated"), (2, 2, "replicated"), (2, 2, "zero3")]:
+    if args.svd_only:
+        ensure_ray(None, 4)
+    for shards, workers, partition in [] if args.svd_only else [(1, 1, "replicated"), (2, 2, "replicated"), (2, 2, "zero3")]:
         job = job_from_dict(dict(spec, resources={"shards": shards, "workers": workers, "partition": partition}), root)
         with ExitStack() as stack:
             plan = open_sources(job.sources, stack)[2]
@@ -135,6 +153,13 @@ def main() -> None:
         svd[shards]["phase_s"] = time.perf_counter() - start
     results["svd"] = {"1 shard factorize_s": svd[1]["factorize_s"], "2 shards factorize_s": svd[2]["factorize_s"],
                       "efficiency": svd[1]["factorize_s"] / (2 * svd[2]["factorize_s"])}
+    s = results["svd"]
+    svd_line = (f"SVD phase, 1 thread per shard: 1 shard {s['1 shard factorize_s']:.2f} s, 2 shards {s['2 shards factorize_s']:.2f} s "
+                f"(slowest shard) -> scaling efficiency {s['efficiency']:.0%}")
+    if args.svd_only:
+        print(f"{len(spec['models'])} tasks of {spec['base']}, params {spec['params']}")
+        print(svd_line)
+        return
     results["zero_copy"] = zero_copy_check()
     local_step = results["local"]["step_s"]
     print(f"ViT h{args.hidden} x {args.layers} layers, {args.tasks} tasks, batch {args.batch}, "
@@ -145,9 +170,7 @@ def main() -> None:
             moved = row.get("bytes_per_step", 0) / 1e6
             print(f"{name:<26}{row['startup_s']:>11.2f}{row['factorize_s']:>13.2f}{row['step_s']:>9.3f}"
                   f"{row['step_s'] / local_step:>9.2f}x{moved:>9.1f}")
-    s = results["svd"]
-    print(f"SVD phase, 1 thread per shard: 1 shard {s['1 shard factorize_s']:.2f} s, 2 shards {s['2 shards factorize_s']:.2f} s "
-          f"(slowest shard) -> scaling efficiency {s['efficiency']:.0%}")
+    print(svd_line)
     z = results["zero_copy"]
     print(f"object store get of 256 MB: numpy {z['get_numpy_ms']:.1f} ms, torch {z['get_torch_ms']:.1f} ms")
     print(json.dumps(results))
