@@ -77,8 +77,9 @@ def run(args: argparse.Namespace, spec_path: Path) -> tuple[float, TreeSampler, 
             while proc.poll() is None:
                 if available_bytes() < args.abort_below_gb * GB:  # the machine is shared: never push others into OOM
                     kill_tree(proc.pid)
+                    by_role = ", ".join(f"{r} {b / GB:.2f}" for r, b in sampler.peak.by_role.items())
                     sys.exit(f"aborted: available memory fell below {args.abort_below_gb} GiB with this job's tree at "
-                             f"{sampler.peak.pss / GB:.1f} GiB PSS (peak so far); see {log}")
+                             f"{sampler.peak.pss / GB:.1f} GiB PSS (peak so far: {by_role}); see {log}")
                 time.sleep(1.0)
             code = proc.returncode
     if code != 0:

@@ -45,6 +45,7 @@ class AdaptiveWork:
     num_columns: int
     partition: Partition = "replicated"
     compute_dtype: str = "float32"  # resolved (never "auto"): the workers' model and the weights/gradients they exchange
+    static_keys: frozenset[str] = frozenset()  # merged at λ0 and not adapted: no gradient is computed or sent for them
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,9 +74,9 @@ class LocalExecutor:
                  loaded: tuple[TaskModels, list[dict[str, Tensor]]] | None = None) -> None:
         columns = sorted(c for cols in work.columns for c in cols)
         self.work = work
-        self.shard = SpectralShard(work.sources, work.params, work.lr, columns, threads)
+        self.shard = SpectralShard(work.sources, work.params, work.lr, columns, threads, work.static_keys)
         self.worker = EntropyWorker(work.sources, work.data, work.max_length, [self.shard.keys], threads=threads, loaded=loaded,
-                                    compute_dtype=work.dtype)
+                                    compute_dtype=work.dtype, static=work.static_keys)
         self.worker.join("127.0.0.1", 0)
         self.build_seconds = self.shard.build_seconds
         self.bytes_last_step = 0  # nothing leaves the process

@@ -6,7 +6,7 @@
 - Rank group: rank 0 picks its node address and a free port, every rank then joins at once (gloo on CPU, NCCL on GPU).
 - Transport: tensors cross the object store as numpy arrays, which Ray maps zero-copy (torch tensors would be copied);
   receivers wrap them read-only with torch.from_numpy (bf16 travels as its raw bits). Each shard puts its weights in
-  the store itself and frees its own copy at once (its backward keeps only the graph); each worker pulls every
+  the store itself, one tensor at a time, freeing each as it goes (its backward keeps only the graph); each worker pulls every
   shard's weights, and the driver drops them before any gradient is made, so weights and gradients never share the
   store. Gradients come back split per shard — rank 0's full ones (replicated), or every rank's ZeRO-3 partitions —
   so each shard pulls only its own.
@@ -64,7 +64,7 @@ class ShardHost:
 
     def __init__(self, work: AdaptiveWork, index: int, threads: int | None) -> None:
         _quiet_plan_warnings()
-        self.shard = SpectralShard(work.sources, work.params, work.lr, work.columns[index], threads)
+        self.shard = SpectralShard(work.sources, work.params, work.lr, work.columns[index], threads, work.static_keys)
 
     def pid(self) -> int:
         return self.shard.pid()
@@ -72,16 +72,18 @@ class ShardHost:
     def build_seconds(self) -> float:
         return self.shard.build_seconds
 
-    def materialize(self, dtype: str) -> tuple[Any, int]:
-        """(a reference to the weights, their bytes): put in the store here, so this process can free its copy now."""
+    def materialize(self, dtype: str) -> tuple[dict[str, Any], int]:
+        """({key: reference}, bytes): each weight is put in the store as soon as it exists and this process drops its
+        copy, so a shard never holds more than one merged weight of its own."""
         import ray
 
-        weights = as_numpy(self.shard.materialize(getattr(torch, dtype)))
-        ref = ray.put(weights)
-        size = nbytes(weights)
-        del weights
-        self.shard.release()
-        return ref, size
+        refs, size = {}, 0
+        for key, weight in self.shard.iter_materialize(getattr(torch, dtype)):
+            array = as_numpy({key: weight})[key]
+            refs[key] = ray.put(array)
+            size += array.nbytes
+            del array, weight
+        return refs, size
 
     def apply_gradients(self, *parts: dict[str, np.ndarray]) -> int:
         return self.shard.apply_gradients([as_torch(p) for p in parts])
@@ -108,7 +110,7 @@ class WorkerHost:
     def __init__(self, work: AdaptiveWork, rank: int, world: int, threads: int | None) -> None:
         _quiet_plan_warnings()
         self.worker = EntropyWorker(work.sources, work.data, work.max_length, work.keys, rank, world, work.partition, threads,
-                                    compute_dtype=work.dtype)
+                                    compute_dtype=work.dtype, static=work.static_keys)
 
     def pid(self) -> int:
         return self.worker.pid()
@@ -125,11 +127,12 @@ class WorkerHost:
     def join(self, addr: str, port: int) -> None:
         self.worker.join(addr, port)
 
-    def load_weights(self, *weights: dict[str, np.ndarray]) -> None:
-        merged: dict[str, np.ndarray] = {}
-        for part in weights:
-            merged.update(part)
-        self.worker.load_weights(as_torch(merged))
+    def load_weights(self, *refs: dict[str, Any]) -> None:
+        """Every shard's {key: reference} (materialize); fetched zero-copy."""
+        import ray
+
+        merged = {k: r for part in refs for k, r in part.items()}
+        self.worker.load_weights(as_torch(dict(zip(merged, ray.get(list(merged.values()))))))
 
     def gradients(self, indices: list[Tensor]) -> tuple[Any, ...]:
         """(gradient pieces per shard, …, (losses, their bytes))."""

@@ -30,7 +30,7 @@ from workers.static_merge import peak_rss_bytes, write_heads, write_weights
 from workers.tta.adapters import TaskModels, build_task_models
 from workers.tta.data import IndexStream, load_task_data, num_rows
 from workers.tta.engine import AdaptiveMerger
-from workers.tta.factory import make_merger
+from workers.tta.factory import make_merger, static_keys
 from workers.tta.forecast import forecast_adaptive
 
 log = logging.getLogger(__name__)
@@ -94,23 +94,27 @@ def compute_dtype(setting: str, plan: MergePlan) -> str:
     return "bfloat16" if all(e.out_dtype == torch.bfloat16 for e in plan.merged) else "float32"
 
 
-def adaptive_work(job: MergeJob, plan: MergePlan, shards: int) -> AdaptiveWork:
+def adaptive_work(job: MergeJob, plan: MergePlan, shards: int, kind: str = "classification") -> AdaptiveWork:
+    """`kind`: the task models' output kind (workers/tta/adapters.py), which decides AdaRank's `vocab: auto`."""
     columns = shard_columns(plan, shards)
-    return AdaptiveWork(job.sources, parse_adaptive_params(job.method, job.params), job.tta.lr, dict(job.tta.data),
+    params = parse_adaptive_params(job.method, job.params)
+    return AdaptiveWork(job.sources, params, job.tta.lr, dict(job.tta.data),
                         job.tta.max_length, columns, [[plan.merged[c].key for c in cols] for cols in columns],
-                        len(plan.merged), job.resources.partition, compute_dtype(job.tta.compute_dtype, plan))
+                        len(plan.merged), job.resources.partition, compute_dtype(job.tta.compute_dtype, plan),
+                        static_keys(params, plan, kind))
 
 
 def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, address: str | None,
                    loaded: tuple[TaskModels, list[dict[str, torch.Tensor]]] | None = None) -> Executor:
     """`loaded`: the driver's task models and datasets, reused in-process by the local executor."""
+    kind = loaded[0].kind if loaded is not None else "classification"
     if executor == "local":
-        return LocalExecutor(adaptive_work(job, plan, 1), loaded=loaded)
+        return LocalExecutor(adaptive_work(job, plan, 1, kind), loaded=loaded)
     from cluster.ray_executor import RayExecutor
     from cluster.ray_runtime import ensure_ray
 
     res = job.resources
-    work = adaptive_work(job, plan, res.shards)
+    work = adaptive_work(job, plan, res.shards, kind)
     ensure_ray(address, res.shards * res.cpus_per_shard + res.workers * res.cpus_per_worker,
                plan.merged_numel * work.dtype.itemsize)
     return RayExecutor(work, job.resolved_job_dir, res.workers, res.cpus_per_shard, res.cpus_per_worker,

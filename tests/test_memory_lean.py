@@ -67,9 +67,8 @@ def test_shard_that_frees_its_shipped_weights_steps_exactly_like_one_that_keeps_
     for release in (False, True):
         shard = SpectralShard(sources, params, 0.05, columns, threads=1)
         for step in range(3):
-            weights = {k: v.clone() for k, v in shard.materialize(torch.bfloat16).items()}
-            if release:
-                shard.release()
+            made = shard.iter_materialize(torch.bfloat16) if release else shard.materialize(torch.bfloat16).items()
+            weights = {k: v.clone() for k, v in made}
             gen = torch.Generator().manual_seed(step)
             shard.apply_gradients([{k: torch.randn(v.shape, generator=gen).bfloat16() for k, v in weights.items()}])
         states.append(shard.state())
@@ -113,10 +112,62 @@ def test_bf16_llama_adapts_in_bf16_and_reports_entropy_and_timing(families, tmp_
     assert [len(h["entropy"]) for h in report["history"]] == [3, 3]
     assert all(torch.isfinite(torch.tensor(h["entropy"])).all() for h in report["history"])
     assert len(report["timing"]["step_seconds"]) == 2 and report["timing"]["shard_build_seconds"] > 0
-    assert torch.tensor(report["lambda"]).sub(0.3).abs().max() > 0, "λ must have moved"
+    assert_vocab_static(tmp_path / "out")
+
+
+def assert_vocab_static(out):
+    """A causal LM's vocabulary tensors keep λ0 (`vocab: auto`); every other λ column learns."""
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adaptive" / "lambda.safetensors"), "pt") as f:
+        lam, columns = f.get_tensor("lambda"), json.loads(f.metadata()["columns"])
+    vocab = [i for i, key in enumerate(columns) if key.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    others = [i for i in range(len(columns)) if i not in vocab]
+    assert len(vocab) == 2 and torch.all(lam[:, vocab] == 0.3)
+    assert lam[:-1, others].sub(0.3).abs().min() > 0, "every other λ must have moved"
+
+
+@pytest.mark.parametrize("vocab,expected", [("auto", 2), ("adapt", 0), ("static", 2)])
+def test_vocab_tensors_are_static_for_causal_lms_unless_asked(families, vocab, expected):
+    from workers.tta.factory import static_keys
+
+    base, tasks = families("llama")
+    params = AdaRankParams.model_validate({"vocab": vocab})
+    with ExitStack() as stack:
+        plan = open_sources(Sources(base, dict(tasks)), stack)[2]
+        assert len(static_keys(params, plan, "causal_lm")) == expected
+        assert len(static_keys(params, plan, "classification")) == (2 if vocab == "static" else 0)
 
 
 def test_object_store_holds_a_step_with_margin_within_half_the_memory():
     assert object_store_size(0, 24 * GB) == int(2.4 * GB)  # the small-job default: 10 % of memory
     assert object_store_size(4 * GB, 24 * GB) == 5 * GB
     assert object_store_size(40 * GB, 24 * GB) == 12 * GB
+
+
+@pytest.fixture
+def local_ray():
+    import os
+
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=128 * 1024**2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_bf16_llama_on_zero3_workers_matches_the_local_executor(families, tmp_path, local_ray):
+    """The LLM path end to end: bf16 ZeRO-3 ranks with frozen vocabulary parameters, partitioned gradients."""
+    from service.tta_job import run_adaptive_job
+
+    spec = llama_job(families, tmp_path, torch.bfloat16)
+    spec["resources"] = {"shards": 2, "workers": 2, "partition": "zero3"}
+    reports = {}
+    for executor in ("local", "ray"):
+        job = job_from_dict(dict(spec, output=str(tmp_path / executor)), tmp_path)
+        reports[executor] = run_adaptive_job(job, executor=executor)
+        assert_vocab_static(tmp_path / executor)
+    local, ray_ = (torch.tensor([h["entropy"] for h in reports[e]["history"]]) for e in ("local", "ray"))
+    torch.testing.assert_close(ray_, local, rtol=2e-2, atol=0)  # bf16 forward over other batch splits
+    assert reports["ray"]["timing"]["bytes_per_step"] > 0

@@ -60,9 +60,10 @@ class EntropyWorker:
     def __init__(self, sources: Sources, data: dict[str, Path], max_length: int, routes: list[list[str]],
                  rank: int = 0, world: int = 1, partition: Partition = "replicated", threads: int | None = None,
                  loaded: tuple[TaskModels, list[dict[str, Tensor]]] | None = None,
-                 compute_dtype: torch.dtype = torch.float32) -> None:
+                 compute_dtype: torch.dtype = torch.float32, static: frozenset[str] = frozenset()) -> None:
         """`loaded`: task models and datasets the caller already holds (the in-process executor's driver has them
-        for evaluation), so they are not built and read a second time; replicated partition only."""
+        for evaluation), so they are not built and read a second time; replicated partition only. `static`: merged
+        tensors that are not adapted: they get no gradient."""
         if threads:
             torch.set_num_threads(threads)
         self.rank, self.world, self.partition, self.routes = rank, world, partition, routes
@@ -78,6 +79,7 @@ class EntropyWorker:
                 self.label_counts = [len(ck.config.get("id2label") or {}) or int(ck.config.get("num_labels", 0)) for ck in tasks]
             self.data = [load_task_data(data[name], name, sources.base, max_length) for name in sources.models]
         self.keys = list(self.models.names[0])  # plan.merged order
+        self.learned = [k for k in self.keys if k not in static]
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.engine = None
 
@@ -94,8 +96,9 @@ class EntropyWorker:
             dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                     world_size=self.world, timeout=datetime.timedelta(minutes=10))
         if self.partition == "zero3":
+            frozen = {self.models.names[0][k] for k in self.keys if k not in self.learned}
             self.engine = _zero3_engine(self.models, backend, max(self.label_counts) if self.models.kind == "classification" else None,
-                                        self.compute_dtype)
+                                        self.compute_dtype, frozen)
             params = dict(self.engine.module.named_parameters())
             self.zero3_heads = [{n: pad_head(v, params[n].ds_shape) for n, v in head.items()} for head in self.models.heads]
             for name, value in self.models.fixed.items():
@@ -112,7 +115,7 @@ class EntropyWorker:
                 for key in self.keys:
                     _write_partition(params[names[key]], weights[key], self.rank)
             return
-        self.leaves = {k: weights[k].to(self.device, self.compute_dtype).detach().requires_grad_(True) for k in self.keys}
+        self.leaves = {k: weights[k].to(self.device, self.compute_dtype).detach().requires_grad_(k in self.learned) for k in self.keys}
 
     def gradients(self, indices: list[Tensor]) -> tuple[list[dict[str, Tensor]], list[float]]:
         """(∂L/∂W split by route, in the compute dtype — replicated: the full gradient on rank 0, nothing elsewhere;
@@ -131,13 +134,13 @@ class EntropyWorker:
             losses = (losses_t / self.world).tolist()
         if not grads:
             return [{} for _ in self.routes], losses
-        return [{k: grads[k].to("cpu", self.compute_dtype) for k in route} for route in self.routes], losses
+        return [{k: grads[k].to("cpu", self.compute_dtype) for k in route if k in grads} for route in self.routes], losses
 
     def _replicated_gradients(self, batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[float]]:
         leaves = self.leaves
         per_task = [self.models.entropy(leaves, t, batch) for t, batch in enumerate(batches)]
-        grads = torch.autograd.grad(torch.stack(per_task).sum(), list(leaves.values()), allow_unused=True)
-        out = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads)}
+        grads = torch.autograd.grad(torch.stack(per_task).sum(), [leaves[k] for k in self.learned], allow_unused=True)
+        out = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(self.learned, grads)}
         if self.world > 1:
             for g in out.values():
                 dist.reduce(g, dst=0)
@@ -161,7 +164,7 @@ class EntropyWorker:
             entropy = self.models.entropy_of_logits(engine(**self.models.model_kwargs(batch)).logits, batch)
             engine.backward(entropy)
             losses.append(float(entropy.detach()))
-        local = {key: safe_get_local_grad(params[names[key]]).to(self.compute_dtype, copy=True) for key in self.keys}
+        local = {key: safe_get_local_grad(params[names[key]]).to(self.compute_dtype, copy=True) for key in self.learned}
         engine.optimizer.zero_grad()
         return local, losses
 
@@ -178,7 +181,8 @@ def zero3_config(compute_dtype: torch.dtype) -> dict:
     return {**ZERO3_CONFIG, "bf16": {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}}
 
 
-def _zero3_engine(models: TaskModels, backend: str, num_labels: int | None, compute_dtype: torch.dtype):
+def _zero3_engine(models: TaskModels, backend: str, num_labels: int | None, compute_dtype: torch.dtype, frozen: set[str]):
+    """`frozen`: parameter names that need no gradient (ZeRO-3 then keeps no gradient partition for them)."""
     import deepspeed
     from transformers.utils import logging as hf_logging
 
@@ -192,10 +196,24 @@ def _zero3_engine(models: TaskModels, backend: str, num_labels: int | None, comp
     with deepspeed.zero.Init(config_dict_or_path=ds_config), default_dtype(compute_dtype):  # no fp32 copy of a layer
         module = type(models.model)(config)
     module.eval()
+    for name, param in module.named_parameters():
+        param.requires_grad_(name not in frozen)
     # Backward through a DeepSpeed engine needs an optimizer; it is never stepped (lr 0): the shards own the update.
     engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.0), config=ds_config)
+    drop_master_copy(engine.optimizer)
     return_freed_heap()
     return engine
+
+
+def drop_master_copy(optimizer) -> None:
+    """ZeRO-3 clones the trainable partitions as master weights even when they already have the master dtype (bf16
+    here: a whole second copy of the model per group). Nothing is ever stepped, so the master copy shares the
+    parameters' storage instead."""
+    low = getattr(optimizer, "fp16_partitioned_groups_flat", [])
+    high = getattr(optimizer, "fp32_partitioned_groups_flat", [])
+    for lp, hp in zip(low, high):
+        if hp.dtype == lp.dtype and hp.shape == lp.shape and hp.data_ptr() != lp.data_ptr():
+            hp.data = lp.data
 
 
 @contextmanager

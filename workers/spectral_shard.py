@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 
 import torch
@@ -32,14 +33,14 @@ ADAM_FIELDS = ("exp_avg", "exp_avg_sq")
 
 class SpectralShard:
     def __init__(self, sources: Sources, params: AdaRankParams | AdaMergingParams, lr: float, columns: list[int],
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, static: frozenset[str] = frozenset()) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.columns = list(columns)
         start = time.perf_counter()
         with ExitStack() as stack:
             base, tasks, plan = open_sources(sources, stack)
-            self.merger: AdaptiveMerger = make_merger(params, lr, plan, base, tasks, self.columns)
+            self.merger: AdaptiveMerger = make_merger(params, lr, plan, base, tasks, self.columns, static)
         self.build_seconds = time.perf_counter() - start  # read + task vectors + factorizations
         self.keys = [slot.key for slot in self.merger.slots]
         self._pending: dict[str, Tensor] | None = None
@@ -50,25 +51,23 @@ class SpectralShard:
 
     # ---- the step, split in two halves around the workers' forward/backward ----------------------------------
     def materialize(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        """Current merged weights in `dtype` (hard masks, current λ); the autograd graph is kept for apply_gradients.
+        """Current merged weights in `dtype` (hard masks, current λ); the autograd graph is kept for apply_gradients."""
+        return dict(self.iter_materialize(dtype, shipped=False))
 
-        Built one tensor at a time: where `dtype` is 16-bit, each fp32 weight is freed as soon as its copy exists.
-        """
+    def iter_materialize(self, dtype: torch.dtype, shipped: bool = True) -> Iterator[tuple[str, Tensor]]:
+        """The merged weights one at a time. An fp32 weight is freed once its 16-bit copy exists, and — `shipped`: the
+        caller has sent each one on before asking for the next — the copy too: the backward needs only the graph."""
         self._before = self.merger.hard_masks()
         self.merger.optimizer.zero_grad(set_to_none=True)
         self._pending = {}
-        out: dict[str, Tensor] = {}
         for key, weight in self.merger.iter_merged_weights():
             self._pending[key] = weight
-            out[key] = weight.detach().to(dtype)
-            if out[key].data_ptr() != weight.data_ptr():
+            out = weight.detach().to(dtype)
+            if out.data_ptr() != weight.data_ptr():
                 _free(weight)
-        return out
-
-    def release(self) -> None:
-        """Free the merged values once they are shipped: the backward needs only their graph and shapes."""
-        for weight in (self._pending or {}).values():
-            _free(weight)
+            yield key, out
+            if shipped:
+                _free(weight)
 
     def apply_gradients(self, parts: list[dict[str, Tensor]]) -> int:
         """Backpropagate ∂L/∂W into masks and λ, step Adam; returns how many mask entries flipped.

@@ -87,6 +87,8 @@ class AdaptiveMerger:
             elif isinstance(slot, SpectralSlot):
                 coef = lam[slot.owner, k] * self.masks(slot.key) * slot.s
                 yield slot.key, spectral_merge(slot.origin, slot.U, slot.Vh, coef)
+            elif slot.taus.shape[0] == 0:  # static: the merge itself, a fresh copy (callers may free what they get)
+                yield slot.key, slot.origin.to(torch.float32, copy=True)
             else:
                 yield slot.key, TaskVectorSum.apply(slot.origin, lam[: self.num_tasks, k], slot.taus)
 

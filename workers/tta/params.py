@@ -25,6 +25,10 @@ class AdaRankParams(SvdParams):
     learn_lambda: bool = True
     learn_masks: bool = True
     factor_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the stored factors and of the elementwise task-vector stacks")
+    vocab: Literal["auto", "adapt", "static"] = Field(
+        "auto", description="token embeddings and untied LM heads: adapt (λ learned over T stacked task vectors) or static "
+                            "(merged once with λ0, not adapted); auto: static for causal LMs — their LM head is the classifier "
+                            "the entropy would sharpen, and each stack is T × vocab × hidden — adapt otherwise")
     cache_masked: bool | Literal["auto"] = Field("auto", description="cache each task's masked matrix (no merge GEMM in the forward, T·m·n fp32 more per tensor); auto: only where the cache is no larger than the tensor's factors")
 
     def initial_lambda(self) -> float:

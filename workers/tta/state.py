@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.methods import spectral as sp
+from workers.methods.adaptive import TaskVectorSum
 from workers.methods.svd import EXACT, SvdOptions
 from workers.plan import MergePlan
 from workers.roles import Role
@@ -46,7 +47,7 @@ class SpectralSlot:
 class ElementwiseSlot:
     key: str
     origin: Tensor  # fp32, or the base's dtype where it is the base itself
-    taus: Tensor  # [T, ...] in the factor dtype, relative to the origin
+    taus: Tensor  # [T, ...] in the factor dtype, relative to the origin; [0, ...] for a static tensor (origin = its merge)
 
 
 Slot = SpectralSlot | ElementwiseSlot
@@ -94,10 +95,12 @@ def build_state(
     factor_dtype: torch.dtype = torch.float32,
     columns: list[int] | None = None,
     svd: SvdOptions = EXACT,
+    static: frozenset[str] = frozenset(),
 ) -> tuple[list[Slot], Tensor]:
     """Read every merged tensor once and build its slot; returns (slots, λ init of shape [T+1, K]).
 
     `columns` restricts the state to those indices of plan.merged (a shard's tensors); λ then has one column each.
+    Elementwise keys in `static` keep only their merge at λ0 (an empty stack): their λ column gets no gradient.
     """
     num_tasks = len(tasks)
     whitened = kind in ("tsv_m", "iso_cts")
@@ -115,6 +118,10 @@ def build_state(
         lam[:, k] = lambda0 if (spectral or not whitened) else lambda0 / num_tasks
         if kind != "cart":  # the origin is the base itself: exact in the checkpoint's own (maybe 16-bit) dtype
             origin = origin.to(base.dtypes[entry.key])
+        if not spectral and entry.key in static:
+            merged = TaskVectorSum.apply(origin, lam[:num_tasks, k], taus)  # one task at a time, in fp32
+            slots.append(ElementwiseSlot(entry.key, merged, taus.new_empty((0, *taus.shape[1:]))))
+            continue
         if not spectral:
             slots.append(ElementwiseSlot(entry.key, origin, taus.to(factor_dtype)))
             continue
