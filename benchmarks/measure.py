@@ -7,6 +7,10 @@ Shared by the benchmarks that put rankmerge next to other tools (static_merge.py
     run = measure(cmd, log, env, rss_limit=21e9, timeout=3600)
     run.status, run.wall, run.rss, run.tree, run.background
 
+Keep the measuring process small: a child's ru_maxrss starts at the parent's own peak RSS (CPython
+spawns with vfork, and exec keeps the old address space's high-water mark), so a parent that once
+held 3 GB reports every later child as >= 3 GB. Read tensors in a subprocess, not in the parent.
+
 A run is killed (its whole process tree) when the tree's resident memory passes `rss_limit` or the
 machine runs low on memory, or when it outlives `timeout`; that is recorded as a result ("oom",
 "timeout"), since a tool that cannot fit the machine is an answer, not an error.
@@ -15,6 +19,7 @@ machine runs low on memory, or when it outlives `timeout`; that is recorded as a
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -24,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from safetensors import safe_open
 
 LOG = logging.getLogger("measure")
+REPO = Path(__file__).resolve().parent.parent
 BUSY_LIMIT = 0.15  # cores busy with other work that make a timing untrustworthy
 SAMPLE_S = 0.05
 MIN_AVAILABLE = 1.0e9  # bytes the machine keeps free for everybody else; below it the run is stopped
@@ -151,3 +158,30 @@ def last_error(log: Path) -> str:
         if "Error" in line or "error" in line or "Exception" in line:
             return line[:200]
     return lines[-1][:200] if lines else "no output"
+
+
+# --------------------------------------------------------------------------- what was measured
+def rel(text: str) -> str:
+    """Paths as the reader would type them: relative to the repo root."""
+    return str(text).replace(str(REPO) + os.sep, "")
+
+
+def tensor_index(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> shard, from the headers of the directory's top-level safetensors (heads/ excluded).
+
+    Opened with the numpy backend, so a measuring process need not import torch.
+    """
+    index = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(shard, "numpy") as f:
+            index.update({k: shard for k in f.keys()})
+    return index
+
+
+def n_params(model_dir: Path) -> int:
+    """Parameters stored in a checkpoint directory, from the headers alone."""
+    total = 0
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(shard, "numpy") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import statistics
@@ -27,11 +26,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from measure import BUSY_LIMIT, flush, measure, wait_quiet  # benchmarks/ is on sys.path: this script's own directory
+from measure import (  # benchmarks/ is on sys.path: this script's own directory
+    BUSY_LIMIT, REPO, flush, measure, n_params, rel, tensor_index, wait_quiet)
 from venvs import ensure_venv
 
 LOG = logging.getLogger("static_merge")
-REPO = Path(__file__).resolve().parent.parent
 MERGEKIT_REQS = REPO / "benchmarks" / "mergekit-requirements.txt"
 FINETUNES = ("a", "b", "c")
 LAMBDA = 0.3
@@ -126,15 +125,6 @@ def bench(runs: dict[str, tuple[list[str], Path]], logs: Path, repeats: int) -> 
 
 
 # --------------------------------------------------------------------------- checking
-def tensor_index(model_dir: Path) -> dict[str, Path]:
-    """Tensor name -> shard file, from the safetensors headers only."""
-    index = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            index.update({k: shard for k in f.keys()})
-    return index
-
-
 def load(index: dict[str, Path], key: str) -> torch.Tensor:
     with safe_open(index[key], "pt") as f:
         return f.get_tensor(key)
@@ -173,14 +163,6 @@ def verify(models: dict[str, Path], outputs: dict[str, Path]) -> dict[str, float
             **{f"max|{tool}-ref|": e for tool, e in err.items()}}
 
 
-def n_params(model_dir: Path) -> int:
-    total = 0
-    for shard in model_dir.glob("*.safetensors"):
-        with safe_open(shard, "pt") as f:
-            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return total
-
-
 # --------------------------------------------------------------------------- main
 def versions(mergekit: Path) -> str:
     """What was measured: mergekit's and torch's versions in its venv, rankmerge's git commit."""
@@ -192,11 +174,6 @@ def versions(mergekit: Path) -> str:
                          capture_output=True, text=True).stdout.strip()
     return (f"rankmerge @ {git or '?'} (torch {torch.__version__}); mergekit {mk[0]} "
             f"(torch {mk[1]}, transformers {mk[2]}) in its own venv")
-
-
-def rel(text: str) -> str:
-    """Paths as the reader would type them: relative to the repo root."""
-    return text.replace(str(REPO) + os.sep, "")
 
 
 def main() -> None:
