@@ -32,7 +32,7 @@ from workers.static_merge import PREFETCH_BUDGET_BYTES, load_inputs, peak_rss_by
 
 log = logging.getLogger(__name__)
 WRITE_PROBE_BYTES = 64 * 2**20
-CHEAP_SAMPLE_S = 1.0  # samples cheaper than this are repeated (median of up to 3)
+CHEAP_SAMPLE_S = 1.0  # samples cheaper than this are repeated (median of up to 5): one read can stall
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,15 @@ class GroupCost:
     read_s: float  # one pass's reads of one tensor (every model)
     stat_s: float  # all stat passes' compute on one tensor
     merge_s: float  # the merge and the conversion to the output dtype
+    prefetched: bool  # small enough to be read ahead while the previous tensor computes
 
     def seconds(self, passes: int) -> float:
-        return self.count * (passes * self.read_s + self.stat_s + self.merge_s)
+        """Read-ahead overlaps each read with the previous tensor's compute: per tensor and pass the slower of the
+        two counts; tensors too large to read ahead pay both."""
+        if not self.prefetched:
+            return self.count * (passes * self.read_s + self.stat_s + self.merge_s)
+        stat_each = self.stat_s / max(1, passes - 1)
+        return self.count * ((passes - 1) * max(self.read_s, stat_each) + max(self.read_s, self.merge_s))
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,10 @@ def group_entries(entries: list[TensorPlan]) -> dict[tuple[Role, tuple[int, ...]
     return groups
 
 
-def _spread(entries: list[TensorPlan], most: int = 3) -> list[TensorPlan]:
-    """Up to `most` members from across the group (first, middle, last): different files, different layers."""
-    picks = sorted({0, len(entries) // 2, len(entries) - 1})
-    return [entries[i] for i in picks][:most]
+def _spread(entries: list[TensorPlan], most: int = 5) -> list[TensorPlan]:
+    """Up to `most` members evenly spread over the group: different files, different layers."""
+    picks = sorted({round(i * (len(entries) - 1) / max(1, most - 1)) for i in range(most)})
+    return [entries[i] for i in picks]
 
 
 def timed(fn: Callable[[], object]) -> tuple[object, float]:
@@ -96,6 +102,15 @@ def _sample_merged(entry: TensorPlan, method: MergeMethod, base: ModelCheckpoint
 
     _, merge_s = timed(merge)
     return read_s, stat_s, merge_s
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process started (interpreter, imports, headers and plan): a real run pays them too."""
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def write_seconds_per_byte(directory: Path) -> float:
@@ -123,7 +138,7 @@ def pipeline_extra_bytes(plan: MergePlan, num_tasks: int) -> int:
 def forecast(plan: MergePlan, new_method: Callable[[], MergeMethod], base: ModelCheckpoint, tasks: list[ModelCheckpoint],
              output: Path) -> Forecast:
     """Measure one tensor per (role, shape) group, largest last, and extrapolate to the whole merge."""
-    start = time.perf_counter()
+    start, startup_s = time.perf_counter(), process_age_seconds()
     groups = sorted(group_entries(plan.tensors).items(), key=lambda kv: kv[1][0].numel)
     passes = len(new_method().stat_passes()) + 1
     costs = []
@@ -137,10 +152,11 @@ def forecast(plan: MergePlan, new_method: Callable[[], MergeMethod], base: Model
             if sum(samples[-1]) > CHEAP_SAMPLE_S:
                 break  # one sample of an expensive shape is enough; cheap ones are noisy, take the median of a few
         read_s, stat_s, merge_s = (statistics.median(column) for column in zip(*samples))
-        costs.append(GroupCost(role, shape, len(entries), read_s, stat_s, merge_s))
+        prefetched = entries[0].numel * 4 * (len(tasks) + 2) <= PREFETCH_BUDGET_BYTES
+        costs.append(GroupCost(role, shape, len(entries), read_s, stat_s, merge_s, prefetched))
     out_bytes = sum(nbytes(shape, dtype) for _, dtype, shape in plan.layout())
     write_s = out_bytes * write_seconds_per_byte(output.parent)
     compute = sum(c.seconds(passes if c.role in (Role.SPECTRAL, Role.ELEMENTWISE) else 1) for c in costs)
     peak = max(peak_rss_bytes(), current_rss_bytes()) + pipeline_extra_bytes(plan, len(tasks))
-    parts = {f"{passes} pass{'es' if passes > 1 else ''} over the inputs": compute, "write": write_s}
-    return Forecast(compute + write_s, peak, parts, len(costs), time.perf_counter() - start)
+    parts = {"start-up": startup_s, f"{passes} pass{'es' if passes > 1 else ''} over the inputs": compute, "write": write_s}
+    return Forecast(startup_s + compute + write_s, peak, parts, len(costs), time.perf_counter() - start)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from workers.checkpoint_reader import ModelCheckpoint
-from workers.forecast import Forecast, group_entries, timed, write_seconds_per_byte
+from workers.forecast import Forecast, group_entries, process_age_seconds, timed, write_seconds_per_byte
 from workers.plan import MergePlan, current_rss_bytes
 from workers.safetensors_format import nbytes
 from workers.tta.adapters import TaskModels
@@ -92,7 +92,7 @@ def model_step(models: TaskModels, plan: MergePlan, base: ModelCheckpoint, data:
 def forecast_adaptive(plan: MergePlan, params: AdaRankParams | AdaMergingParams, lr: float, base: ModelCheckpoint,
                       tasks: list[ModelCheckpoint], models: TaskModels, data: list[dict[str, Tensor]], batch: int,
                       steps: int, dtype: torch.dtype, output_dir) -> Forecast:
-    start = time.perf_counter()
+    start, startup_s = time.perf_counter(), process_age_seconds()
     before = current_rss_bytes()
     step = model_step(models, plan, base, data[0], batch, dtype)
     index = {e.key: i for i, e in enumerate(plan.merged)}
@@ -113,6 +113,6 @@ def forecast_adaptive(plan: MergePlan, params: AdaRankParams | AdaMergingParams,
     write_s = out_bytes * write_seconds_per_byte(output_dir)
     step_s = merge_s + step.seconds * len(tasks)
     peak = before + state_bytes + max(step.rss_peak - before, build_peak)
-    parts = {"factorization": build_s, "step": step_s, "steps": step_s * steps, "export": write_s}
-    return Forecast(build_s + step_s * steps + write_s, peak, parts, len(groups), time.perf_counter() - start)
+    parts = {"start-up": startup_s, "factorization": build_s, "step": step_s, "steps": step_s * steps, "export": write_s}
+    return Forecast(startup_s + build_s + step_s * steps + write_s, peak, parts, len(groups), time.perf_counter() - start)
 
