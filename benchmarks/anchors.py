@@ -14,8 +14,9 @@ wait4, and the sampled RSS of its process tree), both as ratios to the matching 
 per method the speedup of rankmerge over the fastest anchor. A run whose tree passes --rss-limit
 (or leaves the machine under 1 GB available) is killed and reported as OOM; one that outlives
 --timeout as a timeout: FusionBench holds whole models (and flat copies) in RAM, so not fitting
-is a result. Before each run pending writes are flushed and the script waits for a quiet machine;
-the page cache is left as it is (the 20 ViT-L checkpoints fit in it, the 8 Llamas do not).
+is a result. Before each run the inputs are read once, untimed, when they fit in the page cache
+(the 20 ViT-L checkpoints do; the 8 Llamas do not, and are left as the previous run left them),
+pending writes are flushed, and the script waits for a quiet machine.
 
 Correctness: a few tensors of every output are compared with rankmerge's (max |a-b| / max |b|,
 and ||a-b|| / ||b - base||, the difference relative to the merged update); for task arithmetic
@@ -77,7 +78,7 @@ from importlib.metadata import version
 from safetensors import safe_open
 
 from measure import (  # benchmarks/ is on sys.path
-    BUSY_LIMIT, REPO, Run, flush, measure, n_params, rel, tensor_index, wait_quiet)
+    BUSY_LIMIT, REPO, Run, flush, measure, n_params, rel, tensor_index, wait_quiet, warm_page_cache)
 from venvs import ensure_venv
 
 LOG = logging.getLogger("anchors")
@@ -134,6 +135,11 @@ class Context:
     params: int
     versions: str = ""
 
+    @property
+    def inputs(self) -> list[Path]:
+        """Every weight file a merge reads."""
+        return [f for d in ("base", *self.tasks) for f in sorted((self.ck / d).glob("*.safetensors"))]
+
 
 @dataclass
 class Job:
@@ -151,6 +157,7 @@ class Job:
     rss: int = 0
     tree: int = 0
     background: float = 0.0
+    cache: str = ""  # page cache before the run: warm, or as the previous run left it (inputs too large)
     checks: dict = field(default_factory=dict)
 
     def row(self, ref: Job | None) -> dict:
@@ -353,13 +360,14 @@ def check_weights(job: Job, base_count: int, model: str) -> None:
 
 
 # --------------------------------------------------------------------------- running
-def execute(job: Job, logs: Path, args: argparse.Namespace) -> None:
-    """Measure one job (quiet machine, flushed writes, memory guard, timeout) and record the result."""
+def execute(job: Job, ctx: Context, args: argparse.Namespace) -> None:
+    """Measure one job (warm inputs, flushed writes, quiet machine, memory guard, timeout) and record it."""
     shutil.rmtree(job.out, ignore_errors=True)
+    job.cache = "warm" if warm_page_cache(ctx.inputs) else "as left"
     flush()
     wait_quiet(args.quiet_wait)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    log = logs / f"{job.label.replace(' ', '_').replace('=', '_')}-{job.method}.log"
+    log = ctx.logs / f"{job.label.replace(' ', '_').replace('=', '_')}-{job.method}.log"
     run: Run = measure(job.cmd, log, env, rss_limit=args.rss_limit * GB, timeout=args.timeout)
     job.status, job.detail = run.status, run.detail
     job.wall, job.rss, job.tree, job.background = run.wall, run.rss, run.tree, run.background
@@ -415,7 +423,7 @@ def run_method(method: str, ctx: Context, args: argparse.Namespace) -> list[Job]
     for job in jobs:
         if job.status != "pending":
             continue
-        execute(job, ctx.logs, args)
+        execute(job, ctx, args)
         if job.status == "ok":
             check(job, by_label.get(job.ref), ctx, method)
         if job.tool != "rankmerge" and not args.keep:
@@ -483,6 +491,8 @@ def report(jobs: list[Job], ctx: Context) -> dict:
           "summed RSS of its process tree, sampled every 50 ms; ratios = row / its 'vs' rankmerge row; max rel diff "
           "= max|a-b|/max|b| and delta rel diff = ||a-b||/||b-base|| over "
           f"{COMPARED_TENSORS} tensors, b = that rankmerge row's output.")
+    caches = sorted({j.cache for j in jobs if j.cache})
+    print(f"Page cache before each run: {', '.join(caches)}.")
     print(f"Other CPU load during the runs: at most {bg:.2f} cores (of {os.cpu_count()})"
           + (" -- WARNING: the machine was shared, times are unreliable" if bg > BUSY_LIMIT else ""))
     print(f"Versions: {ctx.versions}\nCommands:")

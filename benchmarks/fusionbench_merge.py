@@ -10,8 +10,9 @@ save) next to rankmerge and mergekit on the same files:
 
 The model pool is FusionBench's (``CLIPVisionModelPool`` for CLIP vision encoders, each model
 given as the ``transformers.CLIPVisionModel.from_pretrained`` config its docs show, with
-``torch_dtype``; ``CausalLMPool`` with ``model_kwargs.torch_dtype`` for causal LMs), so every
-model is loaded in the dtype of its files. The algorithm is FusionBench's own class, built from
+``torch_dtype``; ``CausalLMPool`` with ``model_kwargs.torch_dtype`` for causal LMs, its default
+eager loading), so every model is loaded in the dtype of its files, and only when the algorithm
+asks for it (``_recursive_: false``, as in FusionBench's own modelpool configs). The algorithm is FusionBench's own class, built from
 a ``_target_`` config exactly like its ``fusion_bench_config/method/*.yaml`` (anchors.py passes
 the parameters; FusionBench's shipped defaults for these five methods are the values the
 benchmark uses). It runs on CPU; the merged model is saved with ``save_pretrained``
@@ -63,7 +64,9 @@ def model_pool(kind: str, base: str, models: dict[str, str], dtype: str):
     else:
         config = {"_target_": "fusion_bench.modelpool.CausalLMPool", "models": named, "tokenizer": base,
                   "model_kwargs": {"torch_dtype": dtype}}
-    return instantiate(DictConfig(config))
+    # as in FusionBench's modelpool configs: models are built when the algorithm asks for them,
+    # not all at once while the pool itself is instantiated
+    return instantiate(DictConfig({**config, "_recursive_": False}))
 
 
 def algorithm(method: str, params: dict):
