@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import datetime
+import itertools
 import logging
 import os
 from collections.abc import Iterator
@@ -100,6 +101,7 @@ class EntropyWorker:
             self.engine = _zero3_engine(self.models, backend, max(self.label_counts) if self.models.kind == "classification" else None,
                                         self.compute_dtype, frozen)
             params = dict(self.engine.module.named_parameters())
+            self.grad_views = grad_partition_views(self.engine.optimizer)
             self.zero3_heads = [{n: pad_head(v, params[n].ds_shape) for n, v in head.items()} for head in self.models.heads]
             for name, value in self.models.fixed.items():
                 _write_partition(params[name], value, self.rank)
@@ -148,8 +150,6 @@ class EntropyWorker:
         return (out if self.rank == 0 else {}), [float(e.detach()) for e in per_task]
 
     def _zero3_gradients(self, batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[float]]:
-        from deepspeed.utils import safe_get_local_grad
-
         engine = self.engine
         params = dict(engine.module.named_parameters())
         names = self.models.names[0]
@@ -164,7 +164,8 @@ class EntropyWorker:
             entropy = self.models.entropy_of_logits(engine(**self.models.model_kwargs(batch)).logits, batch)
             engine.backward(entropy)
             losses.append(float(entropy.detach()))
-        local = {key: safe_get_local_grad(params[names[key]]).to(self.compute_dtype, copy=True) for key in self.learned}
+        # views into DeepSpeed's gradient buffer, no copy: the caller ships them before the next step zeroes it
+        local = {key: self.grad_views[params[names[key]].ds_id] for key in self.learned}
         engine.optimizer.zero_grad()
         return local, losses
 
@@ -203,6 +204,17 @@ def _zero3_engine(models: TaskModels, backend: str, num_labels: int | None, comp
     drop_master_copy(engine.optimizer)
     return_freed_heap()
     return engine
+
+
+def grad_partition_views(optimizer) -> dict[int, Tensor]:
+    """ds_id -> this rank's gradient partition as a view into ZeRO-3's flat gradient buffer, laid out as DeepSpeed lays
+    it out (trainable parameters in group order, partition_numel() each): read without the fp32 copy that
+    safe_get_local_grad makes."""
+    flat, views, offset = optimizer.grad_partitions_flat_buffer, {}, 0
+    for param in itertools.chain.from_iterable(optimizer.fp16_groups):
+        views[param.ds_id] = flat.narrow(0, offset, param.partition_numel())
+        offset += param.partition_numel()
+    return views
 
 
 def drop_master_copy(optimizer) -> None:
