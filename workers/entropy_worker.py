@@ -23,7 +23,6 @@ A plain class: the local executor uses it in-process (world 1), the Ray executor
 from __future__ import annotations
 
 import copy
-import ctypes
 import datetime
 import itertools
 import logging
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from workers.heap import map_large_blocks, return_freed_heap
 from workers.tta.adapters import TaskModels, build_task_models
 from workers.tta.data import load_task_data, model_inputs
 from workers.tta.sources import Sources, open_sources
@@ -67,6 +67,7 @@ class EntropyWorker:
         tensors that are not adapted: they get no gradient."""
         if threads:
             torch.set_num_threads(threads)
+        map_large_blocks()
         self.rank, self.world, self.partition, self.routes = rank, world, partition, routes
         self.compute_dtype = compute_dtype
         self.leaves: dict[str, Tensor] = {}
@@ -236,16 +237,6 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
-
-
-def return_freed_heap() -> None:
-    """Give freed C-heap memory back to the OS (glibc). DeepSpeed copies every partition into one flat buffer and
-    frees the per-parameter ones, which are below malloc's mmap threshold: without this they stay resident, ~1 GB
-    per rank for a 1B model."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 NEVER_LOGIT = -1.0e4  # exp(-1e4) is exactly 0 in fp32: a padded class gets no probability, entropy or gradient

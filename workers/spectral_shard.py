@@ -21,6 +21,7 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor
 
+from workers.heap import map_large_blocks
 from workers.tta.engine import AdaptiveMerger
 from workers.tta.factory import make_merger
 from workers.tta.params import AdaMergingParams, AdaRankParams
@@ -36,6 +37,7 @@ class SpectralShard:
                  threads: int | None = None, static: frozenset[str] = frozenset()) -> None:
         if threads:
             torch.set_num_threads(threads)
+        map_large_blocks()
         self.columns = list(columns)
         start = time.perf_counter()
         with ExitStack() as stack:
