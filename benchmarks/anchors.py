@@ -63,6 +63,7 @@ What cannot be matched exactly:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import math
@@ -72,6 +73,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from importlib.metadata import version
 
@@ -176,6 +178,20 @@ def ensure_checkpoints(model: str, tasks: int, root: Path, layers: int | None) -
     cmd = [sys.executable, str(BENCH / "scale_models.py"), model, "--tasks", str(tasks), "--out", str(out)]
     subprocess.run(cmd + (["--layers", str(layers)] if layers else []), check=True, stdout=subprocess.DEVNULL)
     return out
+
+
+def take_lock(path: Path) -> TextIO:
+    """One run at a time per root: runs share the output directories and would spoil each other's timings.
+
+    Returns the locked file: closing it (the end of its with-block) releases the lock.
+    """
+    handle = open(path, "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        LOG.info("another benchmark run holds %s; waiting for it to finish", rel(str(path)))
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
 
 
 def mergekit_methods(python: Path) -> set[str]:
@@ -541,6 +557,13 @@ def main() -> None:
         sys.exit(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
 
     root = args.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    with take_lock(root / ".anchors.lock"):
+        benchmark(args, root)
+
+
+def benchmark(args: argparse.Namespace, root: Path) -> None:
+    """Checkpoints, venvs, every method's runs, the report."""
     ck = ensure_checkpoints(args.model, args.tasks, root, args.layers)
     work = REPO / ".bench"
     mergekit_py = ensure_venv("mergekit", BENCH / "mergekit-requirements.txt", work)
