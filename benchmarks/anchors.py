@@ -72,10 +72,9 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import TextIO
-
-from importlib.metadata import version
 
 from safetensors import safe_open
 
