@@ -74,13 +74,16 @@ import sys
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from safetensors import safe_open
 
 from measure import (  # benchmarks/ is on sys.path
     BUSY_LIMIT, REPO, Run, flush, measure, n_params, rel, tensor_index, wait_quiet, warm_page_cache)
 from venvs import ensure_venv
+
+if TYPE_CHECKING:  # torch is imported only by the checking subprocess (see checked)
+    import torch
 
 LOG = logging.getLogger("anchors")
 BENCH = REPO / "benchmarks"
@@ -288,7 +291,7 @@ def canonical(index: dict[str, Path]) -> dict[str, str]:
     return out
 
 
-def read(index: dict[str, Path], key: str):
+def read(index: dict[str, Path], key: str) -> torch.Tensor:
     """One tensor as float64 (only in the checking subprocess: torch is imported there)."""
     with safe_open(index[key], "pt") as f:
         return f.get_tensor(key).double()
@@ -451,6 +454,7 @@ def run_method(method: str, ctx: Context, args: argparse.Namespace) -> list[Job]
 
 # --------------------------------------------------------------------------- report
 def cell(value: float | None, digits: int = 2) -> str:
+    """A number for the table; blank when there is none."""
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
@@ -521,6 +525,7 @@ def report(jobs: list[Job], ctx: Context) -> dict:
 def versions(ctx: Context) -> str:
     """What was measured: rankmerge's commit, each anchor's package versions in its venv."""
     def pkgs(python: Path, names: tuple[str, ...]) -> str:
+        """Versions of `names` as installed in the venv of `python`."""
         code = f"import importlib.metadata as m; print(*(m.version(p) for p in {names!r}))"
         return subprocess.run([str(python), "-c", code], capture_output=True, text=True).stdout.strip()
     git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
@@ -531,6 +536,7 @@ def versions(ctx: Context) -> str:
 
 
 def main() -> None:
+    """Parse the flags, take the root's lock, run the benchmark (or be the checking subprocess)."""
     if sys.argv[1:2] == ["--_check"]:  # the checking subprocess (see checked)
         return check_main(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

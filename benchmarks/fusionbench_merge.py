@@ -30,6 +30,7 @@ import os
 import resource
 import sys
 import time
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -37,6 +38,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+
+if TYPE_CHECKING:
+    from fusion_bench import BaseAlgorithm, BaseModelPool
 
 LOG = logging.getLogger("fusionbench_merge")
 # FusionBench's classes, as its method configs name them (fusion_bench_config/method/...)
@@ -49,7 +53,7 @@ ALGORITHMS = {
 }
 
 
-def model_pool(kind: str, base: str, models: dict[str, str], dtype: str):
+def model_pool(kind: str, base: str, models: dict[str, str], dtype: str) -> BaseModelPool:
     """FusionBench's model pool over local directories, every model loaded in `dtype`."""
     from omegaconf import DictConfig
 
@@ -69,7 +73,7 @@ def model_pool(kind: str, base: str, models: dict[str, str], dtype: str):
     return instantiate(DictConfig({**config, "_recursive_": False}))
 
 
-def algorithm(method: str, params: dict):
+def algorithm(method: str, params: dict) -> BaseAlgorithm:
     """FusionBench's algorithm object for `method`, from a config like its method YAML."""
     from omegaconf import DictConfig
 
@@ -108,6 +112,7 @@ def merge(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    """Parse the flags, merge, print the result as the last stdout line."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", choices=("clip_vision", "causal_lm"), required=True)
     ap.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), required=True,

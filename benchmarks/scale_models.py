@@ -76,18 +76,21 @@ class Family:
 # --------------------------------------------------------------------------- family builders
 # Models are built directly in the storage dtype (_from_config(dtype=...)): no fp32 copy of a 1B model is made.
 def clip_base(cfg: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """The bare vision tower: what a CLIP fine-tune starts from."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     return CLIPVisionModel._from_config(CLIPVisionConfig(**cfg), dtype=dtype)
 
 
 def clip_task(cfg: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """The tower wrapped with a 10-way classifier: how a CLIP fine-tune is saved."""
     from transformers import CLIPConfig, CLIPForImageClassification
 
     return CLIPForImageClassification._from_config(CLIPConfig(vision_config=cfg, num_labels=10), dtype=dtype)
 
 
 def llama_model(cfg: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """Base and fine-tunes alike: a causal LM (untied head)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return LlamaForCausalLM._from_config(LlamaConfig(**cfg), dtype=dtype)
@@ -273,6 +276,7 @@ def ensure_data(family: Family, cfg: dict, out: Path, tasks: list[str], spec: di
 
 
 def dir_bytes(path: Path) -> int:
+    """Disk size of a directory: what the summary reports."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
@@ -307,6 +311,7 @@ def generate(name: str, tasks: int, out: Path, layers: int | None = None, seed: 
 
 
 def main() -> None:
+    """Generate (or reuse) one family's set and print what it wrote."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("family", choices=sorted(FAMILIES))
     ap.add_argument("--tasks", type=int, required=True)
