@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
+    ap.add_argument("--interval", type=float, default=2.0, help="seconds between memory samples (each reads every process's smaps)")
     ap.add_argument("--min-available-gb", type=float, default=18.0)
     ap.add_argument("--abort-below-gb", type=float, default=1.0, help="kill the job if available memory falls below this")
     args = ap.parse_args()

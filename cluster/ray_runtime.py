@@ -15,9 +15,8 @@ def ensure_ray(address: str | None, cpus_needed: float, store_bytes: int = 0) ->
     """Reuse an initialised Ray, connect to `address`, or start a local Ray with enough logical CPUs for the job.
 
     Logical CPUs only reserve scheduling slots: on a 2-core machine a job of 2 shards and 2 workers still runs,
-    its actors sharing the cores. `store_bytes`: what the job keeps in the object store at once (one step's merged
-    weights); the embedded store holds that with a margin, so no step spills to disk (shared memory is only taken
-    as objects are written).
+    its actors sharing the cores. `store_bytes`: one step's merged weights; the embedded store holds twice that, so
+    no step spills to disk (shared memory is only taken as objects are written).
     """
     import ray
 
@@ -37,9 +36,13 @@ def ensure_ray(address: str | None, cpus_needed: float, store_bytes: int = 0) ->
 
 
 def object_store_size(store_bytes: int, total_memory: int) -> int:
-    """10% of memory within [256 MB, 4 GB], raised to 1.25 × what the job keeps at once, at most half the memory."""
+    """10% of memory within [256 MB, 4 GB], raised to 2 × one step's weights, at most half the memory.
+
+    Twice, because the driver lets the weights go before gradients of about their size are made, but objects are
+    freed asynchronously: with less room a 1B-model step spilled to disk (a spill worker of 2 GB, steps ~2× slower).
+    """
     default = max(256 * 1024**2, min(4 * 1024**3, int(0.1 * total_memory)))
-    return max(default, min(int(1.25 * store_bytes), total_memory // 2))
+    return max(default, min(2 * store_bytes, total_memory // 2))
 
 
 def _check_reachable(address: str) -> None:
