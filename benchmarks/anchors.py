@@ -389,8 +389,8 @@ def execute(job: Job, ctx: Context, args: argparse.Namespace) -> None:
     run: Run = measure(job.cmd, log, env, rss_limit=args.rss_limit * GB, timeout=args.timeout)
     job.status, job.detail = run.status, run.detail
     job.wall, job.rss, job.tree, job.background = run.wall, run.rss, run.tree, run.background
-    if job.status == "oom":
-        job.detail = f"OOM (> {args.rss_limit:g} GB limit): {run.detail}"
+    if job.status == "oom":  # detail: "tree RSS .. > limit .." or "machine down to .. available"
+        job.status = "OOM"
     LOG.info("%s %s: %s %.1f s, peak RSS %.2f GB (tree %.2f GB), other CPU load %.2f cores%s", job.label,
              job.method, job.status, job.wall, job.rss / GB, job.tree / GB, job.background,
              f" ({job.detail})" if job.detail else "")
