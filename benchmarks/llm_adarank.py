@@ -83,7 +83,9 @@ def run(args: argparse.Namespace, spec_path: Path) -> tuple[float, TreeSampler, 
                 time.sleep(1.0)
             code = proc.returncode
     if code != 0:
-        sys.exit(f"the job failed (exit {code}); last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
+        by_role = ", ".join(f"{r} {b / GB:.2f}" for r, b in sampler.peak.by_role.items())
+        sys.exit(f"the job failed (exit {code}) with its tree at {sampler.peak.pss / GB:.1f} GiB PSS at the peak ({by_role}); "
+                 f"last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
     return time.perf_counter() - start, sampler, code
 
 
