@@ -27,8 +27,7 @@ import datetime
 import itertools
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal
 
@@ -195,8 +194,8 @@ def _zero3_engine(models: TaskModels, backend: str, num_labels: int | None, comp
     if num_labels is not None:  # one module serves every task: its head is as wide as the widest task's
         config.num_labels = num_labels
     ds_config = zero3_config(compute_dtype)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config), default_dtype(compute_dtype):  # no fp32 copy of a layer
-        module = type(models.model)(config)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):  # built in the compute dtype: no fp32 copy of a layer
+        module = type(models.model)._from_config(config, dtype=compute_dtype)
     module.eval()
     for name, param in module.named_parameters():
         param.requires_grad_(name not in frozen)
@@ -227,16 +226,6 @@ def drop_master_copy(optimizer) -> None:
     for lp, hp in zip(low, high):
         if hp.dtype == lp.dtype and hp.shape == lp.shape and hp.data_ptr() != lp.data_ptr():
             hp.data = lp.data
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 NEVER_LOGIT = -1.0e4  # exp(-1e4) is exactly 0 in fp32: a padded class gets no probability, entropy or gradient
