@@ -102,7 +102,7 @@ def kill_tree(pid: int) -> None:
 def table(report: dict, wall: float, sampler: TreeSampler, args: argparse.Namespace, spec_path: Path) -> str:
     timing, history = report["timing"], report["history"]
     steps = timing["step_seconds"]
-    first, last = history[0]["entropy"], history[-1]["entropy"]
+    first, last = history[0]["task_loss"], history[-1]["task_loss"]
     peak = sampler.peak
     lines = [
         f"AdaRank-{args.factorization.upper()} | {len(first)} tasks | {args.shards} shards x {args.workers} ZeRO-3 workers | "

@@ -24,7 +24,7 @@ from torch.func import functional_call
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from workers.checkpoint_reader import ModelCheckpoint
-from workers.methods.adaptive import mean_entropy
+from workers.tta.objectives import entropy as mean_entropy
 from workers.plan import build_plan
 from workers.tta.adapters import checkpoint_to_module_names
 from workers.tta.engine import AdaptiveMerger, AdaptiveOptions

@@ -5,16 +5,24 @@ Recovery: when the executor reports a lost shard or worker (ActorLost), the coor
 newest intact checkpoint into every shard, rewinds the cursors and continues — no user action. A checkpoint of the
 initial state is written before step 1, so even an early loss resumes. Because shards, data order and the Adam step
 are deterministic, the recovered run ends exactly where an uninterrupted one does.
+
+Guard: before each checkpoint (step 0 included) the label-free guard scores the current state on held-out rows
+(workers/tta/guard.py); the best state's λ and mask logits ride in every checkpoint (`best/<name>`), its curve in the
+metadata, so a resumed job selects exactly what an uninterrupted one selects. A non-finite loss stops the job.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from torch import Tensor
 
 from tqdm.auto import tqdm
 
@@ -22,9 +30,17 @@ from cluster.checkpoints import load_latest_checkpoint, save_checkpoint
 from cluster.executor import ActorLost, Executor
 from workers.errors import MergeInputError
 from workers.tta.data import IndexStream
+from workers.tta.guard import GuardTrack
 
 log = logging.getLogger(__name__)
-STATE_FORMAT = 2  # named, shard-independent state (λ by column, masks and Adam moments by tensor key)
+STATE_FORMAT = 3  # named, shard-independent state (λ by column, masks and Adam moments by tensor key), best state
+BEST = "best/"
+Guard = Callable[[], list[dict[str, float]]]  # scores the executor's current state per task (held-out, label-free)
+
+
+def learned_params(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """λ and mask logits of an executor state (no optimizer moments): what the guard keeps of the best step."""
+    return {k: v for k, v in state.items() if not k.startswith("adam/") and not k.startswith(BEST)}
 
 
 @dataclass(frozen=True)
@@ -37,9 +53,12 @@ class LoopConfig:
 
 
 class Coordinator:
-    def __init__(self, executor: Executor, streams: list[IndexStream], loop: LoopConfig, job_dir: Path, spec_hash: str) -> None:
+    def __init__(self, executor: Executor, streams: list[IndexStream], loop: LoopConfig, job_dir: Path, spec_hash: str,
+                 guard: Guard | None = None) -> None:
         self.executor, self.streams, self.loop = executor, streams, loop
         self.job_dir, self.spec_hash = job_dir, spec_hash
+        self.guard, self.track = guard, GuardTrack()
+        self.best: dict[str, Tensor] = {}  # λ and mask logits of the guard's best step
         self.history: list[dict[str, Any]] = []
         self.step_seconds: list[float] = []  # wall time of each step this process ran (not checkpointed: not identity)
         self.recoveries = 0
@@ -48,9 +67,17 @@ class Coordinator:
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def checkpoint(self) -> None:
+        state = self.executor.state()
+        if self.guard is not None:
+            tasks = self.guard()
+            if self.track.record(self.step, tasks):
+                self.best = {k: v.clone() for k, v in learned_params(state).items()}
+            point = self.track.curve[-1]
+            log.info("guard at step %d: agreement %.4f%s", self.step, point["score"], " (collapsed)" if point["collapsed"] else "")
         meta = {"spec_hash": self.spec_hash, "state_format": STATE_FORMAT, "cursors": [s.state() for s in self.streams],
-                "history": self.history}
-        save_checkpoint(self.job_dir, self.step, self.executor.state(), meta, self.loop.keep_checkpoints)
+                "history": self.history, "guard": self.track.state()}
+        state.update({BEST + k: v for k, v in self.best.items()})
+        save_checkpoint(self.job_dir, self.step, state, meta, self.loop.keep_checkpoints)
 
     def restore(self) -> bool:
         """Load the newest intact checkpoint into the executor and cursors; False when there is none."""
@@ -61,12 +88,20 @@ class Coordinator:
         if meta.get("state_format") != STATE_FORMAT:
             raise MergeInputError(f"the checkpoints in {self.job_dir} were written by an older rankmerge",
                                   "start the job again without --resume in a new job_dir")
-        self.executor.load_state(tensors)
+        self.best = {k[len(BEST):]: v for k, v in tensors.items() if k.startswith(BEST)}
+        self.executor.load_state({k: v for k, v in tensors.items() if not k.startswith(BEST)})
         for stream, cursor in zip(self.streams, meta["cursors"]):
             stream.load_state(cursor)
         self.step = int(meta["step"])
         self.history = list(meta.get("history", []))[: self.step]
+        self.track.load(meta.get("guard") or {}, self.step)
         return True
+
+    def best_state(self) -> tuple[int, dict[str, Tensor]] | None:
+        """(step, λ and mask logits) of the guard's best state, or None without a guard."""
+        if self.guard is None or self.track.best_step is None:
+            return None
+        return self.track.best_step, self.best
 
     # ---- the loop --------------------------------------------------------------------------------------------------
     def run(self, resume: bool) -> list[dict[str, Any]]:
@@ -89,9 +124,12 @@ class Coordinator:
                 self.step += 1
                 self.step_seconds.append(round(time.perf_counter() - started, 3))
                 loss = sum(losses)
-                # entropies are those of the weights this step started from (after step - 1 updates)
+                if not math.isfinite(loss):
+                    raise MergeInputError(f"the adaptation loss became {loss} at step {self.step} (nothing published)",
+                                          "check the task data for NaN/inf values, or lower tta.lr")
+                # losses are those of the weights this step started from (after step - 1 updates)
                 self.history.append({"step": self.step, "loss": round(loss, 6), "flips": flips,
-                                     "entropy": [round(x, 6) for x in losses]})
+                                     "task_loss": [round(x, 6) for x in losses]})
                 log.info("step %d: loss %.6f, %d flips, %.1f s", self.step, loss, flips, self.step_seconds[-1])
                 bar.set_postfix(loss=f"{loss:.4f}", flips=flips)
                 bar.update(1)

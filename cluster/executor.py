@@ -19,6 +19,7 @@ from torch import Tensor
 from workers.entropy_worker import EntropyWorker, Partition
 from workers.spectral_shard import SpectralShard, assemble_state, slice_state
 from workers.tta.adapters import TaskModels
+from workers.tta.objectives import Objective
 from workers.tta.params import AdaMergingParams, AdaRankParams
 from workers.tta.sources import Sources
 
@@ -46,6 +47,8 @@ class AdaptiveWork:
     partition: Partition = "replicated"
     compute_dtype: str = "float32"  # resolved (never "auto"): the workers' model and the weights/gradients they exchange
     static_keys: frozenset[str] = frozenset()  # merged at λ0 and not adapted: no gradient is computed or sent for them
+    objective: Objective = Objective()
+    teachers: Path | None = None  # the teacher-target cache the driver wrote (workers/tta/teachers.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,7 +79,7 @@ class LocalExecutor:
         self.work = work
         self.shard = SpectralShard(work.sources, work.params, work.lr, columns, threads, work.static_keys)
         self.worker = EntropyWorker(work.sources, work.data, work.max_length, [self.shard.keys], threads=threads, loaded=loaded,
-                                    compute_dtype=work.dtype, static=work.static_keys)
+                                    compute_dtype=work.dtype, static=work.static_keys, objective=work.objective)
         self.worker.join("127.0.0.1", 0)
         self.build_seconds = self.shard.build_seconds
         self.bytes_last_step = 0  # nothing leaves the process

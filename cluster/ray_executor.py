@@ -110,7 +110,8 @@ class WorkerHost:
     def __init__(self, work: AdaptiveWork, rank: int, world: int, threads: int | None) -> None:
         _quiet_plan_warnings()
         self.worker = EntropyWorker(work.sources, work.data, work.max_length, work.keys, rank, world, work.partition, threads,
-                                    compute_dtype=work.dtype, static=work.static_keys)
+                                    compute_dtype=work.dtype, static=work.static_keys, objective=work.objective,
+                                    teachers=work.teachers)
 
     def pid(self) -> int:
         return self.worker.pid()

@@ -111,14 +111,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not job.adaptive:
         print(summarize_report(run_merge_job(job)))
         return 0
-    report = run_adaptive_job(job, resume=args.resume, executor=args.executor, address=args.address)
+    report = run_adaptive_job(job, resume=args.resume, executor=args.executor, address=args.address, strict=args.strict)
     history = report["history"]
     if history:
         print(f"{job.method}: {len(history)} steps this run, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}")
+    if report.get("guard"):
+        print(format_guard(report))
     if report.get("accuracy"):
         print(format_accuracy(report["accuracy"]))
     print(f"output: {job.output} (report: {job.output / 'merge_report.json'}; checkpoints: {job.resolved_job_dir})")
     return 0
+
+
+def format_guard(report: dict) -> str:
+    """One line: the label-free guard's agreement at step 0, at the last step, and the step that was published."""
+    guard = report["guard"]
+    start, last = guard["curve"][0], guard["curve"][-1]
+    line = (f"guard (held-out agreement with the task models, no labels): step 0 {start['score']:.4f}, "
+            f"step {last['step']} {last['score']:.4f}; published step {report['published_step']}")
+    return line + (f"\nwarning: {guard['degraded']}" if guard["degraded"] else "")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -191,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job spec in-process: static, or adaptive (AdaRank/AdaMerging) with checkpoints")
     run.add_argument("job", help="job spec YAML")
     run.add_argument("--resume", action="store_true", help="continue from the job's last intact checkpoint")
+    run.add_argument("--strict", action="store_true",
+                     help="adaptive jobs: fail (exit 2, nothing published) when the last step is worse than step 0 by the label-free guard")
     run.add_argument("--dry-run", action="store_true",
                      help="check everything and predict wall time and peak memory (in-process executor) from a measured sample; write nothing")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")

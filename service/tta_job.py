@@ -3,7 +3,8 @@ executor, export, evaluate.
 
 Resume: the loop state is λ, mask logits, Adam state and the per-task data cursors; nothing is random besides the
 data order (seeded by cursor), so resuming from a checkpoint reproduces an uninterrupted run bit for bit, and a
-checkpoint written by either executor resumes on the other.
+checkpoint written by either executor resumes on the other. The teacher targets (workers/tta/teachers.py) are
+computed once per job and reused on resume; the label-free guard (workers/tta/guard.py) picks the published state.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import json
 import logging
 import time
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors.torch import save as save_safetensors
 
-from cluster.coordinator import Coordinator, LoopConfig
+from cluster.coordinator import Coordinator, Guard, LoopConfig
 from cluster.executor import AdaptiveWork, Executor, LocalExecutor
 from cluster.sharding import shard_columns
 from service.merge_job import open_inputs
@@ -28,13 +30,20 @@ from workers.errors import MergeInputError
 from workers.plan import MergePlan, build_plan
 from workers.static_merge import peak_rss_bytes, write_heads, write_weights
 from workers.tta.adapters import TaskModels, build_task_models
-from workers.tta.data import IndexStream, load_task_data, num_rows
+from workers.tta.data import TARGET_KEYS, IndexStream, load_task_data, model_inputs, num_rows
 from workers.tta.engine import AdaptiveMerger
 from workers.tta.factory import make_merger, static_keys
 from workers.tta.forecast import forecast_adaptive
+from workers.tta.guard import GuardTally, holdout_split, reference_labels
+from workers.tta.objectives import Objective
+from workers.tta.teachers import CACHE, load_teachers, save_teachers, teacher_targets
 
 log = logging.getLogger(__name__)
 ExecutorName = Literal["local", "ray"]
+
+
+class AdaptationDegraded(MergeInputError):
+    """--strict: the adaptation ended worse than its step-0 merge by the label-free guard (nothing is published)."""
 
 
 def build_merger(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> AdaptiveMerger:
@@ -94,27 +103,30 @@ def compute_dtype(setting: str, plan: MergePlan) -> str:
     return "bfloat16" if all(e.out_dtype == torch.bfloat16 for e in plan.merged) else "float32"
 
 
-def adaptive_work(job: MergeJob, plan: MergePlan, shards: int, kind: str = "classification") -> AdaptiveWork:
-    """`kind`: the task models' output kind (workers/tta/adapters.py), which decides AdaRank's `vocab: auto`."""
+def adaptive_work(job: MergeJob, plan: MergePlan, shards: int, kind: str = "classification",
+                  teachers: Path | None = None) -> AdaptiveWork:
+    """`kind`: the task models' output kind (workers/tta/adapters.py), which decides AdaRank's `vocab: auto`;
+    `teachers`: the job's teacher-target cache (workers read it; the in-process worker gets the driver's rows)."""
     columns = shard_columns(plan, shards)
     params = parse_adaptive_params(job.method, job.params)
     return AdaptiveWork(job.sources, params, job.tta.lr, dict(job.tta.data),
                         job.tta.max_length, columns, [[plan.merged[c].key for c in cols] for cols in columns],
                         len(plan.merged), job.resources.partition, compute_dtype(job.tta.compute_dtype, plan),
-                        static_keys(params, plan, kind))
+                        static_keys(params, plan, kind), Objective(job.tta.objective, job.tta.temperature), teachers)
 
 
 def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, address: str | None,
-                   loaded: tuple[TaskModels, list[dict[str, torch.Tensor]]] | None = None) -> Executor:
+                   loaded: tuple[TaskModels, list[dict[str, torch.Tensor]]] | None = None,
+                   teachers: Path | None = None) -> Executor:
     """`loaded`: the driver's task models and datasets, reused in-process by the local executor."""
     kind = loaded[0].kind if loaded is not None else "classification"
     if executor == "local":
-        return LocalExecutor(adaptive_work(job, plan, 1, kind), loaded=loaded)
+        return LocalExecutor(adaptive_work(job, plan, 1, kind, teachers), loaded=loaded)
     from cluster.ray_executor import RayExecutor
     from cluster.ray_runtime import ensure_ray
 
     res = job.resources
-    work = adaptive_work(job, plan, res.shards, kind)
+    work = adaptive_work(job, plan, res.shards, kind, teachers)
     ensure_ray(address, res.shards * res.cpus_per_shard + res.workers * res.cpus_per_worker,
                plan.merged_numel * work.dtype.itemsize)
     return RayExecutor(work, job.resolved_job_dir, res.workers, res.cpus_per_shard, res.cpus_per_worker,
@@ -143,7 +155,47 @@ def dry_run_adaptive_job(job: MergeJob) -> str:
     ])
 
 
-def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName = "local", address: str | None = None) -> dict[str, Any]:
+def prepare_teachers(job: MergeJob, plan: MergePlan, models: TaskModels, tasks: list[ModelCheckpoint],
+                     datasets: list[dict[str, torch.Tensor]]) -> tuple[Path, float]:
+    """Compute the teacher targets once per job (or reuse the job's intact cache) and attach them to the datasets;
+    returns the cache path and the seconds spent computing (0 when reused)."""
+    names, identity, job_dir = [ck.name for ck in tasks], job.spec_hash(), job.resolved_job_dir
+    targets, seconds = load_teachers(job_dir, names, identity), 0.0
+    if targets is None:
+        started = time.perf_counter()
+        dtype = getattr(torch, compute_dtype(job.tta.compute_dtype, plan))
+        targets = teacher_targets(models, plan, tasks, datasets, job.tta.eval_batch_size, dtype)
+        save_teachers(job_dir, names, targets, identity)
+        seconds = time.perf_counter() - started
+        log.info("teacher targets for %d tasks in %.1f s", len(names), seconds)
+    for data, part in zip(datasets, targets):
+        data.update(part)
+    return job_dir / CACHE, seconds
+
+
+def make_guard(runner: Executor, models: TaskModels, datasets: list[dict[str, torch.Tensor]], held: list[torch.Tensor],
+               batch: int) -> Guard:
+    """Score the executor's current state on each task's held-out rows against the task model (no labels)."""
+    references = [reference_labels({k: d[k] for k in TARGET_KEYS if k in d}) for d in datasets]
+
+    @torch.no_grad()
+    def score() -> list[dict[str, float]]:
+        weights = collect_weights(runner, "final")
+        out = []
+        for t, (data, rows, reference) in enumerate(zip(datasets, held, references)):
+            tally = GuardTally()
+            for part in torch.split(rows, batch):
+                inputs = model_inputs(data, part)
+                tally.add(models.logits(weights, t, inputs), reference[part], models.valid(inputs))
+            out.append(tally.signals())
+        return out
+
+    return score
+
+
+def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName = "local", address: str | None = None,
+                     strict: bool = False) -> dict[str, Any]:
+    """`strict`: refuse to publish (exit 2) when the last step is worse than step 0 by the label-free guard."""
     start_time = time.perf_counter()
     tta = job.tta
     with ExitStack() as stack:
@@ -153,30 +205,53 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
         base, tasks, plan = open_inputs(job, stack)
         datasets = [load_task_data(tta.data[ck.name], ck.name, job.base, tta.max_length) for ck in tasks]
         models = build_task_models(plan, base, tasks)  # checks the adapter before any actor starts
-        runner = start_executor(job, plan, executor, address, loaded=(models, datasets))
+        splits = [holdout_split(num_rows(d), tta.holdout, tta.holdout_max_rows, tta.seed, ck.name) for ck, d in zip(tasks, datasets)]
+        guarded = all(held.numel() > 0 for held, _ in splits)
+        teachers, teacher_seconds = (prepare_teachers(job, plan, models, tasks, datasets)
+                                     if guarded or tta.objective == "distill" else (None, 0.0))
+        runner = start_executor(job, plan, executor, address, loaded=(models, datasets), teachers=teachers)
         stack.callback(runner.close)
-        streams = [IndexStream(ck.name, num_rows(data), tta.seed) for ck, data in zip(tasks, datasets)]
+        streams = [IndexStream(ck.name, num_rows(data), tta.seed, pool=pool if guarded else None)
+                   for ck, data, (_, pool) in zip(tasks, datasets, splits)]
+        guard = make_guard(runner, models, datasets, [held for held, _ in splits], tta.eval_batch_size) if guarded else None
         loop = LoopConfig(tta.steps, tta.batch_size, tta.checkpoint_every, tta.keep_checkpoints)
-        coordinator = Coordinator(runner, streams, loop, job_dir, spec_hash)
+        coordinator = Coordinator(runner, streams, loop, job_dir, spec_hash, guard)
         history = coordinator.run(resume)
         runner.stop_workers()  # the rest needs only the shards
         labelled = tta.evaluate and any("labels" in data for data in datasets)
         # unevaluated weights are only written: keep each in its output dtype as it arrives, not all of them in fp32
         out_dtypes = None if labelled else {e.key: e.out_dtype for e in plan.merged}
+        merges: dict[str, dict[str, torch.Tensor]] = {}
+        published, best = tta.steps, coordinator.best_state()
+        if tta.select == "best" and best is not None and best[0] != tta.steps:
+            if labelled:
+                merges["last_step"] = collect_weights(runner, "final")
+            runner.load_state({**runner.state(), **best[1]})
+            published = best[0]
         final = collect_weights(runner, "final", out_dtypes)
+        degraded = coordinator.track.degraded() if guard is not None else None
+        if degraded is not None and strict:
+            raise AdaptationDegraded(f"{job.method} ({tta.objective}) ended worse than its step-0 merge: {degraded}; nothing published",
+                                     f"try tta.objective: distill, a lower tta.lr, or fewer steps (checkpoints kept in {job_dir})")
+        if degraded is not None:
+            log.warning("%s (%s) ended worse than its step-0 merge: %s; publishing step %d (tta.select: %s)",
+                        job.method, tta.objective, degraded, published, tta.select)
         state = runner.state()
         report = {
             "method": job.method, "params": parse_adaptive_params(job.method, job.params).model_dump(by_alias=True),
-            "tta": tta.model_dump(mode="json"), "transductive": True, "steps": tta.steps, "executor": executor,
+            "tta": tta.model_dump(mode="json"), "transductive": True, "steps": tta.steps, "objective": tta.objective,
+            "published_step": published, "executor": executor,
+            "guard": {**coordinator.track.state(), "degraded": degraded, "heldout_rows": [int(h.numel()) for h, _ in splits]}
+            if guard is not None else None,
             "resources": job.resources.model_dump() if executor == "ray" else None, "recoveries": coordinator.recoveries,
             "resumed_from_step": coordinator.resumed_from,
             "history": history, "learned_ranks": runner.learned_ranks(), "lambda": state["lambda"].tolist(),
-            "timing": {"shard_build_seconds": round(runner.build_seconds, 3), "step_seconds": coordinator.step_seconds,
-                       "bytes_per_step": runner.bytes_last_step},
+            "timing": {"shard_build_seconds": round(runner.build_seconds, 3), "teacher_seconds": round(teacher_seconds, 3),
+                       "step_seconds": coordinator.step_seconds, "bytes_per_step": runner.bytes_last_step},
         }
         if labelled:
-            initial = collect_weights(runner, "initial")
-            report["accuracy"] = evaluate(models, plan, base, tasks, datasets, {"initial": initial, "merged": final}, tta.eval_batch_size)
+            merges = {"initial": collect_weights(runner, "initial"), "merged": final, **merges}
+            report["accuracy"] = evaluate(models, plan, base, tasks, datasets, merges, tta.eval_batch_size)
         export(job, plan, base, tasks, runner.hard_masks(), state["lambda"], final, report, start_time)
     return report
 

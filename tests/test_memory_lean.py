@@ -109,8 +109,8 @@ def test_bf16_llama_adapts_in_bf16_and_reports_entropy_and_timing(families, tmp_
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(llama_job(families, tmp_path, torch.bfloat16)))
     assert main(["run", str(tmp_path / "job.yaml")]) == 0
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
-    assert [len(h["entropy"]) for h in report["history"]] == [3, 3]
-    assert all(torch.isfinite(torch.tensor(h["entropy"])).all() for h in report["history"])
+    assert [len(h["task_loss"]) for h in report["history"]] == [3, 3]
+    assert all(torch.isfinite(torch.tensor(h["task_loss"])).all() for h in report["history"])
     assert len(report["timing"]["step_seconds"]) == 2 and report["timing"]["shard_build_seconds"] > 0
     assert_vocab_static(tmp_path / "out")
 
@@ -168,6 +168,6 @@ def test_bf16_llama_on_zero3_workers_matches_the_local_executor(families, tmp_pa
         job = job_from_dict(dict(spec, output=str(tmp_path / executor)), tmp_path)
         reports[executor] = run_adaptive_job(job, executor=executor)
         assert_vocab_static(tmp_path / executor)
-    local, ray_ = (torch.tensor([h["entropy"] for h in reports[e]["history"]]) for e in ("local", "ray"))
+    local, ray_ = (torch.tensor([h["task_loss"] for h in reports[e]["history"]]) for e in ("local", "ray"))
     torch.testing.assert_close(ray_, local, rtol=2e-2, atol=0)  # bf16 forward over other batch splits
     assert reports["ray"]["timing"]["bytes_per_step"] > 0

@@ -212,7 +212,7 @@ def test_every_adapter_adapts_and_exports(families, tmp_path, family, method, pa
         save_file(FAMILY_INPUTS[family](torch.Generator().manual_seed(i)), path)
         data[name] = str(path)
     spec = {"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": method, "params": params,
-            "output": str(tmp_path / "out"), "tta": {"data": data, "steps": 2, "batch_size": 4, "lr": 0.01}}
+            "output": str(tmp_path / "out"), "tta": {"data": data, "steps": 2, "batch_size": 4, "lr": 0.01, "select": "final"}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     assert main(["run", str(tmp_path / "job.yaml")]) == 0
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())

@@ -1,8 +1,9 @@
-"""EntropyWorker: one member of a data-parallel group that turns merged weights into entropy gradients ∂L/∂W.
+"""EntropyWorker: one member of a data-parallel group that turns merged weights into objective gradients ∂L/∂W.
 
-Each step every member takes its slice of each task's batch (the coordinator sends row indices; the data files are
-loaded once per worker), runs the task's own HF model class with the merged backbone and the task's head, and
-backpropagates Σ_t mean entropy_t to the merged weights. The group's gradients are the mean over members, i.e. the
+Each step every member takes its slice of each task's batch (the coordinator sends row indices; the data files and
+the teacher targets are loaded once per worker), runs the task's own HF model class with the merged backbone and the
+task's head, and backpropagates Σ_t loss_t (workers/tta/objectives.py: distill, entropy or infomax) to the merged
+weights. The group's gradients are the mean over members, i.e. the
 gradient of the full-batch mean, so any group size gives the same objective as one process.
 
 Two ways to hold the model (ALGORITHMS §10, DESIGN "Adaptive path"):
@@ -38,6 +39,8 @@ from torch import Tensor
 from workers.heap import map_large_blocks, return_freed_heap
 from workers.tta.adapters import TaskModels, build_task_models
 from workers.tta.data import load_task_data, model_inputs
+from workers.tta.objectives import Objective
+from workers.tta.teachers import read_teachers
 from workers.tta.sources import Sources, open_sources
 
 log = logging.getLogger(__name__)
@@ -60,15 +63,17 @@ class EntropyWorker:
     def __init__(self, sources: Sources, data: dict[str, Path], max_length: int, routes: list[list[str]],
                  rank: int = 0, world: int = 1, partition: Partition = "replicated", threads: int | None = None,
                  loaded: tuple[TaskModels, list[dict[str, Tensor]]] | None = None,
-                 compute_dtype: torch.dtype = torch.float32, static: frozenset[str] = frozenset()) -> None:
-        """`loaded`: task models and datasets the caller already holds (the in-process executor's driver has them
-        for evaluation), so they are not built and read a second time; replicated partition only. `static`: merged
-        tensors that are not adapted: they get no gradient."""
+                 compute_dtype: torch.dtype = torch.float32, static: frozenset[str] = frozenset(),
+                 objective: Objective = Objective(), teachers: Path | None = None) -> None:
+        """`loaded`: task models and datasets (teacher targets attached) the caller already holds (the in-process
+        executor's driver has them for evaluation), so they are not built and read a second time; replicated
+        partition only. `static`: merged tensors that are not adapted: they get no gradient. `teachers`: the job's
+        teacher-target cache (workers/tta/teachers.py)."""
         if threads:
             torch.set_num_threads(threads)
         map_large_blocks()
         self.rank, self.world, self.partition, self.routes = rank, world, partition, routes
-        self.compute_dtype = compute_dtype
+        self.compute_dtype, self.objective = compute_dtype, objective
         self.leaves: dict[str, Tensor] = {}
         self.label_counts: list[int] = []
         if loaded is not None and partition == "replicated":
@@ -79,6 +84,9 @@ class EntropyWorker:
                 self.models = build_task_models(plan, base, tasks)
                 self.label_counts = [len(ck.config.get("id2label") or {}) or int(ck.config.get("num_labels", 0)) for ck in tasks]
             self.data = [load_task_data(data[name], name, sources.base, max_length) for name in sources.models]
+            if teachers is not None:
+                for rows, targets in zip(self.data, read_teachers(teachers, list(sources.models))):
+                    rows.update(targets)
         self.keys = list(self.models.names[0])  # plan.merged order
         self.learned = [k for k in self.keys if k not in static]
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -140,7 +148,7 @@ class EntropyWorker:
 
     def _replicated_gradients(self, batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[float]]:
         leaves = self.leaves
-        per_task = [self.models.entropy(leaves, t, batch) for t, batch in enumerate(batches)]
+        per_task = [self.models.loss(leaves, t, batch, self.objective, _group_sum, self.world) for t, batch in enumerate(batches)]
         grads = torch.autograd.grad(torch.stack(per_task).sum(), [leaves[k] for k in self.learned], allow_unused=True)
         out = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(self.learned, grads)}
         if self.world > 1:
@@ -161,9 +169,10 @@ class EntropyWorker:
             with torch.no_grad():
                 for name, value in self.zero3_heads[t].items():
                     _write_partition(params[name], value, self.rank)
-            entropy = self.models.entropy_of_logits(engine(**self.models.model_kwargs(batch)).logits, batch)
-            engine.backward(entropy)
-            losses.append(float(entropy.detach()))
+            loss = self.models.loss_of_logits(engine(**self.models.model_kwargs(batch)).logits, batch, self.objective,
+                                              _group_sum, self.world)
+            engine.backward(loss)
+            losses.append(float(loss.detach()))
         # views into DeepSpeed's gradient buffer, no copy: the caller ships them before the next step zeroes it
         local = {key: self.grad_views[params[names[key]].ds_id] for key in self.learned}
         engine.optimizer.zero_grad()
@@ -172,6 +181,13 @@ class EntropyWorker:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _group_sum(value: Tensor) -> Tensor:
+    """Sum over the data-parallel group (infomax's batch-mean prediction spans every rank's rows)."""
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total
 
 
 def zero3_config(compute_dtype: torch.dtype) -> dict:

@@ -105,13 +105,3 @@ class TaskVectorSum(torch.autograd.Function):
         g = grad.float()
         grad_lam = torch.stack([torch.vdot(taus[t].float().reshape(-1), g.reshape(-1)) for t in range(taus.shape[0])])
         return None, grad_lam.to(lam.dtype), None
-
-
-def mean_entropy(logits: Tensor, valid: Tensor | None = None) -> Tensor:
-    """Mean over the batch of −Σ_c softmax·log_softmax (over valid positions first, for sequence outputs)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    if entropy.dim() == 2:  # [B, L] token positions: mean over each sequence's valid positions
-        mask = torch.ones_like(entropy) if valid is None else valid.to(entropy.dtype)
-        entropy = (entropy * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return entropy.mean()

@@ -18,9 +18,9 @@ from torch.func import functional_call
 
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.errors import MergeInputError
-from workers.methods.adaptive import mean_entropy
 from workers.plan import MergePlan
 from workers.roles import Role
+from workers.tta.objectives import GroupSum, Objective, entropy, objective_loss
 
 # architecture class -> (output kind, input tensor names)
 ADAPTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -66,13 +66,21 @@ class TaskModels:
             kwargs["interpolate_pos_encoding"] = True
         return kwargs
 
-    def entropy(self, weights: dict[str, Tensor], task: int, batch: dict[str, Tensor]) -> Tensor:
-        return self.entropy_of_logits(self.logits(weights, task, batch), batch)
+    def valid(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """Which outputs count: each sequence's real (non-padding) tokens for causal LMs, every row otherwise."""
+        return batch.get("attention_mask") if self.kind == "causal_lm" else None
 
-    def entropy_of_logits(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """Mean prediction entropy; for causal LMs over each sequence's real (non-padding) tokens."""
-        valid = batch.get("attention_mask") if self.kind == "causal_lm" else None
-        return mean_entropy(logits, valid)
+    def entropy(self, weights: dict[str, Tensor], task: int, batch: dict[str, Tensor]) -> Tensor:
+        return entropy(self.logits(weights, task, batch), self.valid(batch))
+
+    def loss(self, weights: dict[str, Tensor], task: int, batch: dict[str, Tensor], objective: Objective,
+             group_sum: GroupSum | None = None, world: int = 1) -> Tensor:
+        return self.loss_of_logits(self.logits(weights, task, batch), batch, objective, group_sum, world)
+
+    def loss_of_logits(self, logits: Tensor, batch: dict[str, Tensor], objective: Objective,
+                       group_sum: GroupSum | None = None, world: int = 1) -> Tensor:
+        """The task's objective on one batch (workers/tta/objectives.py); teacher rows ride in the batch."""
+        return objective_loss(objective, logits, batch, self.valid(batch), group_sum, world)
 
 
 def build_task_models(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> TaskModels:

@@ -20,8 +20,10 @@ from torch import Tensor
 
 from workers.errors import MergeInputError
 from workers.methods.elementwise import stable_seed
+from workers.tta.objectives import TEACHER_INDEX, TEACHER_LOGITS
 
 INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask")
+TARGET_KEYS = (TEACHER_LOGITS, TEACHER_INDEX)  # label-free targets computed before step 1 (workers/tta/teachers.py)
 
 
 def load_task_data(path: str | Path, task: str, base_dir: Path | None = None, max_length: int = 128) -> dict[str, Tensor]:
@@ -106,7 +108,8 @@ def _image_folder(path: Path, task: str, base_dir: Path | None) -> dict[str, Ten
 class IndexStream:
     """Cyclic, seeded, per-epoch shuffled row indices of one task's data; (epoch, position) is the whole state.
 
-    Only the row count is needed, so the coordinator can own the cursors while workers hold the data.
+    Only the row count is needed, so the coordinator can own the cursors while workers hold the data. `pool`: the
+    rows to draw from (default all `size` rows; the label-free guard holds some out, workers/tta/guard.py).
     """
 
     task: str
@@ -114,12 +117,18 @@ class IndexStream:
     seed: int
     epoch: int = 0
     position: int = 0
+    pool: Tensor | None = field(default=None, repr=False)
     _order: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.pool is not None:
+            self.size = int(self.pool.numel())
 
     def _permutation(self) -> Tensor:
         if self._order is None:
             gen = torch.Generator().manual_seed(stable_seed(self.seed, self.task, self.epoch))
-            self._order = torch.randperm(self.size, generator=gen)
+            order = torch.randperm(self.size, generator=gen)
+            self._order = order if self.pool is None else self.pool[order]
         return self._order
 
     def next_indices(self, batch_size: int) -> Tensor:
@@ -141,8 +150,8 @@ class IndexStream:
 
 
 def model_inputs(tensors: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
-    """The model-input rows `index` of a task's data (labels never reach the model)."""
-    return {k: v[index] for k, v in tensors.items() if k in INPUT_KEYS}
+    """The model-input rows `index` of a task's data, with their teacher targets (labels never reach the model)."""
+    return {k: v[index] for k, v in tensors.items() if k in INPUT_KEYS or k in TARGET_KEYS}
 
 
 def num_rows(tensors: dict[str, Tensor]) -> int:

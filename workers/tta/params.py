@@ -58,6 +58,17 @@ class TTAConfig(Params):
     evaluate: bool = Field(True, description="report per-task accuracy where the data has labels")
     eval_batch_size: int = Field(256, ge=1)
     max_length: int = Field(128, ge=1, description="token length for .jsonl text data")
+    objective: Literal["distill", "entropy", "infomax"] = Field(
+        "distill", description="distill: KL from each task's own fine-tuned model on the same unlabeled inputs (teacher "
+                               "outputs computed once before step 1); entropy: the papers' prediction-entropy "
+                               "minimisation; infomax: entropy minus the entropy of the batch-mean prediction")
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="distill: softmax temperature T (loss scaled by T²)")
+    holdout: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of each task's rows held out of adaptation for the "
+                                                            "label-free guard (0: no guard)")
+    holdout_max_rows: int = Field(512, ge=1, description="at most this many held-out rows per task")
+    select: Literal["best", "final"] = Field(
+        "best", description="best: publish the state the label-free guard scored highest (agreement with the task "
+                            "models on held-out inputs, at step 0 and every checkpoint); final: the last step")
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="dtype of the entropy forward/backward and of the weights and gradients sent between shards and "
                             "workers; auto: bfloat16 when every merged tensor is exported as bfloat16 (the forward then runs the "

@@ -1,0 +1,102 @@
+"""Teacher targets: each task's own fine-tuned model (its backbone and head) on every row of that task's unlabeled
+data, computed once before step 1 and cached in the job directory.
+
+The teachers are frozen and the data is fixed, so the targets are constants: one forward per example and task in
+the whole job, instead of one teacher forward per step. They feed the `distill` objective and the label-free guard
+(workers/tta/guard.py). Classification keeps the N×C logits; causal LMs keep the top-k logits per token with their
+vocabulary ids (k = TOP_K covers almost all probability mass; a full-vocabulary cache would be N·L·V floats).
+
+The cache is `<job_dir>/teachers.safetensors` (`<task>/teacher_logits`, `<task>/teacher_index`), its metadata names
+the job identity it was computed for and a sidecar holds its sha256: a resume reuses it only when both match, and
+recomputes (same values: same inputs, same order) otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from workers.checkpoint_reader import ModelCheckpoint
+from workers.plan import MergePlan
+from workers.tta.adapters import TaskModels
+from workers.tta.data import model_inputs, num_rows
+from workers.tta.objectives import TEACHER_INDEX, TEACHER_LOGITS
+
+log = logging.getLogger(__name__)
+TOP_K = 64
+CACHE = "teachers.safetensors"
+
+
+@torch.no_grad()
+def teacher_targets(models: TaskModels, plan: MergePlan, tasks: list[ModelCheckpoint], datasets: list[dict[str, Tensor]],
+                    batch: int, dtype: torch.dtype) -> list[dict[str, Tensor]]:
+    """Per task: the task model's outputs on every row (TEACHER_LOGITS, and TEACHER_INDEX for causal LMs)."""
+    out = []
+    for t, (ck, data) in enumerate(zip(tasks, datasets)):
+        own = {e.key: ck.read(e.sources[t]).to(dtype) for e in plan.merged}
+        values, index = [], []
+        rows = num_rows(data)
+        for start in tqdm(range(0, rows, batch), desc=f"teacher {ck.name}", disable=None, leave=False):
+            logits = models.logits(own, t, model_inputs(data, torch.arange(start, min(start + batch, rows)))).float()
+            if models.kind == "causal_lm":
+                top = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1)
+                values.append(top.values)
+                index.append(top.indices.to(torch.int32))
+            else:
+                values.append(logits)
+        targets = {TEACHER_LOGITS: torch.cat(values)}
+        if index:
+            targets[TEACHER_INDEX] = torch.cat(index)
+        out.append(targets)
+        del own
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_teachers(job_dir: Path, names: list[str], targets: list[dict[str, Tensor]], identity: str) -> Path:
+    """Write the cache atomically (temp file, fsync, rename) with its identity and checksum."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    path, tmp = job_dir / CACHE, job_dir / f".{CACHE}.tmp"
+    flat = {f"{name}/{key}": value.contiguous() for name, part in zip(names, targets) for key, value in part.items()}
+    save_file(flat, tmp, metadata={"identity": identity})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    sidecar = job_dir / f".{CACHE}.sha256.tmp"
+    sidecar.write_text(json.dumps({"sha256": _sha256(tmp), "identity": identity}))
+    os.replace(tmp, path)
+    os.replace(sidecar, job_dir / f"{CACHE}.sha256")
+    return path
+
+
+def load_teachers(job_dir: Path, names: list[str], identity: str) -> list[dict[str, Tensor]] | None:
+    """The cached targets when they belong to this job and are intact; None otherwise (then recompute)."""
+    path = job_dir / CACHE
+    try:
+        record = json.loads((job_dir / f"{CACHE}.sha256").read_text())
+        if not isinstance(record, dict) or record.get("identity") != identity or record.get("sha256") != _sha256(path):
+            log.warning("teacher cache in %s does not match this job or is damaged: recomputing it", job_dir)
+            return None
+        return read_teachers(path, names)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def read_teachers(path: Path, names: list[str]) -> list[dict[str, Tensor]]:
+    """The cache split per task, in `names` order (workers read the file the driver verified and wrote)."""
+    flat = load_file(str(path))
+    return [{key.split("/", 1)[1]: v for key, v in flat.items() if key.split("/", 1)[0] == name} for name in names]
