@@ -50,11 +50,23 @@ def run_demo(workdir: Path, steps: int = 100, executor: str = "ray", suite_root:
     adapted = time.perf_counter() - start
 
     lines = [f"rankmerge demo: suite {name} ({len(models)} tasks) in {suite.root} (built/reused in {built:.0f} s)",
-             f"AdaRank-TA: {steps} entropy steps on the unlabeled test inputs, {executor} executor "
+             f"AdaRank-TA: {steps} steps distilling the task models on the unlabeled test inputs, {executor} executor "
              f"(2 SpectralShard actors + 1 EntropyWorker), {adapted:.0f} s; output {out}", "",
              f"{'task':<20}{'pretrained':>12}{'individual':>12}{'TA λ=0.3':>12}{'AdaRank-TA':>12}"]
     for task, row in report["accuracy"].items():
         cells = (row["pretrained"], row["individual"], ta_table[task]["merged"], row["merged"])
         lines.append(f"{task:<20}" + "".join(f"{100 * c:>11.1f}%" for c in cells))
-    lines += ["", "test accuracy; AdaRank's masks and λ are in <output>/adaptive/, learned ranks in merge_report.json"]
+    lines += ["", verdict(report, ta_table["average"]["merged"]),
+              "test accuracy; AdaRank's masks and λ are in <output>/adaptive/, learned ranks in merge_report.json"]
     return "\n".join(lines)
+
+
+def verdict(report: dict, ta_average: float) -> str:
+    """One plain sentence: did the adaptive merge beat Task Arithmetic, and if not, why (from the label-free guard)."""
+    gain = 100 * (report["accuracy"]["average"]["merged"] - ta_average)
+    published = f"published step {report['published_step']} of {report['steps']}"
+    if gain > 0:
+        return f"AdaRank-TA beats Task Arithmetic by {gain:.1f} points on average ({published})."
+    guard = report.get("guard") or {}
+    reason = guard.get("degraded") or "the guard saw no held-out improvement over step 0 within these steps"
+    return f"AdaRank-TA does not beat Task Arithmetic here ({gain:+.1f} points, {published}): {reason}."

@@ -16,7 +16,9 @@ def test_main_job_runs_adarank_on_an_embedded_ray_and_prints_the_table(vision_sm
     lines = text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("task"))
     assert lines[header].split()[1:] == ["pretrained", "individual", "TA", "λ=0.3", "AdaRank-TA"]
-    rows = {line.split()[0]: line.split()[1:] for line in lines[header + 1:] if line.strip() and line.split()[0] != "test"}
+    end = lines.index("", header)
+    rows = {line.split()[0]: line.split()[1:] for line in lines[header + 1:end]}
+    assert lines[end + 1].startswith("AdaRank-TA "), "the demo says whether the adaptive merge beat Task Arithmetic"
     assert set(rows) == {*vision_smoke_suite.task_dirs, "average"}
     assert all(len(cells) == 4 and all(c.endswith("%") for c in cells) for cells in rows.values())
     report = json.loads((tmp_path / "out" / "adarank_ta" / "merge_report.json").read_text())

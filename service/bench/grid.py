@@ -38,6 +38,7 @@ class BenchMethod:
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     seeds: tuple[int, ...] = ()  # random methods: the chosen parameters are re-run with these seeds and averaged
     initial: tuple[str, dict[str, Any]] | None = None  # adaptive: the static job equal to the adaptive model at step 0
+    tta: dict[str, Any] = field(default_factory=dict)  # adaptive: the job's tta settings besides steps/lr/batch
 
     def candidates(self) -> list[dict[str, Any]]:
         """Every parameter set to try: the fixed ones with each point of the grid's cartesian product."""
@@ -63,11 +64,24 @@ STEP0 = {"ta": ("task_arithmetic", "lambda", {}), "cart": ("cart", "lambda", {"r
          "tsv_m": ("tsv_m", "alpha", {}), "iso_cts": ("iso_cts", "alpha", {"common_fraction": _ADARANK["common_fraction"].default})}
 
 
-def _adarank(factorization: str, label: str) -> BenchMethod:
+# The papers' objective, as they run it: entropy minimisation, final step. Our default rows distil from the task
+# models and publish the label-free guard's best state (workers/tta/guard.py); both are label-free.
+PAPER = {"objective": "entropy", "select": "final"}
+
+
+def _adarank(factorization: str, label: str, tta: dict[str, Any] | None = None) -> BenchMethod:
     lambda0 = DEFAULT_LAMBDA[factorization]
     static, scale, shared = STEP0[factorization]
-    return BenchMethod(f"adarank_{factorization}", label, ADAPTIVE, "adaptive", "adarank",
-                       {"factorization": factorization, "lambda": lambda0}, initial=(static, {**shared, scale: lambda0}))
+    suffix = "_entropy" if tta else ""
+    return BenchMethod(f"adarank_{factorization}{suffix}", label, ADAPTIVE, "adaptive", "adarank",
+                       {"factorization": factorization, "lambda": lambda0}, initial=(static, {**shared, scale: lambda0}),
+                       tta=tta or {})
+
+
+def _adamerging(label: str, tta: dict[str, Any] | None = None) -> BenchMethod:
+    return BenchMethod("adamerging_entropy" if tta else "adamerging", label, ADAPTIVE, "adaptive", "adamerging",
+                       {"lambda": DEFAULT_LAMBDA["ta"]}, initial=("task_arithmetic", {"lambda": DEFAULT_LAMBDA["ta"]}),
+                       tta=tta or {})
 
 
 METHODS: tuple[BenchMethod, ...] = (
@@ -89,12 +103,14 @@ METHODS: tuple[BenchMethod, ...] = (
     BenchMethod("tsv_m", "TSV-M", SPECTRAL, "static", "tsv_m", grid={"alpha": ALPHAS}),
     BenchMethod("iso_c", "Iso-C", SPECTRAL, "static", "iso_c", grid={"alpha": ALPHAS}),
     BenchMethod("iso_cts", "Iso-CTS", SPECTRAL, "static", "iso_cts", grid={"common_fraction": (0.6, 0.8), "alpha": ALPHAS}),
-    BenchMethod("adamerging", "TA+AdaMerging", ADAPTIVE, "adaptive", "adamerging", {"lambda": DEFAULT_LAMBDA["ta"]},
-                initial=("task_arithmetic", {"lambda": DEFAULT_LAMBDA["ta"]})),
-    _adarank("ta", "TA+AdaRank"),
-    _adarank("cart", "CART+AdaRank"),
-    _adarank("tsv_m", "TSV-M+AdaRank"),
-    _adarank("iso_cts", "Iso-CTS+AdaRank"),
+    _adamerging("TA+AdaMerging (entropy)", PAPER),
+    _adarank("ta", "TA+AdaRank (entropy)", PAPER),
+    _adarank("cart", "CART+AdaRank (entropy)", PAPER),
+    _adamerging("TA+AdaMerging (distill)"),
+    _adarank("ta", "TA+AdaRank (distill)"),
+    _adarank("cart", "CART+AdaRank (distill)"),
+    _adarank("tsv_m", "TSV-M+AdaRank (distill)"),
+    _adarank("iso_cts", "Iso-CTS+AdaRank (distill)"),
 )
 BY_NAME = {m.name: m for m in METHODS}
 

@@ -135,7 +135,8 @@ def seed_average(ctx: BenchContext, method: BenchMethod, params: dict[str, Any],
 
 
 def run_adaptive(ctx: BenchContext, method: BenchMethod) -> dict[str, Any]:
-    """Both protocols from the paper's initial parameters; the final step is reported, nothing is selected."""
+    """Both protocols from the paper's initial parameters; the published step is the final one (`select: final`) or
+    the label-free guard's best (held-out agreement with the task models); no label is read."""
     folder = run_dir(ctx.results, method.name)
     adapt_data = {"transductive": ctx.data.test_inputs, "heldout": ctx.data.adapt}
     protocols, accuracy, record = {}, {}, {}
@@ -148,19 +149,21 @@ def run_adaptive(ctx: BenchContext, method: BenchMethod) -> dict[str, Any]:
         start = time.perf_counter()
         output = folder / protocol
         tta = {"data": {t: str(p) for t, p in adapt_data[protocol].items()}, "steps": ctx.tta.steps, "lr": ctx.tta.lr,
-               "batch_size": ctx.tta.batch_size, "seed": ctx.seed, "checkpoint_every": ctx.tta.steps,
-               "keep_checkpoints": 1, "evaluate": False}
+               "batch_size": ctx.tta.batch_size, "seed": ctx.seed, "checkpoint_every": max(ctx.tta.steps // 10, 1),
+               "keep_checkpoints": 1, "evaluate": False, **method.tta}
         report = _run_job(ctx, method.method, method.fixed, output, tta)
         accuracy[split] = ctx.evaluator.score(output, split)
         history = report["history"]
         protocols[protocol] = {
             "adapt_on": adapt_on, "report_on": split, "output": ctx.relative(output), "job": ctx.relative(output.with_suffix(".yaml")),
             "loss": {"first": history[0]["loss"], "last": history[-1]["loss"]}, "mask_flips": sum(h["flips"] for h in history),
+            "objective": report["objective"], "published_step": report["published_step"], "guard": report["guard"],
             "wall_seconds": round(time.perf_counter() - start, 3),
         }
     return {**record, "params": method.fixed, "resolved_params": report["params"],
             "tta": {"steps": ctx.tta.steps, "lr": ctx.tta.lr, "batch_size": ctx.tta.batch_size},
-            "selection": {"split": None, "criterion": "none: the paper's initial parameters, final step reported"},
+            "selection": {"split": None, "criterion": "the paper's initial parameters; final step, or the label-free "
+                                                      "guard's best state (tta.select)"},
             "protocols": protocols, "accuracy": accuracy}
 
 

@@ -26,6 +26,7 @@ SUITES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "vision8": ("service.suites.vision", "build_vision_suite", {"suite": "vision8"}),
     "vision14": ("service.suites.vision", "build_vision_suite", {"suite": "vision14"}),
     "vision20": ("service.suites.vision", "build_vision_suite", {"suite": "vision20"}),
+    "shift5": ("service.suites.vision", "build_vision_suite", {"suite": "shift5"}),
 }
 
 

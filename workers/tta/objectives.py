@@ -92,4 +92,8 @@ def objective_loss(objective: Objective, logits: Tensor, batch: dict[str, Tensor
         return infomax(logits, valid, group_sum, world)
     if TEACHER_LOGITS not in batch:
         raise ValueError("the distill objective needs the teachers' outputs in each batch")
-    return distill(logits, batch[TEACHER_LOGITS], batch.get(TEACHER_INDEX), valid, objective.temperature)
+    teacher, index = batch[TEACHER_LOGITS], batch.get(TEACHER_INDEX)
+    if index is None and logits.shape[-1] > teacher.shape[-1]:
+        # a ZeRO-3 module's head is as wide as the widest task's; the padded classes have zero probability
+        logits = logits[..., : teacher.shape[-1]]
+    return distill(logits, teacher, index, valid, objective.temperature)
