@@ -27,8 +27,22 @@ def _key_value(text: str, flag: str) -> tuple[str, str]:
     return key, value
 
 
-def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
-    """Build the job dict from a YAML file and/or flags; flags win over the file."""
+def _from_cwd(path: str) -> str:
+    """Path flags are relative to the current directory, whatever spec file they override (its paths are relative
+    to its own folder)."""
+    return str(Path(path).absolute())
+
+
+def path_origin(field: str, flags: dict[str, str], spec: str | None) -> str:
+    """Where the user wrote the path of spec field `field`: the flag that set it, else the spec file."""
+    if field in flags:
+        return f"{flags[field]} (relative to the current directory)"
+    return f"`{field}` in the job spec {spec} (relative to the spec's folder)"
+
+
+def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, str]]:
+    """Build the job dict from a YAML file and/or flags; flags win over the file. Also returns the path fields set
+    by flags (field -> the flag as given), so a bad path's message can say where it came from."""
     from service.spec import load_job_file
 
     if args.job:
@@ -38,20 +52,21 @@ def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         missing = [f for f, v in (("--base", args.base), ("--model", args.model), ("--method", args.method), ("--out", args.out)) if not v]
         if missing:
             raise MergeInputError(f"missing {', '.join(missing)}", "give a job.yaml or all of --base, --model, --method, --out")
+    flags: dict[str, str] = {}
     if args.base:
-        data["base"] = args.base
+        data["base"], flags["base"] = _from_cwd(args.base), f"--base {args.base}"
     if args.model:
         models: dict[str, str] = {}
         for item in args.model:
             name, path = _key_value(item, "--model")
             if name in models:
                 raise MergeInputError(f"duplicate task name {name!r}", "give every --model a unique NAME")
-            models[name] = path
+            models[name], flags[f"models.{name}"] = _from_cwd(path), f"--model {item}"
         data["models"] = models
     if args.method:
         data["method"] = args.method
     if args.out:
-        data["output"] = args.out
+        data["output"], flags["output"] = _from_cwd(args.out), f"--out {args.out}"
     params = dict(data.get("params") or {})
     for item in args.set or []:
         key, value = _key_value(item, "--set")
@@ -64,15 +79,26 @@ def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         data["out_dtype"] = args.out_dtype
     if args.max_shard_size:
         data["max_shard_size"] = args.max_shard_size
-    return data, root
+    return data, root, flags
+
+
+def _refuse_adaptive(method: Any, spec: str | None) -> None:
+    """`merge` runs static merges; an adaptive method needs `run` (test-time data, checkpoints)."""
+    from workers.tta.params import ADAPTIVE_METHODS
+
+    if method in ADAPTIVE_METHODS:
+        raise MergeInputError(f"method {method!r} adapts at test time and is not a static merge",
+                              f"run it with `rankmerge run {spec or 'job.yaml'}` (its spec needs a `tta:` block with data per task)")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from service.merge_job import run_merge_job, summarize_report
-    from service.spec import job_from_dict
+    from service.spec import check_inputs_exist, job_from_dict
 
-    data, root = job_data_from_args(args)
+    data, root, flags = job_data_from_args(args)
+    _refuse_adaptive(data.get("method"), args.job)
     job = job_from_dict(data, root)
+    check_inputs_exist(job, lambda field: path_origin(field, flags, args.job))
     result = run_merge_job(job, dry_run=args.dry_run)
     if isinstance(result, str):
         print(result)
@@ -91,13 +117,14 @@ def format_accuracy(table: dict) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from service.merge_job import run_merge_job, summarize_report
-    from service.spec import job_from_dict, load_job_file
+    from service.spec import check_inputs_exist, job_from_dict, load_job_file
     from service.tta_job import run_adaptive_job
 
     data = load_job_file(args.job)
     if args.overwrite:
         data["overwrite"] = True
     job = job_from_dict(data, Path(args.job).resolve().parent)
+    check_inputs_exist(job, lambda field: path_origin(field, {}, args.job))
     if args.dry_run:
         from service.tta_job import dry_run_adaptive_job
 
@@ -153,12 +180,20 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_entry(name: str, summary: str, params: type) -> str:
+    defaults = ", ".join(f"{f.alias or n}={f.default}" for n, f in params.model_fields.items())
+    return f"{name:<16} {summary}\n{'':<16} defaults: {defaults or '-'}"
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from workers.methods.registry import METHODS
+    from workers.tta.params import ADAPTIVE_METHODS
 
     for name, cls in METHODS.items():
-        params = ", ".join(f"{f.alias or n}={f.default}" for n, f in cls.Params.model_fields.items())
-        print(f"{name:<16} {cls.summary}\n{'':<16} defaults: {params or '-'}")
+        print(_method_entry(name, cls.summary, cls.Params))
+    for name, params in ADAPTIVE_METHODS.items():
+        doc = (params.__doc__ or name).strip().splitlines()[0]
+        print(_method_entry(name, f"[adaptive: `rankmerge run`, needs a `tta:` block] {doc}", params))
     return 0
 
 

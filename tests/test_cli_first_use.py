@@ -1,8 +1,12 @@
 """What a first-time user trips over: each defect of the first-use review, through the real CLI on real files."""
 
+import shutil
+
 import pytest
+import yaml
 
 from service.cli import main
+from conftest import make_adaptive_spec
 
 
 def merge_args(base, tasks, method, out, *extra):
@@ -28,3 +32,47 @@ def test_ties_dry_run_with_model_scope_forecasts(kind, families, tmp_path, capsy
     text = capsys.readouterr().out
     assert "trim thresholds (1/2)" in text and "predicted wall time" in text
     assert not out.exists()
+
+
+def write_spec(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def relative_ties_spec(families, tmp_path):
+    """specs/ties.yaml whose paths are relative to specs/ (the family copied beside it)."""
+    base, tasks = families("vit")
+    root = tmp_path / "m"
+    shutil.copytree(base, root / "base")
+    for name, path in tasks.items():
+        shutil.copytree(path, root / name)
+    spec = {"base": "../m/base", "models": {name: f"../m/{name}" for name in tasks}, "method": "ties", "output": "out/fromspec"}
+    return write_spec(tmp_path / "specs" / "ties.yaml", spec), spec
+
+
+def test_path_flags_are_relative_to_the_current_directory(families, tmp_path, monkeypatch, capsys):
+    spec_file, spec = relative_ties_spec(families, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", "specs/ties.yaml", "--out", "out/x", "--base", "m/base"]) == 0
+    assert (tmp_path / "out" / "x" / "model.safetensors").exists() and not (tmp_path / "specs" / "out").exists()
+    capsys.readouterr()
+    assert_user_error(main(["merge", "specs/ties.yaml", "--out", "out/y", "--base", "base"]), capsys.readouterr().err,
+                      "base: path", "check --base base (relative to the current directory)")
+    assert_user_error(main(["merge", "specs/ties.yaml", "--out", "out/y", "--model", "task0=task0"]), capsys.readouterr().err,
+                      "models.task0: path", "check --model task0=task0 (relative to the current directory)")
+    write_spec(spec_file, dict(spec, models={**spec["models"], "task1": "../m/gone"}))
+    assert_user_error(main(["merge", "specs/ties.yaml", "--out", "out/y"]), capsys.readouterr().err,
+                      "models.task1: path", "`models.task1` in the job spec specs/ties.yaml (relative to the spec's folder)")
+    assert not (tmp_path / "out" / "y").exists()
+
+
+def test_merge_of_an_adaptive_spec_points_to_run_and_methods_lists_it(families, tmp_path, capsys):
+    spec = write_spec(tmp_path / "adarank.yaml", make_adaptive_spec(families, tmp_path))
+    assert_user_error(main(["merge", str(spec)]), capsys.readouterr().err, "'adarank' adapts at test time", f"rankmerge run {spec}")
+    assert not (tmp_path / "out").exists()
+    assert main(["methods"]) == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line and not line[0].isspace()}
+    for name in ("adarank", "adamerging"):
+        assert "adaptive" in listed[name] and "rankmerge run" in listed[name]
+    assert "ties" in listed and "adaptive" not in listed["ties"]
