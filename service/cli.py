@@ -115,11 +115,22 @@ def format_accuracy(table: dict) -> str:
     return "\n".join(lines)
 
 
+def steps_summary(history: list[dict[str, Any]], resumed_from: int | None) -> str:
+    """Steps this process ran, and where it picked up: a resumed run's history starts at step 1, not at the resume."""
+    done = len(history) - (resumed_from or 0)
+    where = f" (resumed at step {resumed_from}; {len(history)} in all)" if resumed_from is not None else ""
+    return (f"{done} steps this run{where}, loss {history[0]['loss']:.4f} at step 1 -> "
+            f"{history[-1]['loss']:.4f} at step {len(history)}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from service.merge_job import run_merge_job, summarize_report
     from service.spec import check_inputs_exist, job_from_dict, load_job_file
     from service.tta_job import run_adaptive_job
 
+    if args.resume and args.restart:
+        raise MergeInputError("--resume and --restart contradict each other",
+                              "pass --resume to continue the last run, or --restart to start over")
     data = load_job_file(args.job)
     if args.overwrite:
         data["overwrite"] = True
@@ -138,10 +149,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not job.adaptive:
         print(summarize_report(run_merge_job(job)))
         return 0
-    report = run_adaptive_job(job, resume=args.resume, executor=args.executor, address=args.address)
-    history = report["history"]
-    if history:
-        print(f"{job.method}: {len(history)} steps this run, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}")
+    report = run_adaptive_job(job, resume=args.resume, executor=args.executor, address=args.address, restart=args.restart)
+    if report["history"]:
+        print(f"{job.method}: {steps_summary(report['history'], report.get('resumed_from_step'))}")
     if report.get("accuracy"):
         print(format_accuracy(report["accuracy"]))
     print(f"output: {job.output} (report: {job.output / 'merge_report.json'}; checkpoints: {job.resolved_job_dir})")
@@ -226,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job spec in-process: static, or adaptive (AdaRank/AdaMerging) with checkpoints")
     run.add_argument("job", help="job spec YAML")
     run.add_argument("--resume", action="store_true", help="continue from the job's last intact checkpoint")
+    run.add_argument("--restart", action="store_true",
+                     help="start over: remove the job's checkpoints (with --overwrite, replace a published output too)")
     run.add_argument("--dry-run", action="store_true",
                      help="check everything and predict wall time and peak memory (in-process executor) from a measured sample; write nothing")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from contextlib import ExitStack
 from typing import Any, Literal
@@ -23,7 +24,7 @@ from cluster.sharding import shard_columns
 from service.merge_job import open_inputs
 from service.spec import MergeJob, parse_adaptive_params
 from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import StreamingCheckpointWriter, parse_size
+from workers.checkpoint_writer import StreamingCheckpointWriter, check_output_free, parse_size
 from workers.errors import MergeInputError
 from workers.plan import MergePlan, build_plan
 from workers.static_merge import peak_rss_bytes, write_heads, write_weights
@@ -143,13 +144,19 @@ def dry_run_adaptive_job(job: MergeJob) -> str:
     ])
 
 
-def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName = "local", address: str | None = None) -> dict[str, Any]:
+def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName = "local", address: str | None = None,
+                     restart: bool = False) -> dict[str, Any]:
     start_time = time.perf_counter()
     tta = job.tta
     with ExitStack() as stack:
         job_dir, spec_hash = job.resolved_job_dir, job.spec_hash()
         if not resume and any((job_dir / "checkpoints").glob("step_*")):  # before any heavy work
-            raise MergeInputError(f"{job_dir} already holds checkpoints of a run", "pass --resume to continue it, or remove the job_dir")
+            if not restart:
+                raise MergeInputError(f"{job_dir} already holds checkpoints of a run",
+                                      "pass --resume to continue it, or --restart to start over (removes its checkpoints)")
+            check_output_free(job.output, job.overwrite)  # a refused restart removes nothing
+            log.warning("restart: removing the checkpoints in %s", job_dir)
+            shutil.rmtree(job_dir / "checkpoints")
         base, tasks, plan = open_inputs(job, stack)
         datasets = [load_task_data(tta.data[ck.name], ck.name, job.base, tta.max_length) for ck in tasks]
         models = build_task_models(plan, base, tasks)  # checks the adapter before any actor starts

@@ -76,3 +76,24 @@ def test_merge_of_an_adaptive_spec_points_to_run_and_methods_lists_it(families, 
     for name in ("adarank", "adamerging"):
         assert "adaptive" in listed[name] and "rankmerge run" in listed[name]
     assert "ties" in listed and "adaptive" not in listed["ties"]
+
+
+def test_restart_and_resume_summary_of_an_adaptive_run(families, tmp_path, capsys):
+    spec = write_spec(tmp_path / "adarank.yaml", make_adaptive_spec(families, tmp_path, steps=4))
+    checkpoints, out = tmp_path / "out.job" / "checkpoints", tmp_path / "out"
+    assert main(["run", str(spec)]) == 0
+    assert "4 steps this run, loss" in capsys.readouterr().out
+    assert_user_error(main(["run", str(spec)]), capsys.readouterr().err, "already holds checkpoints", "--resume", "--restart")
+    assert_user_error(main(["run", str(spec), "--restart", "--resume"]), capsys.readouterr().err, "--resume and --restart")
+    assert_user_error(main(["run", str(spec), "--restart"]), capsys.readouterr().err, "already exists", "--overwrite")
+    assert sorted(p.name for p in checkpoints.iterdir())[-1] == "step_00000004"  # a refused restart removes nothing
+
+    shutil.rmtree(checkpoints / "step_00000004")  # as if the run had stopped after step 2
+    assert main(["run", str(spec), "--resume", "--overwrite"]) == 0
+    assert "2 steps this run (resumed at step 2; 4 in all)" in capsys.readouterr().out
+
+    stale = checkpoints / "step_00000099"
+    stale.mkdir()
+    assert main(["run", str(spec), "--restart", "--overwrite"]) == 0
+    assert "4 steps this run, loss" in capsys.readouterr().out
+    assert not stale.exists() and (checkpoints / "step_00000004").is_dir()
