@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -214,9 +216,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+VERBOSE_HELP = "log progress details"
+
+
+def _accept_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`-v` after any (sub)command as well as before it; SUPPRESS keeps a subcommand from resetting a leading -v."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+                _accept_verbose_everywhere(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankmerge", description="Merge fine-tuned checkpoints of one base model.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="run a static merge in-process")
@@ -265,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     add_bench_commands(sub)
     add_job_commands(sub)
+    _accept_verbose_everywhere(parser)
     return parser
 
 
@@ -279,6 +294,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was published", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """The reader of stdout closed it (`rankmerge schema | head`): nothing is wrong, so no traceback. Point stdout at
+    /dev/null so the interpreter's last flush cannot fail again; exit as a process killed by SIGPIPE does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[
 def prepare(job: MergeJob, stack: ExitStack) -> PreparedMerge:
     base, tasks, plan = open_inputs(job, stack)
     method = make_method(job.method, job.params, MergeContext(tuple(job.models), plan.merged_numel))
+    for caveat in method.caveats():
+        log.warning(caveat)
     return PreparedMerge(job, base, tasks, plan, method)
 
 

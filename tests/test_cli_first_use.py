@@ -1,11 +1,14 @@
 """What a first-time user trips over: each defect of the first-use review, through the real CLI on real files."""
 
+import logging
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from service.cli import main
+from service.cli import build_parser, main
 from conftest import make_adaptive_spec
 
 
@@ -97,3 +100,41 @@ def test_restart_and_resume_summary_of_an_adaptive_run(families, tmp_path, capsy
     assert main(["run", str(spec), "--restart", "--overwrite"]) == 0
     assert "4 steps this run, loss" in capsys.readouterr().out
     assert not stale.exists() and (checkpoints / "step_00000004").is_dir()
+
+
+def cli(*args, **kwargs):
+    """The real `rankmerge` entry point in a fresh process (logging and stdout as a user's shell sees them)."""
+    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.mark.parametrize("argv", [["-v", "methods"], ["methods", "-v"], ["bench", "report", "digits", "-v"]])
+def test_verbose_is_accepted_before_and_after_the_subcommand(argv):
+    assert build_parser().parse_args(argv).verbose is True
+    assert build_parser().parse_args([a for a in argv if a != "-v"]).verbose is False
+
+
+def test_verbose_after_merge_logs_progress(families, tmp_path):
+    base, tasks = families("vit")
+    proc = cli(*merge_args(base, tasks, "task_arithmetic", tmp_path / "out", "-v"), stdout=subprocess.DEVNULL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "INFO service.merge_job: merging 3 models" in err, err
+
+
+def test_closed_stdout_exits_quietly():
+    """`rankmerge schema | head`: the reader is gone before the output is written."""
+    proc = cli("schema", "--method", "adarank", stdout=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_one_model_ties_warns(families, tmp_path, caplog):
+    base, tasks = families("vit")
+    one = dict(list(tasks.items())[:1])
+    with caplog.at_level(logging.WARNING):
+        assert main(merge_args(base, one, "ties", tmp_path / "out")) == 0
+    assert any("ties with one model: sign election is a no-op" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(merge_args(base, tasks, "ties", tmp_path / "out2")) == 0
+    assert not any("sign election" in r.getMessage() for r in caplog.records)
