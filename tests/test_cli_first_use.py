@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import yaml
+from huggingface_hub import ModelCard
 
 from service.cli import build_parser, main
 from conftest import make_adaptive_spec
@@ -138,3 +139,18 @@ def test_one_model_ties_warns(families, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert main(merge_args(base, tasks, "ties", tmp_path / "out2")) == 0
     assert not any("sign election" in r.getMessage() for r in caplog.records)
+
+
+def test_output_has_a_model_card_not_the_bases(families, tmp_path):
+    base, tasks = families("vit")
+    own_base = tmp_path / "base"
+    shutil.copytree(base, own_base)
+    (own_base / "README.md").write_text("---\nlicense: mit\n---\n# Base card of another model\n")
+    out = tmp_path / "merged"
+    assert main(merge_args(own_base, tasks, "ties", out, "--set", "k=0.3")) == 0
+    card = ModelCard.load(out / "README.md")
+    meta = card.data.to_dict()
+    assert meta["base_model"] == str(own_base) and meta["library_name"] == "rankmerge" and meta["base_model_relation"] == "merge"
+    assert meta["models"] == {name: str(path) for name, path in tasks.items()}
+    assert meta["method"] == "ties" and meta["parameters"] == {"k": 0.3, "lambda": 0.3, "merge": "sum", "scope": "model"}
+    assert "Base card" not in card.text and "`heads/task0.safetensors`" in card.text
