@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import sys
 from pathlib import Path
@@ -295,7 +296,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: nothing was published", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket broke (e.g. a cluster connection): a real failure
         return _reader_went_away()
+
+
+def _stdout_reader_gone() -> bool:
+    """True when stdout is a pipe whose reading end is closed (poll reports an error on the writing end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll on this platform, or stdout is not a file
+        return False
 
 
 def _reader_went_away() -> int:
