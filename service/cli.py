@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import select
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,8 +30,22 @@ def _key_value(text: str, flag: str) -> tuple[str, str]:
     return key, value
 
 
-def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
-    """Build the job dict from a YAML file and/or flags; flags win over the file."""
+def _from_cwd(path: str) -> str:
+    """Path flags are relative to the current directory, whatever spec file they override (its paths are relative
+    to its own folder)."""
+    return str(Path(path).absolute())
+
+
+def path_origin(field: str, flags: dict[str, str], spec: str | None) -> str:
+    """Where the user wrote the path of spec field `field`: the flag that set it, else the spec file."""
+    if field in flags:
+        return f"{flags[field]} (relative to the current directory)"
+    return f"`{field}` in the job spec {spec} (relative to the spec's folder)"
+
+
+def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, str]]:
+    """Build the job dict from a YAML file and/or flags; flags win over the file. Also returns the path fields set
+    by flags (field -> the flag as given), so a bad path's message can say where it came from."""
     from service.spec import load_job_file
 
     if args.job:
@@ -38,20 +55,21 @@ def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         missing = [f for f, v in (("--base", args.base), ("--model", args.model), ("--method", args.method), ("--out", args.out)) if not v]
         if missing:
             raise MergeInputError(f"missing {', '.join(missing)}", "give a job.yaml or all of --base, --model, --method, --out")
+    flags: dict[str, str] = {}
     if args.base:
-        data["base"] = args.base
+        data["base"], flags["base"] = _from_cwd(args.base), f"--base {args.base}"
     if args.model:
         models: dict[str, str] = {}
         for item in args.model:
             name, path = _key_value(item, "--model")
             if name in models:
                 raise MergeInputError(f"duplicate task name {name!r}", "give every --model a unique NAME")
-            models[name] = path
+            models[name], flags[f"models.{name}"] = _from_cwd(path), f"--model {item}"
         data["models"] = models
     if args.method:
         data["method"] = args.method
     if args.out:
-        data["output"] = args.out
+        data["output"], flags["output"] = _from_cwd(args.out), f"--out {args.out}"
     params = dict(data.get("params") or {})
     for item in args.set or []:
         key, value = _key_value(item, "--set")
@@ -64,15 +82,26 @@ def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         data["out_dtype"] = args.out_dtype
     if args.max_shard_size:
         data["max_shard_size"] = args.max_shard_size
-    return data, root
+    return data, root, flags
+
+
+def _refuse_adaptive(method: Any, spec: str | None) -> None:
+    """`merge` runs static merges; an adaptive method needs `run` (test-time data, checkpoints)."""
+    from workers.tta.params import ADAPTIVE_METHODS
+
+    if method in ADAPTIVE_METHODS:
+        raise MergeInputError(f"method {method!r} adapts at test time and is not a static merge",
+                              f"run it with `rankmerge run {spec or 'job.yaml'}` (its spec needs a `tta:` block with data per task)")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from service.merge_job import run_merge_job, summarize_report
-    from service.spec import job_from_dict
+    from service.spec import check_inputs_exist, job_from_dict
 
-    data, root = job_data_from_args(args)
+    data, root, flags = job_data_from_args(args)
+    _refuse_adaptive(data.get("method"), args.job)
     job = job_from_dict(data, root)
+    check_inputs_exist(job, lambda field: path_origin(field, flags, args.job))
     result = run_merge_job(job, dry_run=args.dry_run)
     if isinstance(result, str):
         print(result)
@@ -89,15 +118,27 @@ def format_accuracy(table: dict) -> str:
     return "\n".join(lines)
 
 
+def steps_summary(history: list[dict[str, Any]], resumed_from: int | None) -> str:
+    """Steps this process ran, and where it picked up: a resumed run's history starts at step 1, not at the resume."""
+    done = len(history) - (resumed_from or 0)
+    where = f" (resumed at step {resumed_from}; {len(history)} in all)" if resumed_from is not None else ""
+    return (f"{done} steps this run{where}, loss {history[0]['loss']:.4f} at step 1 -> "
+            f"{history[-1]['loss']:.4f} at step {len(history)}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from service.merge_job import run_merge_job, summarize_report
-    from service.spec import job_from_dict, load_job_file
+    from service.spec import check_inputs_exist, job_from_dict, load_job_file
     from service.tta_job import run_adaptive_job
 
+    if args.resume and args.restart:
+        raise MergeInputError("--resume and --restart contradict each other",
+                              "pass --resume to continue the last run, or --restart to start over")
     data = load_job_file(args.job)
     if args.overwrite:
         data["overwrite"] = True
     job = job_from_dict(data, Path(args.job).resolve().parent)
+    check_inputs_exist(job, lambda field: path_origin(field, {}, args.job))
     if args.dry_run:
         from service.tta_job import dry_run_adaptive_job
 
@@ -111,10 +152,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not job.adaptive:
         print(summarize_report(run_merge_job(job)))
         return 0
-    report = run_adaptive_job(job, resume=args.resume, executor=args.executor, address=args.address, strict=args.strict)
-    history = report["history"]
-    if history:
-        print(f"{job.method}: {len(history)} steps this run, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}")
+    report = run_adaptive_job(job, resume=args.resume, executor=args.executor, address=args.address,
+                              restart=args.restart, strict=args.strict)
+    if report["history"]:
+        print(f"{job.method}: {steps_summary(report['history'], report.get('resumed_from_step'))}")
     if report.get("guard"):
         print(format_guard(report))
     if report.get("accuracy"):
@@ -164,12 +205,20 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_entry(name: str, summary: str, params: type) -> str:
+    defaults = ", ".join(f"{f.alias or n}={f.default}" for n, f in params.model_fields.items())
+    return f"{name:<16} {summary}\n{'':<16} defaults: {defaults or '-'}"
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from workers.methods.registry import METHODS
+    from workers.tta.params import ADAPTIVE_METHODS
 
     for name, cls in METHODS.items():
-        params = ", ".join(f"{f.alias or n}={f.default}" for n, f in cls.Params.model_fields.items())
-        print(f"{name:<16} {cls.summary}\n{'':<16} defaults: {params or '-'}")
+        print(_method_entry(name, cls.summary, cls.Params))
+    for name, params in ADAPTIVE_METHODS.items():
+        doc = (params.__doc__ or name).strip().splitlines()[0]
+        print(_method_entry(name, f"[adaptive: `rankmerge run`, needs a `tta:` block] {doc}", params))
     return 0
 
 
@@ -180,9 +229,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+VERBOSE_HELP = "log progress details"
+
+
+def _accept_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`-v` after any (sub)command as well as before it; SUPPRESS keeps a subcommand from resetting a leading -v."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+                _accept_verbose_everywhere(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankmerge", description="Merge fine-tuned checkpoints of one base model.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="run a static merge in-process")
@@ -204,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the job's last intact checkpoint")
     run.add_argument("--strict", action="store_true",
                      help="adaptive jobs: fail (exit 2, nothing published) when the last step is worse than step 0 by the label-free guard")
+    run.add_argument("--restart", action="store_true",
+                     help="start over: remove the job's checkpoints (with --overwrite, replace a published output too)")
     run.add_argument("--dry-run", action="store_true",
                      help="check everything and predict wall time and peak memory (in-process executor) from a measured sample; write nothing")
     run.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -231,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     add_bench_commands(sub)
     add_job_commands(sub)
+    _accept_verbose_everywhere(parser)
     return parser
 
 
@@ -245,6 +309,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was published", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket broke (e.g. a cluster connection): a real failure
+        return _reader_went_away()
+
+
+def _stdout_reader_gone() -> bool:
+    """True when stdout is a pipe whose reading end is closed (poll reports an error on the writing end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll on this platform, or stdout is not a file
+        return False
+
+
+def _reader_went_away() -> int:
+    """The reader of stdout closed it (`rankmerge schema | head`): nothing is wrong, so no traceback. Point stdout at
+    /dev/null so the interpreter's last flush cannot fail again; exit as a process killed by SIGPIPE does."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -56,14 +56,17 @@ def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[
 def prepare(job: MergeJob, stack: ExitStack) -> PreparedMerge:
     base, tasks, plan = open_inputs(job, stack)
     method = make_method(job.method, job.params, MergeContext(tuple(job.models), plan.merged_numel))
+    for caveat in method.caveats():
+        log.warning(caveat)
     return PreparedMerge(job, base, tasks, plan, method)
 
 
 def forecast_merge(prepared: PreparedMerge) -> Forecast:
     """Time and memory of this merge, measured on one tensor of each shape (see workers/forecast.py)."""
     job = prepared.job
-    ctx = MergeContext(tuple(job.models), prepared.plan.merged_numel)
-    return forecast(prepared.plan, lambda: make_method(job.method, job.params, ctx), prepared.base, prepared.tasks, job.output)
+    names = tuple(job.models)
+    return forecast(prepared.plan, lambda numel: make_method(job.method, job.params, MergeContext(names, numel)),
+                    prepared.base, prepared.tasks, job.output)
 
 
 def describe_plan(prepared: PreparedMerge, predicted: Forecast | None = None) -> str:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -127,6 +127,22 @@ class MergeJob(BaseModel):
         if self.tta is not None:
             update["tta"] = self.tta.model_copy(update={"data": {k: fix(v).resolve() for k, v in self.tta.data.items()}})
         return self.model_copy(update=update)
+
+
+def input_paths(job: MergeJob) -> list[tuple[str, Path]]:
+    """Every input the job reads, named by its spec field: base, models.<task>, tta.data.<task>."""
+    paths = [("base", job.base), *((f"models.{name}", path) for name, path in job.models.items())]
+    if job.tta is not None:
+        paths += [(f"tta.data.{name}", path) for name, path in job.tta.data.items()]
+    return paths
+
+
+def check_inputs_exist(job: MergeJob, origin: Callable[[str], str]) -> None:
+    """Refuse a missing input while it is still known where its path was written (`origin(field)`: a flag or the
+    spec file); the readers that open it later only see a path."""
+    for field, path in input_paths(job):
+        if not path.exists():
+            raise MergeInputError(f"{field}: path {path} does not exist", f"check {origin(field)}")
 
 
 def parse_adaptive_params(method: str, raw: dict[str, Any]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -25,8 +26,9 @@ from cluster.sharding import shard_columns
 from service.merge_job import open_inputs
 from service.spec import MergeJob, parse_adaptive_params
 from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import StreamingCheckpointWriter, parse_size
+from workers.checkpoint_writer import StreamingCheckpointWriter, check_output_free, parse_size
 from workers.errors import MergeInputError
+from workers.model_card import write_model_card
 from workers.plan import MergePlan, build_plan
 from workers.static_merge import peak_rss_bytes, write_heads, write_weights
 from workers.tta.adapters import TaskModels, build_task_models
@@ -194,14 +196,20 @@ def make_guard(runner: Executor, models: TaskModels, datasets: list[dict[str, to
 
 
 def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName = "local", address: str | None = None,
-                     strict: bool = False) -> dict[str, Any]:
-    """`strict`: refuse to publish (exit 2) when the last step is worse than step 0 by the label-free guard."""
+                     restart: bool = False, strict: bool = False) -> dict[str, Any]:
+    """`restart`: remove the job's checkpoints and start over; `strict`: refuse to publish (exit 2) when the last
+    step is worse than step 0 by the label-free guard."""
     start_time = time.perf_counter()
     tta = job.tta
     with ExitStack() as stack:
         job_dir, spec_hash = job.resolved_job_dir, job.spec_hash()
         if not resume and any((job_dir / "checkpoints").glob("step_*")):  # before any heavy work
-            raise MergeInputError(f"{job_dir} already holds checkpoints of a run", "pass --resume to continue it, or remove the job_dir")
+            if not restart:
+                raise MergeInputError(f"{job_dir} already holds checkpoints of a run",
+                                      "pass --resume to continue it, or --restart to start over (removes its checkpoints)")
+            check_output_free(job.output, job.overwrite)  # a refused restart removes nothing
+            log.warning("restart: removing the checkpoints in %s", job_dir)
+            shutil.rmtree(job_dir / "checkpoints")
         base, tasks, plan = open_inputs(job, stack)
         datasets = [load_task_data(tta.data[ck.name], ck.name, job.base, tta.max_length) for ck in tasks]
         models = build_task_models(plan, base, tasks)  # checks the adapter before any actor starts
@@ -270,6 +278,7 @@ def export(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[Mo
     with StreamingCheckpointWriter(job.output, plan.layout(), parse_size(job.max_shard_size), job.overwrite) as writer:
         write_weights(writer, plan, base, final)
         report["heads"] = write_heads(writer, plan, tasks)
+        write_model_card(writer, base.path, {t.name: t.path for t in tasks}, job.method, report["params"], report["heads"])
         writer.copy_side_files(base.path)
         masks_u8 = {k: v.to(torch.uint8).contiguous() for k, v in masks.items()}
         writer.write_side_file("adaptive/masks.safetensors", save_safetensors(masks_u8) if masks_u8 else save_safetensors({"none": torch.zeros(0)}))

@@ -23,7 +23,8 @@ from workers.safetensors_format import build_header, nbytes
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-SKIPPED_SIDE_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "merge_report.json"}
+# README.md: the base's model card describes the base, not the merge (a merge writes its own)
+SKIPPED_SIDE_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "merge_report.json", "README.md"}
 
 
 def parse_size(text: str | int) -> int:

@@ -88,7 +88,8 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
 
 
 def _sample_merged(entry: TensorPlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> tuple[float, float, float]:
-    """(read s, stat-pass s, merge s) of one merged tensor through a fresh method instance."""
+    """(read s, stat-pass s, merge s) of one merged tensor through a fresh method instance sized to that tensor
+    (its whole-model statistics, e.g. TIES' k-th magnitude, are then statistics of the sample)."""
     inputs, read_s = timed(lambda: load_inputs(entry, base, tasks))
     assert isinstance(inputs, TensorInputs)
     stat_s = 0.0
@@ -135,18 +136,21 @@ def pipeline_extra_bytes(plan: MergePlan, num_tasks: int) -> int:
     return max(ahead, default=0) + pending
 
 
-def forecast(plan: MergePlan, new_method: Callable[[], MergeMethod], base: ModelCheckpoint, tasks: list[ModelCheckpoint],
+def forecast(plan: MergePlan, new_method: Callable[[int], MergeMethod], base: ModelCheckpoint, tasks: list[ModelCheckpoint],
              output: Path) -> Forecast:
-    """Measure one tensor per (role, shape) group, largest last, and extrapolate to the whole merge."""
+    """Measure one tensor per (role, shape) group, largest last, and extrapolate to the whole merge.
+
+    `new_method(merged_numel)` builds the method for a model of that many merged entries: each sample gets one
+    sized to itself, since whole-model statistics over a model the sample is not cannot be computed from it."""
     start, startup_s = time.perf_counter(), process_age_seconds()
     groups = sorted(group_entries(plan.tensors).items(), key=lambda kv: kv[1][0].numel)
-    passes = len(new_method().stat_passes()) + 1
+    passes = len(new_method(plan.merged_numel).stat_passes()) + 1
     costs = []
     for (role, shape), entries in groups:
         samples = []
         for entry in _spread(entries):
             if role in (Role.SPECTRAL, Role.ELEMENTWISE):
-                samples.append(_sample_merged(entry, new_method(), base, tasks))
+                samples.append(_sample_merged(entry, new_method(entry.numel), base, tasks))
             else:
                 samples.append((timed(lambda: base.read(entry.key))[1], 0.0, 0.0))
             if sum(samples[-1]) > CHEAP_SAMPLE_S:

@@ -22,6 +22,7 @@ from workers.checkpoint_reader import ModelCheckpoint
 from workers.checkpoint_writer import StreamingCheckpointWriter
 from workers.errors import MergeInputError
 from workers.methods.registry import MergeMethod, TensorInputs
+from workers.model_card import write_model_card
 from workers.plan import MergePlan, TensorPlan
 from workers.roles import Role
 
@@ -176,6 +177,8 @@ def run_static_merge(
         infos = merge_into(writer, plan, method, base, tasks)
         heads = write_heads(writer, plan, tasks)
         writer.copy_side_files(base.path, config_updates if base.config else None)
+        write_model_card(writer, base.path, {t.name: t.path for t in tasks}, method.name,
+                         method.params.model_dump(by_alias=True), heads)
         report.update(
             {
                 "stat_passes": passes,

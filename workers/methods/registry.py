@@ -71,6 +71,10 @@ class MergeMethod:
     def stat_passes(self) -> list[StatPass]:
         return []
 
+    def caveats(self) -> list[str]:
+        """Settings that run but likely do not do what the user meant (the job logs each as a warning)."""
+        return []
+
     def merge(self, inputs: TensorInputs) -> tuple[Tensor, dict[str, Any]]:
         raise NotImplementedError
 
@@ -251,6 +255,12 @@ class Ties(MergeMethod):
 
     def stat_passes(self):
         return [_KthHighPass(self.kth), _KthLowPass(self.kth), self.signs] if self.params.scope == "model" else []
+
+    def caveats(self):
+        if len(self.ctx.task_names) > 1:
+            return []
+        return ["ties with one model: sign election is a no-op (the result is its trimmed task vector × λ) — "
+                "merge two or more models, or use task_arithmetic"]
 
     def thresholds(self) -> Tensor:
         """Per-task trim thresholds; valid once both histogram passes have run."""

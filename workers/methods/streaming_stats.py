@@ -39,6 +39,9 @@ class StreamingKthSmallest:
                 self.rank_in_bucket.append(0)
                 continue
             cumulative = torch.cumsum(hist, 0)
+            if rank > int(cumulative[-1]):
+                # searchsorted would point past the last bucket and the threshold's bits would not fit a float32
+                raise ValueError(f"rank {rank} exceeds the {int(cumulative[-1])} values observed")
             b = int(torch.searchsorted(cumulative, torch.tensor(rank)).item())
             self.bucket.append(b)
             self.rank_in_bucket.append(rank - (int(cumulative[b - 1]) if b > 0 else 0))
