@@ -107,7 +107,7 @@ SCALES = {
     # the papers' regime (a backbone far from the tasks): pretrained briefly on a few dozen symbols that no task uses,
     # so each task's fine-tune moves the encoder far and task vectors interfere
     "shift": Scale(hidden=96, layers=4, heads=4, patch=4, fonts="full", sizes={"train": 3000, "val": 500, "test": 1000},
-                   pretrain_glyphs=4000, pretrain_fashion=0, pretrain_epochs=2, finetune_epochs=8, pretrain_classes=32),
+                   pretrain_glyphs=2000, pretrain_fashion=0, pretrain_epochs=1, finetune_epochs=10, pretrain_classes=16),
 }
 
 

@@ -158,5 +158,5 @@ SUITES: dict[str, tuple[str, list[str]]] = {  # suite -> (scale, tasks); each su
     "vision14": ("bench", ORDER[:14]),
     "vision20": ("bench", ORDER[:20]),
     # not a prefix: five unlike questions on a backbone pretrained far from all of them (the AdaRank paper's regime)
-    "shift5": ("shift", ["fashion", "digits", "font_style", "greek", "weight"]),
+    "shift5": ("shift", ["fashion", "digits", "upper", "greek", "cyrillic"]),
 }

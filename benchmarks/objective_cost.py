@@ -1,0 +1,70 @@
+"""What each test-time objective costs, side by side in one run on one suite: the one-off teacher pass, seconds per
+step (median), the guard's seconds per evaluation, and the ratio of each objective's step to the entropy step.
+
+Each objective runs the same AdaRank-TA job (in-process executor, same steps/batch/seed) from a fresh job dir.
+The guard is timed in a second pass of `distill` with `holdout: 0` (no guard) against the guarded one.
+
+    python benchmarks/objective_cost.py digits-smoke --steps 60
+    python benchmarks/objective_cost.py shift5 --root DIR --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from service.bench.layout import default_suite_root
+from service.spec import job_from_dict
+from service.suites import build_suite
+from service.tta_job import run_adaptive_job
+
+RUNS = (("entropy", {"objective": "entropy"}), ("infomax", {"objective": "infomax"}), ("distill", {"objective": "distill"}),
+        ("distill, no guard", {"objective": "distill", "holdout": 0.0}))
+
+
+def measure(suite, root: Path, name: str, tta: dict, steps: int, batch: int) -> dict:
+    spec = {"base": str(suite.base_dir), "models": {t: str(p) for t, p in suite.task_dirs.items()}, "method": "adarank",
+            "params": {"factorization": "ta", "lambda": 0.3}, "output": str(root / "out"), "overwrite": True,
+            "tta": {"data": {t: str(s["test"]) for t, s in suite.data.items()}, "steps": steps, "lr": 1e-3,
+                    "batch_size": batch, "checkpoint_every": max(steps // 4, 1), "evaluate": False, **tta}}
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    start = time.perf_counter()
+    report = run_adaptive_job(job_from_dict(spec, root))
+    wall = time.perf_counter() - start
+    timing = report["timing"]
+    return {"objective": name, "wall_s": round(wall, 2), "teacher_s": timing["teacher_seconds"],
+            "step_s": round(statistics.median(timing["step_seconds"]), 4),
+            "guard_points": len((report["guard"] or {}).get("curve", []))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("suite")
+    ap.add_argument("--root", type=Path, help="suite folder (default: the bench's suite cache)")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=16)
+    args = ap.parse_args()
+    suite = build_suite(args.suite, args.root or default_suite_root(args.suite))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, tta in RUNS:
+            rows.append(measure(suite, Path(tmp) / name.replace(", ", "_").replace(" ", "_"), name, tta, args.steps, args.batch))
+    base = rows[0]["step_s"]
+    guarded, unguarded = rows[2], rows[3]
+    guard_s = (guarded["wall_s"] - unguarded["wall_s"]) / max(guarded["guard_points"], 1)
+    print(f"suite {args.suite}, {len(suite.task_dirs)} tasks, AdaRank-TA, {args.steps} steps, batch {args.batch}/task")
+    print(f"{'objective':<20}{'teacher pass s':>16}{'s/step':>10}{'vs entropy':>12}{'wall s':>10}")
+    for r in rows:
+        print(f"{r['objective']:<20}{r['teacher_s']:>16.2f}{r['step_s']:>10.4f}{r['step_s'] / base:>11.2f}x{r['wall_s']:>10.1f}")
+    print(f"guard: {guarded['guard_points']} evaluations, ≈ {guard_s:.2f} s each (guarded minus unguarded wall time)")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
