@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import check_disk_space, check_output_free, parse_size
+from workers.checkpoint_writer import check_disk_space, check_output_free, check_output_parent, parse_size
 from workers.errors import MergeInputError
 from workers.forecast import Forecast, forecast
 from workers.methods.registry import MergeContext, MergeMethod, make_method
@@ -36,19 +37,48 @@ class PreparedMerge:
         return self.plan.predicted_peak_bytes(self.method.task_copies, self.method.factorizes)
 
 
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
 def _check_output_location(job: MergeJob) -> None:
-    """The output may never be, or sit inside, an input: --overwrite would destroy the input."""
+    """The output may never be, hold or sit inside an input, the TTA data or the job_dir: publishing with --overwrite
+    replaces the whole output folder, which would delete them."""
     out = job.output
     for name, path in [("base", job.base), *job.models.items()]:
-        if out == path or path in out.parents or out in path.parents:
+        if _overlaps(out, path):
             raise MergeInputError(f"output {out} overlaps the input {name!r} at {path}", "write the output to a separate folder")
+    for name, path in job.models.items():
+        if path == job.base:
+            raise MergeInputError(f"model {name!r} is the base itself ({path}): its task vector is zero",
+                                  "give the folder of the checkpoint fine-tuned for that task")
+    if job.adaptive:
+        for name, path in job.tta.data.items():
+            if _overlaps(out, path):
+                raise MergeInputError(f"output {out} overlaps the data of task {name!r} at {path}", "write the output to a separate folder")
+        _check_job_dir(job)
     check_output_free(out, job.overwrite)
+    check_output_parent(out)
+
+
+def _check_job_dir(job: MergeJob) -> None:
+    """Checkpoints must survive the publish (not in the output) and never land inside a model folder."""
+    job_dir = job.resolved_job_dir
+    if job_dir == job.output or job.output in job_dir.parents:
+        raise MergeInputError(f"job_dir {job_dir} is inside the output {job.output}, which publishing replaces",
+                              "put job_dir beside the output (default: <output>.job)")
+    for name, path in [("base", job.base), *job.models.items()]:
+        if job_dir == path or path in job_dir.parents:
+            raise MergeInputError(f"job_dir {job_dir} is inside the input {name!r} at {path}", "put job_dir outside every model folder")
 
 
 def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[ModelCheckpoint], MergePlan]:
-    """Everything cheap, in order: output location, headers, key/shape agreement, disk space."""
+    """Everything cheap, in order: output location, headers, config, key/shape/dtype agreement, disk space."""
     _check_output_location(job)
     base, tasks, plan = open_sources(job.sources, stack)
+    if not base.config:  # the output copies the base's config.json: without it from_pretrained cannot load the merge
+        raise MergeInputError(f"base {job.base} has no config.json (or an empty one): the merged output would not load",
+                              "copy the pretrained model's config.json into the base folder")
     check_disk_space(job.output, sum(nbytes(shape, dtype) for _, dtype, shape in plan.layout()))
     return base, tasks, plan
 
