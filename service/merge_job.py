@@ -72,13 +72,19 @@ def _check_job_dir(job: MergeJob) -> None:
             raise MergeInputError(f"job_dir {job_dir} is inside the input {name!r} at {path}", "put job_dir outside every model folder")
 
 
+def _check_base_config(job: MergeJob) -> None:
+    """The output copies the base's config.json: without one, from_pretrained cannot load the merge (and the tensor
+    rules, chosen by model_type, fall back to generic ones)."""
+    if job.base.is_dir() and not (job.base / "config.json").is_file():
+        raise MergeInputError(f"base {job.base} has no config.json: the merged output would not load",
+                              "copy the pretrained model's config.json into the base folder")
+
+
 def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[ModelCheckpoint], MergePlan]:
     """Everything cheap, in order: output location, headers, config, key/shape/dtype agreement, disk space."""
     _check_output_location(job)
+    _check_base_config(job)
     base, tasks, plan = open_sources(job.sources, stack)
-    if not base.config:  # the output copies the base's config.json: without it from_pretrained cannot load the merge
-        raise MergeInputError(f"base {job.base} has no config.json (or an empty one): the merged output would not load",
-                              "copy the pretrained model's config.json into the base folder")
     check_disk_space(job.output, sum(nbytes(shape, dtype) for _, dtype, shape in plan.layout()))
     return base, tasks, plan
 

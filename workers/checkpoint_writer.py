@@ -62,7 +62,7 @@ def write_error(out: Path, exc: OSError) -> MergeInputError | None:
         fix = "make the output's folder writable, or write elsewhere (--out)"
     else:
         return None
-    where = f" ({exc.filename})" if exc.filename else ""
+    where = f" ({Path(exc.filename).name})" if exc.filename else ""
     return MergeInputError(f"cannot write the output {out}: {exc.strerror}{where}; nothing was published", fix)
 
 
