@@ -56,20 +56,21 @@ def _check_output_location(job: MergeJob) -> None:
         for name, path in job.tta.data.items():
             if _overlaps(out, path):
                 raise MergeInputError(f"output {out} overlaps the data of task {name!r} at {path}", "write the output to a separate folder")
-        _check_job_dir(job)
+        check_job_dir(job)
     check_output_free(out, job.overwrite)
     check_output_parent(out)
 
 
-def _check_job_dir(job: MergeJob) -> None:
-    """Checkpoints must survive the publish (not in the output) and never land inside a model folder."""
+def check_job_dir(job: MergeJob) -> None:
+    """A job's folder (checkpoints, records, logs) must survive publishing (never the output or inside it), and
+    never be, hold or sit inside an input or the TTA data."""
     job_dir = job.resolved_job_dir
-    if job_dir == job.output or job.output in job_dir.parents:
-        raise MergeInputError(f"job_dir {job_dir} is inside the output {job.output}, which publishing replaces",
-                              "put job_dir beside the output (default: <output>.job)")
-    for name, path in [("base", job.base), *job.models.items()]:
-        if job_dir == path or path in job_dir.parents:
-            raise MergeInputError(f"job_dir {job_dir} is inside the input {name!r} at {path}", "put job_dir outside every model folder")
+    data = job.tta.data.items() if job.tta else ()
+    inputs = [("base", job.base), *((f"model {n!r}", p) for n, p in job.models.items()), *((f"tta.data.{n}", p) for n, p in data)]
+    for name, path in [*inputs, ("output", job.output)]:
+        if job_dir == path or path in job_dir.parents or (name != "output" and job_dir in path.parents):
+            raise MergeInputError(f"job_dir {job_dir} overlaps the {name} at {path}",
+                                  "give the job its own folder (`job_dir:`, default <output>.job beside the output)")
 
 
 def _check_base_config(job: MergeJob) -> None:

@@ -81,8 +81,8 @@ def test_output_holding_the_tta_data_is_not_replaced(spec, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["task0.safetensors"]
 
 
-@pytest.mark.parametrize("where,phrase", [("out", "inside the output"), ("out/state", "inside the output"),
-                                          ("task1/state", "inside the input 'task1'"), ("base", "inside the input 'base'")])
+@pytest.mark.parametrize("where,phrase", [("out", "overlaps the output"), ("out/state", "overlaps the output"),
+                                          ("task1/state", "overlaps the model 'task1'"), ("base", "overlaps the base")])
 def test_job_dir_inside_the_output_or_an_input(spec, tmp_path, capsys, where, phrase):
     spec["job_dir"] = str(tmp_path / where)
     code, err = run_job(capsys, tmp_path, spec, "--overwrite")
