@@ -99,6 +99,7 @@ def _fsync(path: Path) -> None:
 def save_checkpoint(job_dir: Path, step: int, tensors: dict[str, Tensor], meta: dict[str, Any], keep: int = 3) -> Path:
     root = job_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    remove_temps(root)  # of a save that was killed: the coordinator is the only writer
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

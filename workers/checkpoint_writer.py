@@ -206,7 +206,7 @@ class StreamingCheckpointWriter:
         if exc is None:
             self._close()
         else:
-            self._fail(exc)  # returns unless it turns `exc` into one line; then `exc` propagates unchanged
+            self._fail(exc)  # raises the one-line error of a fixable write failure; else `exc` propagates as it is
 
     def _close(self) -> None:
         """Close the shards and, unless published, remove the temp folder."""
@@ -268,17 +268,17 @@ def remove_stale_temps(out: Path) -> None:
     """Remove temp folders of `out` whose writer, on this host, is gone (a run killed by SIGKILL or a power cut)."""
     host = socket.gethostname()
     for path in out.parent.glob(glob.escape(temp_prefix(out)) + "*"):
-        owner_host, _, rest = path.name.removeprefix(temp_prefix(out)).rpartition("-")[0].rpartition("-")
-        if owner_host == host and rest.isdigit() and not _alive(int(rest)):
+        owner_host, _, pid = path.name.removeprefix(temp_prefix(out)).rpartition("-")[0].rpartition("-")
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
             log.info("removing %s, left by a run that was killed", path)
             shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists (PermissionError: it does, as another user)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
