@@ -81,7 +81,7 @@ def read_only_dir(tmp_path):
 def test_read_only_output_parent(family, read_only_dir, capsys):
     base, tasks = family
     code, err = run_cli(capsys, base, tasks, read_only_dir / "out")
-    assert_user_error(code, err, str(read_only_dir))
+    assert_user_error(code, err, str(read_only_dir), "is not writable")  # found before any work, even as root
     assert list(read_only_dir.iterdir()) == []
 
 
