@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from workers.errors import MergeInputError
+from workers.safetensors_format import MAX_HEADER_BYTES
 
 log = logging.getLogger(__name__)
 STATE = "state.safetensors"
@@ -33,7 +34,6 @@ META = "meta.json"
 TEMP_PATTERNS = (".tmp-step_*", ".LATEST-*")  # what save_checkpoint leaves behind when it is killed
 SAMPLE_BYTES = 64 * 1024
 SAMPLES_PER_FILE = 5
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 class HasFiles(Protocol):

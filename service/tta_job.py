@@ -152,8 +152,8 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
         if not resume and any((job_dir / "checkpoints").glob("step_*")):  # before any heavy work
             raise MergeInputError(f"{job_dir} already holds checkpoints of a run", "pass --resume to continue it, or remove the job_dir")
         base, tasks, plan = open_inputs(job, stack)
-        spec_hash = job_identity(spec_hash, [base, *tasks], tta.data.values())  # --resume refuses replaced input files
         datasets = [load_task_data(tta.data[ck.name], ck.name, job.base, tta.max_length) for ck in tasks]
+        spec_hash = job_identity(spec_hash, [base, *tasks], tta.data.values())  # --resume refuses replaced input files
         models = build_task_models(plan, base, tasks)  # checks the adapter before any actor starts
         runner = start_executor(job, plan, executor, address, loaded=(models, datasets))
         stack.callback(runner.close)

@@ -119,3 +119,10 @@ def test_sigterm_is_handled_like_ctrl_c(spec, tmp_path):
     assert not (tmp_path / "out").exists()
     leftovers = [p for p in [*tmp_path.iterdir(), *first.parent.iterdir()] if ".tmp-" in p.name]
     assert not leftovers
+
+
+def test_missing_data_file_is_one_line(spec, tmp_path, capsys):
+    spec["tta"]["data"]["task0"] = str(tmp_path / "nowhere.safetensors")
+    code, err = run_job(capsys, tmp_path, spec)
+    assert_user_error(code, err, "'task0'", "nowhere.safetensors does not exist")
+    assert_nothing_started(tmp_path)
