@@ -5,7 +5,6 @@ import json
 import os
 import re
 import resource
-import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from service.cli import main
 from test_bad_input import _rewrite, assert_nothing_written, assert_user_error, family, run_cli  # noqa: F401 (fixture)

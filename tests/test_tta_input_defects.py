@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
