@@ -9,8 +9,10 @@ import os
 import select
 import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
@@ -19,6 +21,30 @@ from service.cli_jobs import add_job_commands
 from workers.errors import MergeInputError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler, a job being stopped) taken like Ctrl-C, so every cleanup runs: no temp folder
+    or half-written output stays behind."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Raise Terminated on SIGTERM while the command runs (signal handlers belong to the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _key_value(text: str, flag: str) -> tuple[str, str]:
@@ -302,13 +328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with sigterm_as_interrupt():
+            return args.func(args)
     except MergeInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted: nothing was published", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"{'terminated' if isinstance(exc, Terminated) else 'interrupted'}: nothing was published", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except BrokenPipeError:
         if not _stdout_reader_gone():
             raise  # another pipe or socket broke (e.g. a cluster connection): a real failure

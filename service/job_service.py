@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def check_job(job: MergeJob) -> None:
     """Every cheap check `rankmerge run` makes (paths, headers, method parameters, output location), here, before
     anything reaches the cluster; plus where the job directory may go. The spec's paths are already absolute."""
-    from service.merge_job import open_inputs, prepare
+    from service.merge_job import check_job_dir, open_inputs, prepare
 
     with ExitStack() as stack:
         if job.adaptive:
@@ -39,12 +39,7 @@ def check_job(job: MergeJob) -> None:
     for name, path in data:
         if not path.exists():
             raise MergeInputError(f"{name} {path} does not exist", "fix the path in the spec (relative paths start at the spec's folder)")
-    inputs = [("base", job.base), *job.models.items(), *data]
-    job_dir = job.resolved_job_dir
-    for name, path in [*inputs, ("output", job.output)]:
-        if job_dir == path or path in job_dir.parents or (name != "output" and job_dir in path.parents):
-            raise MergeInputError(f"job_dir {job_dir} overlaps the {name} at {path}",
-                                  "give the job its own folder (`job_dir:`, default <output>.job beside the output)")
+    check_job_dir(job)  # adaptive jobs: already in open_inputs; static ones keep their record there too
 
 
 def submit_job(spec_file: str | Path, address: str) -> JobRecord:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import check_disk_space, check_output_free, parse_size
+from workers.checkpoint_writer import check_disk_space, check_output_free, check_output_parent, parse_size
 from workers.errors import MergeInputError
 from workers.forecast import Forecast, forecast
 from workers.methods.registry import MergeContext, MergeMethod, make_method
@@ -36,18 +37,54 @@ class PreparedMerge:
         return self.plan.predicted_peak_bytes(self.method.task_copies, self.method.factorizes)
 
 
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
 def _check_output_location(job: MergeJob) -> None:
-    """The output may never be, or sit inside, an input: --overwrite would destroy the input."""
+    """The output may never be, hold or sit inside an input, the TTA data or the job_dir: publishing with --overwrite
+    replaces the whole output folder, which would delete them."""
     out = job.output
     for name, path in [("base", job.base), *job.models.items()]:
-        if out == path or path in out.parents or out in path.parents:
+        if _overlaps(out, path):
             raise MergeInputError(f"output {out} overlaps the input {name!r} at {path}", "write the output to a separate folder")
+    for name, path in job.models.items():
+        if path == job.base:
+            raise MergeInputError(f"model {name!r} is the base itself ({path}): its task vector is zero",
+                                  "give the folder of the checkpoint fine-tuned for that task")
+    if job.adaptive:
+        for name, path in job.tta.data.items():
+            if _overlaps(out, path):
+                raise MergeInputError(f"output {out} overlaps the data of task {name!r} at {path}", "write the output to a separate folder")
+        check_job_dir(job)
     check_output_free(out, job.overwrite)
+    check_output_parent(out)
+
+
+def check_job_dir(job: MergeJob) -> None:
+    """A job's folder (checkpoints, records, logs) must survive publishing (never the output or inside it), and
+    never be, hold or sit inside an input or the TTA data."""
+    job_dir = job.resolved_job_dir
+    data = job.tta.data.items() if job.tta else ()
+    inputs = [("base", job.base), *((f"model {n!r}", p) for n, p in job.models.items()), *((f"tta.data.{n}", p) for n, p in data)]
+    for name, path in [*inputs, ("output", job.output)]:
+        if job_dir == path or path in job_dir.parents or (name != "output" and job_dir in path.parents):
+            raise MergeInputError(f"job_dir {job_dir} overlaps the {name} at {path}",
+                                  "give the job its own folder (`job_dir:`, default <output>.job beside the output)")
+
+
+def _check_base_config(job: MergeJob) -> None:
+    """The output copies the base's config.json: without one, from_pretrained cannot load the merge (and the tensor
+    rules, chosen by model_type, fall back to generic ones)."""
+    if job.base.is_dir() and not (job.base / "config.json").is_file():
+        raise MergeInputError(f"base {job.base} has no config.json: the merged output would not load",
+                              "copy the pretrained model's config.json into the base folder")
 
 
 def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[ModelCheckpoint], MergePlan]:
-    """Everything cheap, in order: output location, headers, key/shape agreement, disk space."""
+    """Everything cheap, in order: output location, headers, config, key/shape/dtype agreement, disk space."""
     _check_output_location(job)
+    _check_base_config(job)
     base, tasks, plan = open_sources(job.sources, stack)
     check_disk_space(job.output, sum(nbytes(shape, dtype) for _, dtype, shape in plan.layout()))
     return base, tasks, plan

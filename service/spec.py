@@ -13,11 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from workers.checkpoint_writer import parse_size
 from workers.errors import MergeInputError
-from workers.methods.registry import METHODS, parse_params, validate_params
+from workers.methods.registry import METHODS, nonfinite_bound_error, parse_params, validate_params
 from workers.tta.params import ADAPTIVE_METHODS, TTAConfig
 from workers.tta.sources import Sources
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_TASK_NAME = 100  # names become file names (heads/<task>.safetensors): stay well inside the usual 255-byte limit
 
 
 class Resources(BaseModel):
@@ -78,8 +79,11 @@ class MergeJob(BaseModel):
         if not models:
             raise ValueError("needs at least one fine-tuned model")
         for name in models:
+            if len(name) > MAX_TASK_NAME:
+                raise ValueError(f"task name {name[:20]!r}… is {len(name)} characters long; use at most {MAX_TASK_NAME}")
             if not TASK_NAME.match(name):
-                raise ValueError(f"task name {name!r} must be letters, digits, '_', '.', '-'")
+                raise ValueError(f"task name {name!r} must be ASCII letters (a-z, A-Z), digits, '_', '.', '-', "
+                                 "starting with a letter or digit")
         return models
 
     @field_validator("method")
@@ -119,13 +123,12 @@ class MergeJob(BaseModel):
 
     def resolved(self, root: Path) -> "MergeJob":
         """Paths relative to the spec file's folder, made absolute."""
-        fix = lambda p: p if p.is_absolute() else (root / p)  # noqa: E731
-        update = {"base": fix(self.base).resolve(), "output": fix(self.output).resolve(),
-                  "models": {k: fix(v).resolve() for k, v in self.models.items()}}
+        fix = lambda p: resolve_path(p if p.is_absolute() else (root / p))  # noqa: E731
+        update = {"base": fix(self.base), "output": fix(self.output), "models": {k: fix(v) for k, v in self.models.items()}}
         if self.job_dir is not None:
-            update["job_dir"] = fix(self.job_dir).resolve()
+            update["job_dir"] = fix(self.job_dir)
         if self.tta is not None:
-            update["tta"] = self.tta.model_copy(update={"data": {k: fix(v).resolve() for k, v in self.tta.data.items()}})
+            update["tta"] = self.tta.model_copy(update={"data": {k: fix(v) for k, v in self.tta.data.items()}})
         return self.model_copy(update=update)
 
 
@@ -145,6 +148,14 @@ def check_inputs_exist(job: MergeJob, origin: Callable[[str], str]) -> None:
             raise MergeInputError(f"{field}: path {path} does not exist", f"check {origin(field)}")
 
 
+def resolve_path(path: Path) -> Path:
+    """Absolute path with symlinks followed; a symlink loop is a user mistake, not a crash."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError up to Python 3.12, OSError (ELOOP) after
+        raise MergeInputError(f"path {path} cannot be resolved ({exc})", "replace the symlink loop with a real path") from None
+
+
 def parse_adaptive_params(method: str, raw: dict[str, Any]):
     return validate_params(method, ADAPTIVE_METHODS[method], raw)
 
@@ -155,7 +166,7 @@ def job_from_dict(data: dict[str, Any], root: Path) -> MergeJob:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "spec"
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = "it must be a finite number" if nonfinite_bound_error(err) else err["msg"].removeprefix("Value error, ")
         raise MergeInputError(f"job spec field {where!r}: {msg}", "fix the spec (see `rankmerge schema`)") from None
     except MergeInputError:
         raise
@@ -170,7 +181,8 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool 
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise MergeInputError(f"duplicate key {key!r} in the job spec (line {key_node.start_mark.line + 1})", "give every task a unique name")
+            raise MergeInputError(f"duplicate key {key!r} in the job spec (line {key_node.start_mark.line + 1}): YAML would keep only the last",
+                                  f"give {key!r} once (task names must be unique)")
         seen.add(key)
     return yaml.SafeLoader.construct_mapping(loader, node, deep)
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save as save_safetensors
 
+from cluster.checkpoints import job_identity
 from cluster.coordinator import Coordinator, Guard, LoopConfig
 from cluster.executor import AdaptiveWork, Executor, LocalExecutor
 from cluster.sharding import shard_columns
@@ -158,10 +159,10 @@ def dry_run_adaptive_job(job: MergeJob) -> str:
 
 
 def prepare_teachers(job: MergeJob, plan: MergePlan, models: TaskModels, tasks: list[ModelCheckpoint],
-                     datasets: list[dict[str, torch.Tensor]]) -> tuple[Path, float]:
-    """Compute the teacher targets once per job (or reuse the job's intact cache) and attach them to the datasets;
-    returns the cache path and the seconds spent computing (0 when reused)."""
-    names, identity, job_dir = [ck.name for ck in tasks], job.spec_hash(), job.resolved_job_dir
+                     datasets: list[dict[str, torch.Tensor]], identity: str) -> tuple[Path, float]:
+    """Compute the teacher targets once per job (or reuse the job's intact cache of the same `identity`: spec and
+    input fingerprints) and attach them to the datasets; returns the cache path and the seconds spent (0: reused)."""
+    names, job_dir = [ck.name for ck in tasks], job.resolved_job_dir
     targets, seconds = load_teachers(job_dir, names, identity), 0.0
     if targets is None:
         started = time.perf_counter()
@@ -212,10 +213,11 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
             shutil.rmtree(job_dir / "checkpoints")
         base, tasks, plan = open_inputs(job, stack)
         datasets = [load_task_data(tta.data[ck.name], ck.name, job.base, tta.max_length) for ck in tasks]
+        spec_hash = job_identity(spec_hash, [base, *tasks], tta.data.values())  # --resume refuses replaced input files
         models = build_task_models(plan, base, tasks)  # checks the adapter before any actor starts
         splits = [holdout_split(num_rows(d), tta.holdout, tta.holdout_max_rows, tta.seed, ck.name) for ck, d in zip(tasks, datasets)]
         guarded = all(held.numel() > 0 for held, _ in splits)
-        teachers, teacher_seconds = (prepare_teachers(job, plan, models, tasks, datasets)
+        teachers, teacher_seconds = (prepare_teachers(job, plan, models, tasks, datasets, spec_hash)
                                      if guarded or tta.objective == "distill" else (None, 0.0))
         runner = start_executor(job, plan, executor, address, loaded=(models, datasets), teachers=teachers)
         stack.callback(runner.close)

@@ -227,7 +227,7 @@ def test_not_enough_disk_space(family, tmp_path, capsys, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     code, err = run_cli(capsys, base, tasks, tmp_path / "out")
-    assert_user_error(code, err, "not enough disk space", "GB free")
+    assert_user_error(code, err, "not enough disk space", "1.00 KB free")  # a sensible unit, never "0.00 GB"
     assert_nothing_written(tmp_path / "out")
 
 

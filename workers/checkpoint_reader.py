@@ -43,7 +43,7 @@ class ModelCheckpoint:
         self.entries: dict[str, TensorEntry] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
-        files = self._weight_files()
+        files = self.files = self._weight_files()  # the weight files read (their content identifies the model)
         if files[0].suffix == ".safetensors":
             self._open_safetensors(files)
         else:
@@ -62,10 +62,7 @@ class ModelCheckpoint:
     def _weight_files(self) -> list[Path]:
         index = self.path / SAFETENSORS_INDEX
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise MergeInputError(f"{self.name}: {index} is not a valid index", "re-save the checkpoint") from None
+            weight_map = self._weight_map(index)
             self._index_map = {k: self.path / v for k, v in weight_map.items()}
             files = sorted(set(self._index_map.values()))
             for f in files:
@@ -86,6 +83,19 @@ class ModelCheckpoint:
             f"{self.name}: {self.path} is not a model directory (no model.safetensors, no shard index)",
             "pass a folder written by save_pretrained",
         )
+
+    def _weight_map(self, index: Path) -> dict[str, str]:
+        """An index's tensor name -> shard file name map, checked: a hand-edited index must not crash the merge."""
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise MergeInputError(f"{self.name}: {index} is not a valid index", "re-save the checkpoint") from None
+        if not isinstance(weight_map, dict):
+            raise MergeInputError(f"{self.name}: {index} is not a valid index (weight_map is not a mapping)", "re-save the checkpoint")
+        for key, value in weight_map.items():
+            if not isinstance(value, str) or not value:
+                raise MergeInputError(f"{self.name}: {index} maps {key!r} to {value!r}, not to a shard file name", "re-save the checkpoint")
+        return weight_map
 
     def _open_safetensors(self, files: list[Path]) -> None:
         for f in files:
@@ -113,8 +123,8 @@ class ModelCheckpoint:
             )
         paths = [target]
         if target.name.endswith(".index.json"):
-            weight_map = json.loads(target.read_text())["weight_map"]
-            paths = sorted({self.path / v for v in weight_map.values()})
+            weight_map = self._weight_map(target)
+            paths = self.files = sorted({self.path / v for v in weight_map.values()})
         state: dict[str, torch.Tensor] = {}
         for p in paths:
             try:

@@ -8,10 +8,13 @@ into place only when every tensor has been written and fsynced; a failed or inte
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import logging
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
@@ -39,6 +42,42 @@ def parse_size(text: str | int) -> int:
     return int(t)
 
 
+def format_bytes(n: float) -> str:
+    """Bytes in the largest unit that keeps the number at least 1 (never "0.00 GB")."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_error(out: Path, exc: OSError) -> MergeInputError | None:
+    """One line for the write failures a user can fix (space, file-size limit, permissions); None for the rest."""
+    if exc.errno in SPACE_ERRNOS:
+        fix = "free some space, raise the file-size limit (ulimit -f), or write elsewhere (--out)"
+    elif exc.errno in ACCESS_ERRNOS:
+        fix = "make the output's folder writable, or write elsewhere (--out)"
+    else:
+        return None
+    where = f" ({Path(exc.filename).name})" if exc.filename else ""
+    return MergeInputError(f"cannot write the output {out}: {exc.strerror}{where}; nothing was published", fix)
+
+
+def check_output_parent(out: Path) -> None:
+    """The nearest existing folder above the output must be a writable folder; checked before any heavy work."""
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MergeInputError(f"cannot create the output {out}: {existing} is a file", "choose an --out under a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MergeInputError(f"cannot create the output {out}: {existing} is not writable", "make it writable, or write elsewhere (--out)")
+
+
 def check_output_free(out: Path, overwrite: bool) -> None:
     """Refuse to clobber a non-empty output unless asked; called before any heavy work."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -53,7 +92,7 @@ def check_disk_space(out: Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(existing).free
     if free < needed_bytes:
         raise MergeInputError(
-            f"not enough disk space for {out}: the merged model needs {needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free",
+            f"not enough disk space for {out}: the merged model needs {format_bytes(needed_bytes)}, {format_bytes(free)} free",
             "free some space, write elsewhere (--out), or use --out-dtype bfloat16",
         )
 
@@ -72,7 +111,7 @@ class StreamingCheckpointWriter:
         self.out = Path(out).resolve()
         check_output_free(self.out, overwrite)
         self.overwrite = overwrite
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.out.parent / f"{temp_prefix(self.out)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._layout = {name: (dtype, shape) for name, dtype, shape in layout}
         self._shards = self._split(layout, max_shard_bytes)
         self._metadata = {"format": "pt", **(metadata or {})}
@@ -102,8 +141,18 @@ class StreamingCheckpointWriter:
         return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
     def __enter__(self) -> "StreamingCheckpointWriter":
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.out)
+            self.tmp.mkdir()
+            self._lay_out()
+        except BaseException as exc:  # __exit__ does not run when __enter__ fails: clean up here
+            self._fail(exc)
+            raise
+        return self
+
+    def _lay_out(self) -> None:
+        """Create every shard at its final size with its header in place."""
         for fname, shard in zip(self.shard_names(), self._shards):
             header, offsets = build_header(shard, self._metadata)
             fd = os.open(self.tmp / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -113,7 +162,6 @@ class StreamingCheckpointWriter:
             os.pwrite(fd, header, 0)
             for name, (b, e) in offsets.items():
                 self._where[name] = (fd, len(header) + b, e - b)
-        return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one tensor (cast to its planned dtype) to its reserved byte range."""
@@ -153,12 +201,28 @@ class StreamingCheckpointWriter:
         try:
             if exc_type is None:
                 self._commit()
-        finally:
-            for fd in self._fds:
-                os.close(fd)
-            self._fds.clear()
-            if not self._committed:
-                shutil.rmtree(self.tmp, ignore_errors=True)
+        except BaseException as failed:
+            self._fail(failed)
+            raise
+        if exc is None:
+            self._close()
+        else:
+            self._fail(exc)  # raises the one-line error of a fixable write failure; else `exc` propagates as it is
+
+    def _close(self) -> None:
+        """Close the shards and, unless published, remove the temp folder."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        if not self._committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Clean up after `exc`; a write failure the user can fix (space, size limit, permissions) becomes one line."""
+        self._close()
+        error = write_error(self.out, exc) if isinstance(exc, OSError) else None
+        if error is not None:
+            raise error from None
 
     def _commit(self) -> None:
         missing = set(self._layout) - self._written
@@ -189,5 +253,33 @@ class StreamingCheckpointWriter:
         finally:
             os.close(dir_fd)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()  # --overwrite onto a file
         log.info("wrote %s (%d tensors in %d shard(s))", self.out, len(self._layout), len(self._shards))
+
+
+def temp_prefix(out: Path) -> str:
+    """Temp folders of `out` are `.<name>.tmp-<host>-<pid>-<random>`, so a later run can tell a dead writer's."""
+    return f".{out.name}.tmp-"
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Remove temp folders of `out` whose writer, on this host, is gone (a run killed by SIGKILL or a power cut)."""
+    host = socket.gethostname()
+    for path in out.parent.glob(glob.escape(temp_prefix(out)) + "*"):
+        owner_host, _, pid = path.name.removeprefix(temp_prefix(out)).rpartition("-")[0].rpartition("-")
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            log.info("removing %s, left by a run that was killed", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists (PermissionError: it does, as another user)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True

@@ -167,10 +167,20 @@ def build_plan(base: ModelCheckpoint, tasks: dict[str, ModelCheckpoint], out_dty
                 continue
             if ck.shapes[src] != shape and role is not Role.FROZEN:
                 _raise_shape_mismatch(rules, key, shape, name, ck.shapes[src])
+            if dtype_kind(ck.dtypes[src]) != dtype_kind(dtype):
+                raise MergeInputError(f"dtype mismatch: {key!r} is {ck.dtypes[src]} in {name!r} but {dtype} in the base".replace("torch.", ""),
+                                      SAME_BASE_FIX)
             sources.append(src)
         target_dtype = out_dtype if (out_dtype is not None and dtype.is_floating_point) else dtype
         tensors.append(TensorPlan(key, role, shape, target_dtype, tuple(sources), tuple(tied_to.get(key, ()))))
     return MergePlan(rules, tuple(tasks), tensors, heads)
+
+
+def dtype_kind(dtype: torch.dtype) -> str:
+    """float / int / bool: a fine-tune may change the precision of a tensor, never what its numbers mean."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return "float"
+    return "bool" if dtype == torch.bool else "int"
 
 
 def _raise_shape_mismatch(rules, key, base_shape, task, task_shape) -> None:

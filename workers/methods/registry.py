@@ -7,6 +7,7 @@ merging starts, so nothing ever needs a whole model in memory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -117,7 +118,23 @@ def validate_params(name: str, model: type[Params], raw: dict[str, Any]) -> Para
         if err["type"] == "extra_forbidden":
             known = ", ".join(f.alias or n for n, f in model.model_fields.items()) or "none"
             raise MergeInputError(f"unknown parameter {field!r} for method {name}", f"its parameters are: {known}") from None
-        raise MergeInputError(f"parameter {field!r} of {name}: {err['msg']}", f"fix the value (see `rankmerge schema --method {name}`)") from None
+        fix = f"fix the value (see `rankmerge schema --method {name}`)"
+        if nonfinite_bound_error(err):
+            raise MergeInputError(f"parameter {field!r} of {name} is {err['input']!r}: it must be a finite number", fix) from None
+        raise MergeInputError(f"parameter {field!r} of {name}: {err['msg']}", fix) from None
+
+
+BOUND_ERRORS = {"less_than", "less_than_equal", "greater_than", "greater_than_equal", "finite_number"}
+
+
+def nonfinite_bound_error(err: dict[str, Any]) -> bool:
+    """A range check failed on NaN/Inf: pydantic then names a bound ("≤ 10") instead of the real problem."""
+    if err["type"] not in BOUND_ERRORS:
+        return False
+    try:
+        return not math.isfinite(float(err.get("input")))
+    except (TypeError, ValueError):
+        return False
 
 
 # ---- simple elementwise methods -----------------------------------------------------------------------------------

@@ -13,8 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import zipfile
+
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -30,6 +33,14 @@ def load_task_data(path: str | Path, task: str, base_dir: Path | None = None, ma
     path = Path(path)
     if not path.exists():
         raise MergeInputError(f"data for task {task!r}: {path} does not exist", "point tta.data.<task> at a data file or image folder")
+    if path.is_file() and path.stat().st_size == 0:
+        raise MergeInputError(f"data for task {task!r}: {path} is empty (0 bytes)", "re-export the data file")
+    tensors = _read(path, task, base_dir, max_length)
+    _check(tensors, path, task)
+    return tensors
+
+
+def _read(path: Path, task: str, base_dir: Path | None, max_length: int) -> dict[str, Tensor]:
     try:
         if path.is_dir():
             tensors = _image_folder(path, task, base_dir)
@@ -42,14 +53,25 @@ def load_task_data(path: str | Path, task: str, base_dir: Path | None = None, ma
             tensors = _jsonl(path, task, base_dir, max_length)
         else:
             raise MergeInputError(f"data for task {task!r}: {path.name} is not .safetensors, .npz, .jsonl or an image folder", "convert the data")
-    except (ValueError, OSError) as exc:
-        raise MergeInputError(f"data for task {task!r}: cannot read {path.name} ({exc})", "re-export the data file") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, SafetensorError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MergeInputError(f"data for task {task!r}: cannot read {path.name} ({reason})", "re-export the data file") from None
+    return tensors
+
+
+def _check(tensors: dict[str, Tensor], path: Path, task: str) -> None:
+    """Inputs, rows and values, before any work: a NaN pixel would make every merged weight NaN."""
     if not any(k in tensors for k in ("pixel_values", "input_ids")):
         raise MergeInputError(f"data for task {task!r} has no pixel_values or input_ids", f"found: {', '.join(tensors) or 'nothing'}")
-    rows = {v.shape[0] for v in tensors.values()}
-    if len(rows) != 1 or 0 in rows:
-        raise MergeInputError(f"data for task {task!r}: tensors disagree on the number of examples ({sorted(rows)})", "give every tensor one row per example")
-    return tensors
+    rows = {v.shape[0] if v.dim() else None for v in tensors.values()}
+    if rows == {0}:
+        raise MergeInputError(f"data for task {task!r}: {path.name} has no examples (0 rows)", "give at least one example per task")
+    if len(rows) != 1 or None in rows:
+        shown = sorted(r for r in rows if r is not None)
+        raise MergeInputError(f"data for task {task!r}: tensors disagree on the number of examples ({shown})", "give every tensor one row per example")
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise MergeInputError(f"data for task {task!r}: {key!r} in {path.name} has NaN/Inf values", "re-export the data without them")
 
 
 def _jsonl(path: Path, task: str, base_dir: Path | None, max_length: int) -> dict[str, Tensor]:
@@ -68,6 +90,8 @@ def _jsonl(path: Path, task: str, base_dir: Path | None, max_length: int) -> dic
             raise MergeInputError(f"data for task {task!r}: line {number} of {path.name} is not a JSON object with a \"text\"", "fix the JSONL") from None
         if "label" in record:
             labels.append(int(record["label"]))
+    if not texts:
+        raise MergeInputError(f"data for task {task!r}: {path.name} has no examples (no text lines)", "give at least one example per task")
     tokenizer = AutoTokenizer.from_pretrained(base_dir) if base_dir is not None else None
     if tokenizer is None:
         raise MergeInputError(f"data for task {task!r} is text but the base has no tokenizer", "save the tokenizer into the base directory")
