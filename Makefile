@@ -8,11 +8,12 @@ BIN     = $(VENV)/bin
 setup: $(VENV)/.installed
 
 # torch is installed first and pinned, so no later resolver step pulls a CUDA build.
-$(VENV)/.installed: pyproject.toml
+# Every other dependency is pinned by constraints.txt, so a fresh machine resolves the versions the tests passed with.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: setup

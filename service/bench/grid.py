@@ -168,6 +168,7 @@ TTA: dict[str, TTASettings] = {
     "vision8": TTASettings(steps=500, lr=2e-3, batch_size=16),
     "vision14": TTASettings(steps=300, lr=3e-3, batch_size=16),
     "vision20": TTASettings(steps=250, lr=4e-3, batch_size=16),
+    "shift5": TTASettings(steps=500, lr=2e-3, batch_size=16),  # vision8's backbone size and settings, 5 tasks
 }
 DEFAULT_TTA = TTASettings(steps=500, lr=1e-3, batch_size=16)  # AdaMerging's 500 iterations, paper lr and batch
 
