@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -24,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -124,6 +126,14 @@ def _prune(root: Path, newest: int, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _errno(exc: BaseException) -> int | None:
+    """The errno of a failed write: safetensors reports it only in its message ("os error 28")."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    found = re.search(r"os error (\d+)", str(exc))
+    return int(found.group(1)) if found else None
+
+
 def save_checkpoint(job_dir: Path, step: int, tensors: dict[str, Tensor], meta: dict[str, Any], keep: int = 3,
                     lease: Lease | None = None) -> Path:
     """Write and commit step `step`; `lease`: the driver's lease, whose fencing token must still be current at the
@@ -147,10 +157,11 @@ def save_checkpoint(job_dir: Path, step: int, tensors: dict[str, Tensor], meta: 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         write_atomic(root / "LATEST", final.name + "\n")
-    except OSError as exc:
-        if exc.errno not in SPACE_ERRNOS:
+    except (OSError, SafetensorError) as exc:
+        if _errno(exc) not in SPACE_ERRNOS:
             raise
-        raise MergeInputError(f"cannot write checkpoint step {step} in {root}: {exc.strerror}; the previous "
+        reason = exc.strerror if isinstance(exc, OSError) else os.strerror(_errno(exc))
+        raise MergeInputError(f"cannot write checkpoint step {step} in {root}: {reason}; the previous "
                               "checkpoint is intact", "free some space (or raise ulimit -f), then continue with "
                               "`rankmerge run SPEC --resume`") from None
     _prune(root, step, keep)

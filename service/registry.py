@@ -173,16 +173,17 @@ def claim_job_dir(job: MergeJob, address: str) -> tuple[JobRecord, bool]:
         return record, True
 
 
-def check_against_record(job: MergeJob) -> None:
+def check_against_record(job: MergeJob, job_dir: Path | None = None) -> None:
     """A driver runs only the job its job_dir's record names: a hand-edited spec copy (another output, job_dir,
-    overwrite or spec) would write somewhere the record does not know, or replace what is there."""
-    job_dir = job.resolved_job_dir
+    overwrite or spec) would write somewhere the record does not know, or replace what is there. `job_dir`: the
+    folder whose record to check against (default: the spec's own job_dir; the spec copy's folder when run from one)."""
+    job_dir = job_dir or job.resolved_job_dir
     record = load_record(job_dir)
     if record is None:
         return
     wanted = {"spec hash": record.spec_hash, "output": record.output, "job_dir": record.job_dir,
               "overwrite": job.overwrite if record.overwrite is None else record.overwrite}
-    given = {"spec hash": job.spec_hash(), "output": job.output, "job_dir": job_dir, "overwrite": job.overwrite}
+    given = {"spec hash": job.spec_hash(), "output": job.output, "job_dir": job.resolved_job_dir, "overwrite": job.overwrite}
     wrong = [f"{k} {given[k]} (recorded: {wanted[k]})" for k in wanted if given[k] != wanted[k]]
     if wrong:
         raise MergeInputError(f"this spec does not match the record of job {record.job_id} in {job_dir}: "
