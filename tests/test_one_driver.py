@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from cluster.checkpoints import load_latest_checkpoint, save_checkpoint
-from cluster.lease import DRIVER_LEASE, Holder, Lease, LeaseHeld, LeaseLost, current_holder, driver_lease
+from cluster.lease import DRIVER_LEASE, Holder, LeaseHeld, LeaseLost, current_holder, driver_lease
 from conftest import make_adaptive_spec
 from service.cli import main
 from service.registry import Attempt, claim_job_dir, save_record
