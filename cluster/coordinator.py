@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from cluster.checkpoints import load_latest_checkpoint, save_checkpoint
 from cluster.executor import ActorLost, Executor
+from cluster.lease import Lease
 from workers.errors import MergeInputError
 from workers.tta.data import IndexStream
 from workers.tta.guard import GuardTrack
@@ -54,8 +55,9 @@ class LoopConfig:
 
 class Coordinator:
     def __init__(self, executor: Executor, streams: list[IndexStream], loop: LoopConfig, job_dir: Path, spec_hash: str,
-                 guard: Guard | None = None) -> None:
+                 guard: Guard | None = None, lease: Lease | None = None) -> None:
         self.executor, self.streams, self.loop = executor, streams, loop
+        self.lease = lease  # the driver's lease: every checkpoint commit checks its fencing token
         self.job_dir, self.spec_hash = job_dir, spec_hash
         self.guard, self.track = guard, GuardTrack()
         self.best: dict[str, Tensor] = {}  # λ and mask logits of the guard's best step
@@ -77,7 +79,7 @@ class Coordinator:
         meta = {"spec_hash": self.spec_hash, "state_format": STATE_FORMAT, "cursors": [s.state() for s in self.streams],
                 "history": self.history, "guard": self.track.state()}
         state.update({BEST + k: v for k, v in self.best.items()})
-        save_checkpoint(self.job_dir, self.step, state, meta, self.loop.keep_checkpoints)
+        save_checkpoint(self.job_dir, self.step, state, meta, self.loop.keep_checkpoints, self.lease)
 
     def restore(self) -> bool:
         """Load the newest intact checkpoint into the executor and cursors; False when there is none."""

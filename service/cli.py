@@ -165,6 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         data["overwrite"] = True
     job = job_from_dict(data, Path(args.job).resolve().parent)
     check_inputs_exist(job, lambda field: path_origin(field, {}, args.job))
+    _check_spec_copy(Path(args.job), job)
     if args.dry_run:
         from service.tta_job import dry_run_adaptive_job
 
@@ -188,6 +189,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(format_accuracy(report["accuracy"]))
     print(f"output: {job.output} (report: {job.output / 'merge_report.json'}; checkpoints: {job.resolved_job_dir})")
     return 0
+
+
+def _check_spec_copy(spec: Path, job: Any) -> None:
+    """A spec run from inside a job directory (its spec copy) must be the job its record names, wherever it points."""
+    from service.registry import RECORD, check_against_record
+
+    folder = spec.resolve().parent
+    if (folder / RECORD).is_file():
+        check_against_record(job, folder)
 
 
 def format_guard(report: dict) -> str:

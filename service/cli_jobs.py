@@ -64,14 +64,16 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from service.job_index import find_job
-    from service.job_service import refresh
+    from service.job_service import observe_files, refresh
     from service.jobs_client import HeadUnreachable
+    from service.registry import update_record
 
     record = find_job(args.job_ref)
     try:
         record = refresh(record, args.address)
-    except HeadUnreachable as exc:  # the registry still knows the job: show what it recorded
+    except HeadUnreachable as exc:  # the registry still knows the job, the job dir its progress: show both
         print(f"warning: {exc}; showing the recorded state (pass --address of a new head to `rankmerge resume`)", file=sys.stderr)
+        record = update_record(record.job_dir, observe_files)
     if args.json:
         print(record.model_dump_json(indent=1))
         return 0

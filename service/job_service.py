@@ -4,6 +4,11 @@ One job = one job directory = any number of attempts (Ray submissions). Every at
 `rankmerge run <job_dir>/spec.yaml --executor ray --address auto`, later ones with `--resume`: the driver continues
 from the newest intact checkpoint, so the job ends where an uninterrupted run ends. Ray's view of an attempt is
 copied into the registry whenever a command looks at it; what Ray forgets (a lost head) the registry keeps.
+
+Truthful records under races: Ray's answer about an attempt is written onto that attempt (by submission id), never
+onto whatever attempt is current by then; a new attempt is started only under the record lock, and only when the
+attempt its caller saw ending is still the current one — so two watchers resubmit at most once — and only once the
+last driver's lease is free (cluster/lease.py), so two drivers never share a job dir.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+from cluster.lease import DRIVER_LEASE, wait_until_free
 from service.job_index import add_to_index
 from service.jobs_client import AttemptInfo, JobsClient, driver_command
 from service.registry import (TERMINAL, Attempt, JobRecord, claim_job_dir, last_checkpoint_step, load_record, log_path,
@@ -58,12 +64,34 @@ def submit_job(spec_file: str | Path, address: str) -> JobRecord:
     return start_attempt(record, client, resume=False)
 
 
+class AttemptStarted(MergeInputError):
+    """Another command started an attempt first (a racing watcher or `resume`): follow that one."""
+
+
+def _wait_for_driver_exit(job_dir: Path) -> None:
+    """A driver that just died on another host holds its lease until the TTL runs out: wait for that, not longer."""
+    holder = wait_until_free(job_dir / DRIVER_LEASE, timeout=0)
+    if holder is not None:
+        holder = wait_until_free(job_dir / DRIVER_LEASE, timeout=holder.ttl + 5)
+    if holder is not None:
+        raise MergeInputError(f"a driver still runs in {job_dir}: {holder.describe()}",
+                              f"wait for it to end, or stop it (kill {holder.pid} on {holder.host}) first")
+
+
 def start_attempt(record: JobRecord, client: JobsClient, resume: bool) -> JobRecord:
+    """Submit the next attempt, unless another one started since `record` was read (AttemptStarted)."""
+    seen = record.current.submission_id if record.current else None
+    if resume:
+        _wait_for_driver_exit(record.job_dir)
     entrypoint = driver_command(record.spec_path, resume)
-    submission_id = client.submit(entrypoint, {"rankmerge_job": record.job_id, "job_dir": str(record.job_dir)})
-    log.info("job %s: attempt %s submitted to %s", record.job_id, submission_id, client.url)
 
     def add(r: JobRecord) -> None:
+        current = r.current
+        if (current.submission_id if current else None) != seen or (current is not None and current.active):
+            raise AttemptStarted(f"job {r.job_id} is {r.status} as attempt {len(r.attempts)} ({current.submission_id})",
+                                 f"follow it with `rankmerge status {r.job_id}`")
+        submission_id = client.submit(entrypoint, {"rankmerge_job": r.job_id, "job_dir": str(r.job_dir)})
+        log.info("job %s: attempt %s submitted to %s", r.job_id, submission_id, client.url)
         r.address = client.url
         r.cancel_requested = False
         r.attempts.append(Attempt(submission_id=submission_id, address=client.url, resume=resume, submitted_at=time.time()))
@@ -77,30 +105,37 @@ def refresh(record: JobRecord, address: str | None = None) -> JobRecord:
     """Ask Ray about the current attempt (if it is still going) and write what it says into the registry."""
     attempt = record.current
     if attempt is None or not attempt.active:
-        return update_record(record.job_dir, _observe_files)
+        record = update_record(record.job_dir, observe_files)
+        if attempt is not None and attempt.status in TERMINAL and attempt.status != "LOST" and \
+                not log_path(record.job_dir, attempt.submission_id).is_file():  # ended under another command's eyes
+            archive_logs(record, JobsClient(address or attempt.address), attempt.submission_id)
+        return record
     client = JobsClient(address or attempt.address)
     info = client.info(attempt.submission_id)
-    record = update_record(record.job_dir, lambda r: _apply(r, info))
+    record = update_record(record.job_dir, lambda r: _apply(r, attempt.submission_id, info))
     if info.status in TERMINAL and info.status != "LOST":
         archive_logs(record, client, attempt.submission_id)
     return record
 
 
-def _observe_files(r: JobRecord) -> None:
+def observe_files(r: JobRecord) -> None:
+    """What the job dir itself says (last checkpoint, published output): true with or without a head."""
     r.last_checkpoint = last_checkpoint_step(r.job_dir)
     report = r.output / "merge_report.json"
     if report.is_file():
         r.outputs = {"output": str(r.output), "report": str(report)}
 
 
-def _apply(r: JobRecord, info: AttemptInfo) -> None:
-    attempt = r.current
+def _apply(r: JobRecord, submission_id: str, info: AttemptInfo) -> None:
+    """Ray's answer about attempt `submission_id`, onto that attempt; the job's status only while it is current."""
+    attempt = next(a for a in r.attempts if a.submission_id == submission_id)
     attempt.status, attempt.exit_code = info.status, info.exit_code
-    status = "STOPPED" if r.cancel_requested and info.status in TERMINAL else info.status
-    if status in TERMINAL:
+    if info.status in TERMINAL:
         attempt.message, attempt.ended_at = info.message, attempt.ended_at or time.time()
-    _observe_files(r)
-    r.set_status(status, attempt.submission_id, info.message if status in TERMINAL else None)
+    observe_files(r)
+    if attempt is r.current:
+        status = "STOPPED" if r.cancel_requested and info.status in TERMINAL else info.status
+        r.set_status(status, submission_id, info.message if status in TERMINAL else None)
 
 
 def archive_logs(record: JobRecord, client: JobsClient, submission_id: str) -> None:

@@ -4,6 +4,10 @@ A new attempt runs the driver with `--resume` and continues from the last checkp
 uninterrupted run. Not every failure is worth another attempt: a user error (the driver exits 2 with a one-line
 message) fails the same way again, and a cancelled job stays cancelled. An unreachable head is waited for, up to
 `unreachable_timeout`; pass the new head's address to continue on another cluster.
+
+One watcher per job: it holds `job_dir/watcher.lease` (cluster/lease.py) for its life, and a second one is refused
+at once (one line, exit 2). Should two ever race anyway (a lease taken over from a stalled watcher), the record lets
+only one of them start the next attempt; the other follows it.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ import logging
 import time
 from collections.abc import Callable
 
+from cluster.lease import Lease
 from service.cli import EXIT_USER_ERROR
-from service.job_service import follow, start_attempt
+from service.job_service import AttemptStarted, follow, start_attempt
 from service.jobs_client import HeadUnreachable, JobsClient
-from service.registry import JobRecord
+from service.registry import JobRecord, load_record
+
+WATCHER_LEASE = "watcher.lease"
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,12 @@ def should_resubmit(record: JobRecord, max_attempts: int) -> bool:
 def supervise(record: JobRecord, on_change: Callable[[JobRecord], None], address: str | None = None,
               max_attempts: int = 3, poll: float = 2.0, unreachable_timeout: float = 600.0) -> JobRecord:
     """Follow the job to its end, resubmitting (with --resume) each attempt whose driver died; returns the last record."""
+    with Lease(record.job_dir / WATCHER_LEASE, "watcher").acquire():
+        return _watch(record, on_change, address, max_attempts, poll, unreachable_timeout)
+
+
+def _watch(record: JobRecord, on_change: Callable[[JobRecord], None], address: str | None, max_attempts: int,
+           poll: float, unreachable_timeout: float) -> JobRecord:
     unreachable_since = last_failure = -float("inf")
     while True:
         try:
@@ -42,6 +55,9 @@ def supervise(record: JobRecord, on_change: Callable[[JobRecord], None], address
             log.warning("job %s: attempt %d ended %s (exit %s); resubmitting with --resume", record.job_id,
                         len(record.attempts), record.status, record.current.exit_code)
             record = start_attempt(record, JobsClient(address or record.address), resume=True)
+        except AttemptStarted as exc:
+            log.info("%s; following it", exc)
+            record = load_record(record.job_dir)
         except HeadUnreachable as exc:
             now = time.monotonic()
             if now - last_failure > 2 * poll + 30:  # a new outage, not the same one still going on

@@ -24,6 +24,7 @@ from cluster.checkpoints import job_identity
 from cluster.coordinator import Coordinator, Guard, LoopConfig
 from cluster.executor import AdaptiveWork, Executor, LocalExecutor
 from cluster.sharding import shard_columns
+from service.driver import take_driver_lease
 from service.merge_job import open_inputs
 from service.spec import MergeJob, parse_adaptive_params
 from workers.checkpoint_reader import ModelCheckpoint
@@ -203,6 +204,7 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
     start_time = time.perf_counter()
     tta = job.tta
     with ExitStack() as stack:
+        lease = stack.enter_context(take_driver_lease(job))  # one driver per job dir, before any heavy work
         job_dir, spec_hash = job.resolved_job_dir, job.spec_hash()
         if not resume and any((job_dir / "checkpoints").glob("step_*")):  # before any heavy work
             if not restart:
@@ -225,7 +227,7 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
                    for ck, data, (_, pool) in zip(tasks, datasets, splits)]
         guard = make_guard(runner, models, datasets, [held for held, _ in splits], tta.eval_batch_size) if guarded else None
         loop = LoopConfig(tta.steps, tta.batch_size, tta.checkpoint_every, tta.keep_checkpoints)
-        coordinator = Coordinator(runner, streams, loop, job_dir, spec_hash, guard)
+        coordinator = Coordinator(runner, streams, loop, job_dir, spec_hash, guard, lease)
         history = coordinator.run(resume)
         runner.stop_workers()  # the rest needs only the shards
         labelled = tta.evaluate and any("labels" in data for data in datasets)
@@ -262,6 +264,7 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
         if labelled:
             merges = {"initial": collect_weights(runner, "initial"), "merged": final, **merges}
             report["accuracy"] = evaluate(models, plan, base, tasks, datasets, merges, tta.eval_batch_size)
+        lease.check()  # a replaced driver publishes nothing
         export(job, plan, base, tasks, runner.hard_masks(), state["lambda"], final, report, start_time)
     return report
 

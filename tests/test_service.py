@@ -311,3 +311,47 @@ def test_status_without_a_head_shows_the_recorded_state(spec, tmp_path, capsys):
     assert main(["status", str(record.job_dir)]) == 0
     captured = capsys.readouterr()
     assert "no Ray dashboard answers" in captured.err and "RUNNING, attempt 1 (raysubmit_x)" in captured.out
+
+
+@pytest.mark.slow
+def test_two_watchers_and_a_killed_driver_end_succeeded_with_truthful_attempts(head, spec, reference):
+    """The second watcher is refused at once; the first resubmits once; a stale view can neither start another
+    attempt nor write an old attempt's outcome onto the new one."""
+    import subprocess
+    import sys
+
+    from service.job_service import AttemptStarted, start_attempt
+
+    path = write_spec(spec, "two_watchers")
+    assert main(["submit", str(path), "--address", head.dashboard]) == 0
+    job_id = job_id_of(path)
+    stale = find_job(job_id)  # attempt 1, running: what a slow watcher still believes later
+    codes = []
+    first = threading.Thread(target=lambda: codes.append(main(["supervise", job_id, "--poll", "0.3"])))
+    first.start()
+    deadline = time.time() + 30
+    while not (stale.job_dir / "watcher.lease").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    started = time.perf_counter()
+    second = subprocess.run([sys.executable, "-m", "service.cli", "supervise", job_id], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
+    refused_in = time.perf_counter() - started
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert second.returncode == 2 and len(errors) == 1 and "held by another watcher" in errors[0], second.stderr
+    kill_after_checkpoint(path)
+    first.join(timeout=240)
+    assert codes == [0]
+    record = find_job(job_id)
+    assert record.status == "SUCCEEDED" and [a.status for a in record.attempts] == ["FAILED", "SUCCEEDED"]
+    assert record.attempts[1].exit_code == 0 and record.attempts[1].resume and record.attempts[0].exit_code != 0
+    assert all((record.job_dir / "logs" / f"{a.submission_id}.log").is_file() for a in record.attempts)
+    client = JobsClient(head.dashboard)
+    ended = stale.model_copy(deep=True)
+    ended.attempts[0].status = "FAILED"
+    with pytest.raises(AttemptStarted):
+        start_attempt(ended, client, resume=True)  # a racing watcher: at most one resubmission
+    again = refresh(stale, head.dashboard)  # Ray's answer about attempt 1 lands on attempt 1 only
+    assert again.status == "SUCCEEDED" and [a.status for a in again.attempts] == ["FAILED", "SUCCEEDED"]
+    assert again.attempts[1].message == record.attempts[1].message and len(again.attempts) == 2
+    assert_same_result(spec[0] / "two_watchers", reference[1])
+    print(f"second watcher refused in {refused_in:.1f} s")
