@@ -16,14 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from workers.atomic_io import write_atomic
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.plan import MergePlan
 from workers.tta.adapters import TaskModels
@@ -69,18 +69,14 @@ def _sha256(path: Path) -> str:
 
 
 def save_teachers(job_dir: Path, names: list[str], targets: list[dict[str, Tensor]], identity: str) -> Path:
-    """Write the cache atomically (temp file, fsync, rename) with its identity and checksum."""
+    """Write the cache atomically with its identity; the checksum sidecar goes last, so a crash in between leaves a
+    cache that fails its check and is recomputed."""
     job_dir.mkdir(parents=True, exist_ok=True)
-    path, tmp = job_dir / CACHE, job_dir / f".{CACHE}.tmp"
     flat = {f"{name}/{key}": value.contiguous() for name, part in zip(names, targets) for key, value in part.items()}
-    save_file(flat, tmp, metadata={"identity": identity})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    sidecar = job_dir / f".{CACHE}.sha256.tmp"
-    sidecar.write_text(json.dumps({"sha256": _sha256(tmp), "identity": identity}))
-    os.replace(tmp, path)
-    os.replace(sidecar, job_dir / f"{CACHE}.sha256")
-    return path
+    data = save(flat, metadata={"identity": identity})
+    write_atomic(job_dir / CACHE, data)
+    write_atomic(job_dir / f"{CACHE}.sha256", json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "identity": identity}))
+    return job_dir / CACHE
 
 
 def load_teachers(job_dir: Path, names: list[str], identity: str) -> list[dict[str, Tensor]] | None:
