@@ -123,5 +123,5 @@ def test_sigterm_is_handled_like_ctrl_c(spec, tmp_path):
 def test_missing_data_file_is_one_line(spec, tmp_path, capsys):
     spec["tta"]["data"]["task0"] = str(tmp_path / "nowhere.safetensors")
     code, err = run_job(capsys, tmp_path, spec)
-    assert_user_error(code, err, "'task0'", "nowhere.safetensors does not exist")
+    assert_user_error(code, err, "tta.data.task0", "nowhere.safetensors does not exist")
     assert_nothing_started(tmp_path)
