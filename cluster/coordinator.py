@@ -24,12 +24,12 @@ from typing import Any
 
 from torch import Tensor
 
-from tqdm.auto import tqdm
 
 from cluster.checkpoints import load_latest_checkpoint, save_checkpoint
 from cluster.executor import ActorLost, Executor
 from cluster.lease import Lease
 from workers.errors import MergeInputError
+from workers.progress import progress
 from workers.tta.data import IndexStream
 from workers.tta.guard import GuardTrack
 
@@ -112,7 +112,7 @@ class Coordinator:
             log.info("resumed %s at step %d", self.job_dir, self.step)
         elif self.step == 0:
             self.checkpoint()  # step 0: what a recovery rewinds to before the first periodic checkpoint
-        with tqdm(total=self.loop.steps, initial=self.step, desc="adapt", disable=None) as bar:
+        with progress(total=self.loop.steps, initial=self.step, desc="adapt", unit="step") as bar:
             while self.step < self.loop.steps:
                 indices = [s.next_indices(self.loop.batch_size) for s in self.streams]
                 started = time.perf_counter()

@@ -337,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("workers.progress").setLevel(logging.INFO)  # periodic progress lines when stderr is not a terminal
     try:
         with sigterm_as_interrupt():
             return args.func(args)

@@ -290,3 +290,15 @@ def test_adaptive_dry_run_predicts_time_and_memory_and_writes_nothing(families, 
     gib = float(text.split("predicted peak memory: ")[1].split(" GiB")[0])
     assert seconds > 0 and 0.05 < gib < 64
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no job dir
+
+
+def test_a_job_log_gets_periodic_progress_lines(families, tmp_path):
+    """stderr is a pipe here (a job log): no bar, but progress lines with step counts, without -v."""
+    spec = make_job(families, tmp_path, params={"factorization": "ta"}, steps=6)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    done = subprocess.run([sys.executable, "-m", "service.cli", "run", str(tmp_path / "job.yaml")], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "RANKMERGE_PROGRESS_SECONDS": "0"})
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("INFO workers.progress: adapt")]
+    assert lines and any("6/6" in line for line in lines), done.stderr[-2000:]
+    assert "\r" not in done.stderr

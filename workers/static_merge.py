@@ -24,6 +24,7 @@ from workers.errors import MergeInputError
 from workers.methods.registry import MergeMethod, TensorInputs
 from workers.model_card import write_model_card
 from workers.plan import MergePlan, TensorPlan
+from workers.progress import progress
 from workers.roles import Role
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,8 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheck
     return TensorInputs(entry.key, entry.role, base_t, taus)
 
 
-def _progress(total: int, desc: str):
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False, disable=None)
+def _progress(total: int, desc: str) -> tqdm:
+    return progress(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
 
 
 PREFETCH_BUDGET_BYTES = 256 * 2**20  # read the next tensor ahead only when its inputs are at most this large

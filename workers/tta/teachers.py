@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from workers.atomic_io import write_atomic
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.plan import MergePlan
+from workers.progress import progress
 from workers.tta.adapters import TaskModels
 from workers.tta.data import model_inputs, num_rows
 from workers.tta.objectives import TEACHER_INDEX, TEACHER_LOGITS
@@ -44,7 +44,7 @@ def teacher_targets(models: TaskModels, plan: MergePlan, tasks: list[ModelCheckp
         own = {e.key: ck.read(e.sources[t]).to(dtype) for e in plan.merged}
         values, index = [], []
         rows = num_rows(data)
-        for start in tqdm(range(0, rows, batch), desc=f"teacher {ck.name}", disable=None, leave=False):
+        for start in progress(iterable=range(0, rows, batch), desc=f"teacher {ck.name}", leave=False):
             logits = models.logits(own, t, model_inputs(data, torch.arange(start, min(start + batch, rows)))).float()
             if models.kind == "causal_lm":
                 top = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1)
