@@ -44,7 +44,9 @@ def _setting(record: dict[str, Any], table: str) -> str:
         tta = record["tta"]
         start = record.get("initial")
         step0 = f"; step 0: {100 * start['accuracy'][table]['average']:.1f}" if start else ""
-        return f"{text}; {tta['steps']} steps, lr {tta['lr']:g}, batch {tta['batch_size']}{step0}"
+        run = next((p for p in record.get("protocols", {}).values() if p.get("report_on") == table), {})
+        published = f"; {run['objective']}, published step {run['published_step']}" if "objective" in run else ""
+        return f"{text}; {tta['steps']} steps, lr {tta['lr']:g}, batch {tta['batch_size']}{published}{step0}"
     return "-"
 
 
