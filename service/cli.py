@@ -248,6 +248,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_task(args: argparse.Namespace) -> int:
+    import torch
+
+    from service.task_model import export_task_model
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = export_task_model(Path(args.output), args.task, Path(args.out), args.overwrite, dtype)
+    print(f"task {args.task}: {out} (load it with AutoModelFor….from_pretrained)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo
 
@@ -312,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list merge methods and their default parameters")
     methods.set_defaults(func=cmd_methods)
+
+    export = sub.add_parser("export-task", help="write one task of a merged output as a plain HF folder (its labels, its head)")
+    export.add_argument("output", metavar="OUT", help="a merged output folder")
+    export.add_argument("task", metavar="TASK", help="task name (as in the merge's models)")
+    export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the merged weights' dtype")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.set_defaults(func=cmd_export_task)
 
     demo = sub.add_parser("demo", help="build the smoke vision suite, run TA and AdaRank (local Ray), print per-task accuracy")
     demo.add_argument("--workdir", default=".demo")
