@@ -62,6 +62,13 @@ def _from_cwd(path: str) -> str:
     return str(Path(path).absolute())
 
 
+def _model_from_cwd(text: str, flag: str) -> str:
+    """A model flag: a folder relative to the current directory, or an `org/name` id from the local HF cache."""
+    from service.model_ids import resolve_model_ref
+
+    return _from_cwd(resolve_model_ref(text, Path.cwd(), flag))
+
+
 def path_origin(field: str, flags: dict[str, str], spec: str | None) -> str:
     """Where the user wrote the path of spec field `field`: the flag that set it, else the spec file."""
     if field in flags:
@@ -83,14 +90,14 @@ def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, 
             raise MergeInputError(f"missing {', '.join(missing)}", "give a job.yaml or all of --base, --model, --method, --out")
     flags: dict[str, str] = {}
     if args.base:
-        data["base"], flags["base"] = _from_cwd(args.base), f"--base {args.base}"
+        data["base"], flags["base"] = _model_from_cwd(args.base, f"--base {args.base}"), f"--base {args.base}"
     if args.model:
         models: dict[str, str] = {}
         for item in args.model:
             name, path = _key_value(item, "--model")
             if name in models:
                 raise MergeInputError(f"duplicate task name {name!r}", "give every --model a unique NAME")
-            models[name], flags[f"models.{name}"] = _from_cwd(path), f"--model {item}"
+            models[name], flags[f"models.{name}"] = _model_from_cwd(path, f"--model {item}"), f"--model {item}"
         data["models"] = models
     if args.method:
         data["method"] = args.method
