@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import transformers
@@ -21,6 +22,7 @@ from transformers import PreTrainedModel
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.checkpoint_writer import SKIPPED_SIDE_FILES, WEIGHT_SUFFIXES, staged_folder
 from workers.errors import MergeInputError
+from workers.roles import rules_for
 from workers.static_merge import HEAD_CONFIG_KEY
 
 __all__ = ["load_task_model", "export_task_model", "task_names"]
@@ -98,20 +100,32 @@ def _target_dtype(weights: dict[str, torch.Tensor], dtype: torch.dtype | None) -
 
 def _module_state(model: PreTrainedModel, weights: dict[str, torch.Tensor], head: dict[str, torch.Tensor],
                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Checkpoint names (the base's, the head's) -> the task model's parameter names, through transformers' own
-    load-time renaming (base-model prefix included); the head is applied last, so a base's own head never wins."""
-    from workers.tta.adapters import checkpoint_to_module_names
-
-    to_module = checkpoint_to_module_names(model)
-    expected = set(model.state_dict())
+    """Checkpoint names (the base's, the head's) -> the task model's parameter names; the head is applied last, so a
+    base's own head never wins."""
+    place = _placer(model)
     state: dict[str, torch.Tensor] = {}
     for key, value in [*weights.items(), *head.items()]:
-        name = to_module(key)
-        if name not in expected:
+        name = place(key)
+        if name is None:
             log.debug("%s is not a parameter of %s: left out", key, type(model).__name__)
             continue
         state[name] = value.to(dtype) if value.is_floating_point() else value
     return state
+
+
+def _placer(model: PreTrainedModel) -> Callable[[str], str | None]:
+    """Where a checkpoint tensor goes in the task model: transformers' own load-time renaming (base-model prefix
+    included), else the wrapper prefixes the merge planner strips from task models (e.g. CLIP's `vision_model.`)."""
+    from workers.tta.adapters import checkpoint_to_module_names
+
+    to_module = checkpoint_to_module_names(model)
+    prefixes = rules_for(model.config.to_dict()).prefixes
+    expected = set(model.state_dict())
+
+    def place(key: str) -> str | None:
+        return next((c for c in (to_module(key), key, *(p + key for p in prefixes)) if c in expected), None)
+
+    return place
 
 
 def _check_complete(model: PreTrainedModel, task: str) -> None:

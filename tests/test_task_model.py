@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, BertForSequenceClassification
 
@@ -127,3 +128,24 @@ def test_output_without_task_configs_in_heads_uses_the_task_model_while_it_exist
     capsys.readouterr()
     assert main(["export-task", str(out), "dtd", "--out", str(tmp_path / "export")]) == 2
     assert "does not record the task model's config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["clip_vision", "roberta", "gpt2", "llama"])
+def test_identity_merge_gives_the_task_models_logits_for_every_family(kind, families, tmp_path):
+    """Other wrapper prefixes (vision_model., roberta., transformer.), a `score` head, and a causal LM with no separate
+    head (the merged model is the task model), in memory and exported."""
+    base, tasks = families(kind)
+    out = identity_merge(tmp_path, base, "t", tasks["task1"])
+    cls = getattr(transformers, json.loads((tasks["task1"] / "config.json").read_text())["architectures"][0])
+    own = cls.from_pretrained(tasks["task1"]).eval()
+    gen = torch.Generator().manual_seed(2)
+    inputs = ({"pixel_values": torch.randn(2, 3, 8, 8, generator=gen)} if kind == "clip_vision"
+              else {"input_ids": torch.randint(1, 64, (2, 7), generator=gen)})
+    loaded = load_task_model(out, "t")
+    export_task_model(out, "t", tmp_path / "export")
+    exported = assert_loads_cleanly(cls, tmp_path / "export")
+    assert type(loaded) is cls
+    with torch.no_grad():
+        expected = own(**inputs).logits
+        torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(exported(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
