@@ -83,6 +83,7 @@ def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, 
 
     if args.job:
         data, root = load_job_file(args.job), Path(args.job).resolve().parent
+        data, root = _from_mergekit(data, root, args)
     else:
         data, root = {}, Path.cwd()
         missing = [f for f, v in (("--base", args.base), ("--model", args.model), ("--method", args.method), ("--out", args.out)) if not v]
@@ -116,6 +117,18 @@ def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, 
     if args.max_shard_size:
         data["max_shard_size"] = args.max_shard_size
     return data, root, flags
+
+
+def _from_mergekit(data: dict[str, Any], root: Path, args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """A mergekit config (`merge_method:`) becomes a job; its paths are relative to the current directory, as in
+    mergekit, and its output comes from --out."""
+    from service.mergekit_config import is_mergekit_config, job_data_from_mergekit
+
+    if not is_mergekit_config(data):
+        return data, root
+    if not args.out:
+        raise MergeInputError(f"{args.job} is a mergekit config, which names no output", f"add --out DIR: rankmerge merge {args.job} --out DIR")
+    return job_data_from_mergekit(data, Path.cwd()), Path.cwd()
 
 
 def _refuse_adaptive(method: Any, spec: str | None) -> None:
@@ -291,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="run a static merge in-process")
-    merge.add_argument("job", nargs="?", help="job spec YAML (flags below override it)")
+    merge.add_argument("job", nargs="?", help="job spec YAML, or a mergekit config (linear, task_arithmetic); flags below override it")
     merge.add_argument("--base", help="pretrained HF directory")
     merge.add_argument("--model", action="append", metavar="NAME=PATH", help="fine-tuned HF directory (repeat)")
     merge.add_argument("--method", help="merge method (see `rankmerge methods`)")

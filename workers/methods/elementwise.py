@@ -23,6 +23,11 @@ def task_arithmetic(taus: Tensor, lam: float) -> Tensor:
     return taus.sum(0).mul_(lam)
 
 
+def weighted_sum(taus: Tensor, weights: Tensor) -> Tensor:
+    """θ = θ0 + Σ_t λ_t τ_t (one λ per task)."""
+    return torch.tensordot(weights.to(taus.dtype), taus, dims=1)
+
+
 # ---- TIES ---------------------------------------------------------------------------------------------------------
 def trim_rank(numel: int, keep_fraction: float) -> int:
     """1-based rank of the threshold among |τ| sorted ascending (the reference's d − ⌊K·d⌋); 0 means keep all."""

@@ -114,14 +114,27 @@ def validate_params(name: str, model: type[Params], raw: dict[str, Any]) -> Para
         return model.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "params"
+        field = ".".join(str(x) for x in input_path(raw, err["loc"])) or "params"
         if err["type"] == "extra_forbidden":
             known = ", ".join(f.alias or n for n, f in model.model_fields.items()) or "none"
             raise MergeInputError(f"unknown parameter {field!r} for method {name}", f"its parameters are: {known}") from None
         fix = f"fix the value (see `rankmerge schema --method {name}`)"
         if nonfinite_bound_error(err):
             raise MergeInputError(f"parameter {field!r} of {name} is {err['input']!r}: it must be a finite number", fix) from None
-        raise MergeInputError(f"parameter {field!r} of {name}: {err['msg']}", fix) from None
+        raise MergeInputError(f"parameter {field!r} of {name}: {err['msg'].removeprefix('Value error, ')}", fix) from None
+
+
+def input_path(raw: Any, loc: tuple) -> list:
+    """An error's location as the user wrote it: without the union-member tags pydantic inserts (`lambda.float`)."""
+    path, node = [], raw
+    for part in loc:
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
+            path.append(part)
+            node = node[part]
+        elif not path:  # the first part is always the field (by alias), even when absent from the input
+            path.append(part)
+            node = None
+    return path
 
 
 BOUND_ERRORS = {"less_than", "less_than_equal", "greater_than", "greater_than_equal", "finite_number"}
@@ -139,6 +152,7 @@ def nonfinite_bound_error(err: dict[str, Any]) -> bool:
 
 # ---- simple elementwise methods -----------------------------------------------------------------------------------
 Lambda = Field(0.3, alias="lambda", ge=-10.0, le=10.0, description="scale of the summed task vectors")
+LAMBDA_BOUND = 10.0
 
 
 @register
@@ -153,16 +167,45 @@ class WeightAverage(MergeMethod):
         return ew.weight_average(inputs.taus), {}
 
 
+def per_task_values(name: str, value: float | dict[str, float], task_names: tuple[str, ...]) -> Tensor:
+    """One value per task, in task order, from one number or a {task: value} mapping that names every task once."""
+    if not isinstance(value, dict):
+        return torch.full((len(task_names),), float(value))
+    missing, unknown = sorted(set(task_names) - set(value)), sorted(set(value) - set(task_names))
+    if missing or unknown:
+        raise MergeInputError(f"parameter {name!r} names tasks {sorted(value)} but the tasks are {list(task_names)}"
+                              f" (missing {missing}, unknown {unknown})", f"give one {name} per task, or one number for all")
+    return torch.tensor([float(value[t]) for t in task_names])
+
+
 @register
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
-    summary = "θ = θ0 + λ Σ τ_t"
+    summary = "θ = θ0 + Σ λ_t τ_t (one λ, or one per task)"
 
     class Params(Params):
-        lambda_: float = Lambda
+        lambda_: float | dict[str, float] = Field(0.3, alias="lambda", description="scale of the task vectors: one number "
+                                                  f"in [{-LAMBDA_BOUND}, {LAMBDA_BOUND}], or {{task: λ_t}}")
+
+        @field_validator("lambda_")
+        @classmethod
+        def _bounded(cls, value: float | dict[str, float]) -> float | dict[str, float]:
+            for task, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+                which = f"the value for task {task!r}" if task is not None else "the value"
+                if not math.isfinite(v):
+                    raise ValueError(f"{which} is {v}: it must be a finite number")
+                if abs(v) > LAMBDA_BOUND:
+                    raise ValueError(f"{which} is {v}: it must be in [{-LAMBDA_BOUND:g}, {LAMBDA_BOUND:g}]")
+            return value
+
+    def __init__(self, params: Params, ctx: MergeContext) -> None:
+        super().__init__(params, ctx)
+        self.lambdas = per_task_values("lambda", params.lambda_, ctx.task_names)  # checked before any tensor is read
 
     def merge(self, inputs):
-        return ew.task_arithmetic(inputs.taus, self.params.lambda_), {}
+        if not isinstance(self.params.lambda_, dict):
+            return ew.task_arithmetic(inputs.taus, self.params.lambda_), {}
+        return ew.weighted_sum(inputs.taus, self.lambdas), {}
 
 
 @register
