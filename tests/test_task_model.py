@@ -149,3 +149,19 @@ def test_identity_merge_gives_the_task_models_logits_for_every_family(kind, fami
         expected = own(**inputs).logits
         torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(exported(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_adaptive_output_loads_per_task_too(families, tmp_path):
+    """AdaRank/AdaMerging publish their heads the same way: each task's model has its own head and labels."""
+    import yaml
+
+    from conftest import make_adaptive_spec
+
+    spec = make_adaptive_spec(families, tmp_path, method="adamerging", params={}, steps=2)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 0
+    for name, path in spec["models"].items():
+        model = load_task_model(spec["output"], name)
+        own = load_file(f"{path}/model.safetensors")
+        assert torch.equal(model.classifier.weight, own["classifier.weight"].to(model.dtype))
+        assert model.config.num_labels == own["classifier.weight"].shape[0]
