@@ -81,15 +81,15 @@ def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, 
     by flags (field -> the flag as given), so a bad path's message can say where it came from."""
     from service.spec import load_job_file
 
+    flags: dict[str, str] = {}
     if args.job:
         data, root = load_job_file(args.job), Path(args.job).resolve().parent
-        data, root = _from_mergekit(data, root, args)
+        data, root, flags = _from_mergekit(data, root, args)
     else:
         data, root = {}, Path.cwd()
         missing = [f for f, v in (("--base", args.base), ("--model", args.model), ("--method", args.method), ("--out", args.out)) if not v]
         if missing:
             raise MergeInputError(f"missing {', '.join(missing)}", "give a job.yaml or all of --base, --model, --method, --out")
-    flags: dict[str, str] = {}
     if args.base:
         data["base"], flags["base"] = _model_from_cwd(args.base, f"--base {args.base}"), f"--base {args.base}"
     if args.model:
@@ -119,16 +119,17 @@ def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, 
     return data, root, flags
 
 
-def _from_mergekit(data: dict[str, Any], root: Path, args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+def _from_mergekit(data: dict[str, Any], root: Path, args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, str]]:
     """A mergekit config (`merge_method:`) becomes a job; its paths are relative to the current directory, as in
-    mergekit, and its output comes from --out."""
+    mergekit (so a missing one is named like a flag's), and its output comes from --out."""
     from service.mergekit_config import is_mergekit_config, job_data_from_mergekit
 
     if not is_mergekit_config(data):
-        return data, root
+        return data, root, {}
     if not args.out:
         raise MergeInputError(f"{args.job} is a mergekit config, which names no output", f"add --out DIR: rankmerge merge {args.job} --out DIR")
-    return job_data_from_mergekit(data, Path.cwd()), Path.cwd()
+    job, written = job_data_from_mergekit(data, Path.cwd())
+    return job, Path.cwd(), {field: f"`{ref}` in the mergekit config {args.job}" for field, ref in written.items()}
 
 
 def _refuse_adaptive(method: Any, spec: str | None) -> None:

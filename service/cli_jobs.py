@@ -97,25 +97,42 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _follow_logs(record, which: str | None, address: str | None) -> int:
-    """Stream an attempt's driver log until it ends, as `ray job logs --follow` does; exit 0 only if it succeeded.
-    An attempt the head no longer knows prints its archived log."""
-    from service.job_service import attempt_logs, pick_attempt, refresh
-    from service.jobs_client import JobsClient, UnknownSubmission
+    """Stream an attempt's driver log until it ends, as `ray job logs --follow` does; exit 0 only if it succeeded."""
+    from service.job_service import pick_attempt, refresh
+    from service.jobs_client import HeadUnreachable
 
     attempt = pick_attempt(record, which)
+    _stream_or_archive(record, attempt, which, address)
     try:
-        for chunk in JobsClient(address or attempt.address).tail(attempt.submission_id):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-    except UnknownSubmission:
-        print(attempt_logs(record, which, address), end="")
-    record = refresh(record, address)  # records the end and archives the log
+        record = refresh(record, address)  # records the end and archives the log
+    except HeadUnreachable:
+        pass  # the head is gone: the recorded status stands
     ended = next(a for a in record.attempts if a.submission_id == attempt.submission_id)
     if ended.status == "SUCCEEDED":
         return 0
     print(f"{record.job_id}: attempt {ended.submission_id} ended {ended.status}"
           f"{f': {ended.message}' if ended.message else ''}", file=sys.stderr)
     return 1
+
+
+def _stream_or_archive(record, attempt, which: str | None, address: str | None) -> None:
+    """The live stream while the head knows the attempt; else (head gone or restarted) its archived log."""
+    from service.job_service import attempt_logs
+    from service.jobs_client import HeadUnreachable, JobsClient, UnknownSubmission
+
+    streamed = False
+    try:
+        for chunk in JobsClient(address or attempt.address).tail(attempt.submission_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+            streamed = True
+        return
+    except UnknownSubmission:
+        pass
+    except HeadUnreachable:
+        if streamed:
+            raise  # the stream broke mid-way: the archive would repeat what was shown
+    print(attempt_logs(record, which, address), end="")
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -135,8 +135,9 @@ def _check_tokenizer(data: dict[str, Any]) -> None:
         raise _fail(f"tokenizer_source {source!r} is not supported", "rankmerge copies the base's tokenizer: use `tokenizer_source: base` or drop it")
 
 
-def job_data_from_mergekit(data: dict[str, Any], cwd: Path) -> dict[str, Any]:
-    """A rankmerge job dict (no `output`: it comes from --out) from a mergekit config; paths made absolute."""
+def job_data_from_mergekit(data: dict[str, Any], cwd: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A rankmerge job dict (no `output`: it comes from --out) from a mergekit config, paths made absolute; and each
+    path field's model as the config wrote it (for the message when it does not exist)."""
     method = _method(data)
     _check_tokenizer(data)
     shared = _parameters(data.get("parameters"), GLOBAL_PARAMETERS, "top level")
@@ -154,11 +155,12 @@ def job_data_from_mergekit(data: dict[str, Any], cwd: Path) -> dict[str, Any]:
     taken: set[str] = set()
     tasks: dict[str, str] = {}
     lambdas: dict[str, float] = {}
+    written = {"base": origin}
     for ref, weight in zip(refs, weights):
         if ref == origin:
             continue  # its own task vector is zero: its weight only counts in the normalisation
         name = _task_name(ref, taken)
-        tasks[name] = _absolute(ref, cwd, f"model {ref}")
+        tasks[name], written[f"models.{name}"] = _absolute(ref, cwd, f"model {ref}"), ref
         lambdas[name] = weight / scale
     if not tasks:
         raise _fail("no model besides the origin", "list at least one model other than base_model")
@@ -168,7 +170,7 @@ def job_data_from_mergekit(data: dict[str, Any], cwd: Path) -> dict[str, Any]:
     if dtype is not None:
         job["out_dtype"] = dtype
     log.info("mergekit %s config: task arithmetic from %s with lambdas %s", method, origin, lambdas)
-    return job
+    return job, written
 
 
 def _absolute(ref: str, cwd: Path, field: str) -> str:

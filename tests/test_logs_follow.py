@@ -7,6 +7,8 @@ import pytest
 
 from service.cli import build_parser, main
 from service.job_index import find_job
+from service.registry import Attempt, claim_job_dir, log_path, save_record
+from service.spec import job_from_dict
 from test_service import head, job_id_of, spec, write_spec  # noqa: F401 (head and spec are fixtures)
 
 
@@ -22,6 +24,24 @@ def test_stop_and_follow_are_on_the_parser():
     parser = build_parser()
     assert parser.parse_args(["stop", "j1"]).func is parser.parse_args(["cancel", "j1"]).func
     assert parser.parse_args(["logs", "j1", "-f"]).follow and parser.parse_args(["logs", "j1", "--follow"]).follow
+
+
+@pytest.mark.parametrize("status, code", [("SUCCEEDED", 0), ("FAILED", 1)])
+def test_follow_without_a_head_prints_the_archived_log(spec, tmp_path, capsys, status, code):
+    """The head that ran the attempt is gone: the archived log, and the exit status of the recorded end."""
+    root, data = spec
+    record, _ = claim_job_dir(job_from_dict(dict(data, output=str(tmp_path / "gone")), root), "http://127.0.0.1:1")
+    record.attempts = [Attempt(submission_id="raysubmit_y", address="http://127.0.0.1:1", resume=False, submitted_at=0.0,
+                               status=status)]
+    record.status = status
+    save_record(record)
+    archived = log_path(record.job_dir, "raysubmit_y")
+    archived.parent.mkdir(exist_ok=True)
+    archived.write_text("step 1\noutput: somewhere\n")
+    assert main(["logs", str(record.job_dir), "--follow"]) == code
+    captured = capsys.readouterr()
+    assert captured.out == "step 1\noutput: somewhere\n"
+    assert (f"ended {status}" in captured.err) == (code == 1)
 
 
 @pytest.mark.slow

@@ -124,3 +124,12 @@ def test_per_task_lambda_in_rankmerges_own_spec(family, tmp_path, capsys):
     assert "missing ['task1', 'task2'], unknown ['task9']" in err and err.count("\n") == 1
     assert main(merge_args(base, tasks, "task_arithmetic", tmp_path / "bad", "--set", "lambda={task0: 30}")) == 2
     assert "the value for task 'task0' is 30.0: it must be in [-10, 10]" in capsys.readouterr().err
+
+
+def test_a_missing_model_is_named_as_the_config_wrote_it(family, tmp_path, monkeypatch, capsys):
+    base, tasks, _ = family
+    config = {"merge_method": "task_arithmetic", "base_model": str(base), "parameters": {"weight": 0.5},
+              "models": [{"model": "./gone/cars"}]}
+    assert run_config(tmp_path, monkeypatch, config) == 2
+    err = capsys.readouterr().err
+    assert "models.cars: path" in err and "check `./gone/cars` in the mergekit config mergekit.yml (relative to the current directory)" in err

@@ -128,7 +128,7 @@ def input_path(raw: Any, loc: tuple) -> list:
     """An error's location as the user wrote it: without the union-member tags pydantic inserts (`lambda.float`)."""
     path, node = [], raw
     for part in loc:
-        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
             path.append(part)
             node = node[part]
         elif not path:  # the first part is always the field (by alias), even when absent from the input
@@ -151,8 +151,8 @@ def nonfinite_bound_error(err: dict[str, Any]) -> bool:
 
 
 # ---- simple elementwise methods -----------------------------------------------------------------------------------
-Lambda = Field(0.3, alias="lambda", ge=-10.0, le=10.0, description="scale of the summed task vectors")
 LAMBDA_BOUND = 10.0
+Lambda = Field(0.3, alias="lambda", ge=-LAMBDA_BOUND, le=LAMBDA_BOUND, description="scale of the summed task vectors")
 
 
 @register
@@ -185,7 +185,7 @@ class TaskArithmetic(MergeMethod):
 
     class Params(Params):
         lambda_: float | dict[str, float] = Field(0.3, alias="lambda", description="scale of the task vectors: one number "
-                                                  f"in [{-LAMBDA_BOUND}, {LAMBDA_BOUND}], or {{task: λ_t}}")
+                                                  f"in [{-LAMBDA_BOUND:g}, {LAMBDA_BOUND:g}], or {{task: λ_t}}")
 
         @field_validator("lambda_")
         @classmethod
