@@ -20,7 +20,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel
 
 from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import SKIPPED_SIDE_FILES, WEIGHT_SUFFIXES, staged_folder
+from workers.checkpoint_writer import SKIPPED_SIDE_FILES, WEIGHT_SUFFIXES, check_output_free, staged_folder
 from workers.errors import MergeInputError
 from workers.roles import rules_for
 from workers.static_merge import HEAD_CONFIG_KEY
@@ -180,6 +180,7 @@ def export_task_model(output: str | Path, task: str, out_dir: str | Path, overwr
     _check_output(output, task)
     if out_dir == output or output in out_dir.parents or out_dir in output.parents:
         raise MergeInputError(f"--out {out_dir} overlaps the merged output {output}", "export to a separate folder")
+    check_output_free(out_dir, overwrite)  # before the model is loaded
     model = load_task_model(output, task, dtype)
     with staged_folder(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp)
