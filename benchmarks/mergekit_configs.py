@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/mergekit_configs.py [--workdir .bench] [--json results.json]
 
 A small Llama family (service/tiny_models.py: real LlamaForCausalLM checkpoints, float32, a base and three seeded
-fine-tunes) is merged once per config by `mergekit-yaml CONFIG OUT` in mergekit's own venv (benchmarks/venvs.py) and
+fine-tunes; linear, task_arithmetic and ties configs) is merged once per config by `mergekit-yaml CONFIG OUT` in mergekit's own venv (benchmarks/venvs.py) and
 by `rankmerge merge CONFIG --out OUT`. The table gives per config the max |rankmerge − mergekit| over every tensor of
 the output, next to the largest |value|, and the tensors compared. mergekit's `dtype: float32` makes both compute in
 float32; the remaining difference is summation order.
@@ -46,6 +46,14 @@ def configs(base: Path, tasks: list[Path]) -> dict[str, dict]:
             "merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
             "parameters": {"weight": 0.5, "normalize": True},
             "models": [{"model": t0}, {"model": t1, "parameters": {"weight": 1.5}}, {"model": t2}]},
+        "ties, weights 0.6/1/0.3, densities 0.3/0.5/0.5 (normalised)": {
+            "merge_method": "ties", "base_model": str(base), "dtype": "float32", "parameters": {"density": 0.5},
+            "models": [{"model": t0, "parameters": {"weight": 0.6, "density": 0.3}},
+                       {"model": t1, "parameters": {"weight": 1.0}}, {"model": t2, "parameters": {"weight": 0.3}}]},
+        "ties, density 0.2, weight 0.3, normalize false, lambda 0.9": {
+            "merge_method": "ties", "base_model": str(base), "dtype": "float32",
+            "parameters": {"density": 0.2, "weight": 0.3, "normalize": False, "lambda": 0.9},
+            "models": [{"model": t0}, {"model": t1}, {"model": t2}]},
         "linear, weights 1/2/0.5 (normalised)": {
             "merge_method": "linear", "dtype": "float32",
             "models": [{"model": t0, "parameters": {"weight": 1.0}}, {"model": t1, "parameters": {"weight": 2.0}},

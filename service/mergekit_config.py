@@ -3,12 +3,13 @@ rankmerge jobs, for the methods whose result rankmerge reproduces exactly.
 
 - `linear`: θ = Σ_i w_i θ_i (/ Σ_i w_i when `normalize`, the default) over the listed models. Written as task
   arithmetic from an origin (`base_model` when listed, else the first model): θ = θ_o + Σ_{i≠o} (w_i / W) τ_i.
-- `task_arithmetic`: θ = θ_0 + Σ_i w_i τ_i over the models other than `base_model` (/ Σ_i w_i when `normalize`,
-  default off; a sum below 1e-8 in magnitude divides by 1, as mergekit does).
+- `task_arithmetic`: θ = θ_0 + λ Σ_i w_i τ_i over the models other than `base_model` (/ Σ_i w_i when `normalize`,
+  default off; a sum below 1e-8 in magnitude divides by 1, as mergekit does). λ: the top-level `lambda`, default 1.
+- `ties`: rankmerge's `ties_mergekit` with each model's `weight` and `density` (`normalize` default on, `lambda`).
 
 Per-model `parameters` override the top-level ones. Model paths are relative to the current directory (as mergekit
-reads them); `org/name` ids come from the local Hugging Face cache. `ties` and the `dare_*` methods are refused: their
-trimming, tie-breaking and random draws differ from rankmerge's, so the result would not be mergekit's.
+reads them); `org/name` ids come from the local Hugging Face cache. The `dare_*` methods are refused: mergekit draws
+its own random masks (and rescales by the L1 norm), so the result would not be mergekit's.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from workers.errors import MergeInputError
 
 log = logging.getLogger(__name__)
 
-EXACT = ("linear", "task_arithmetic")
-NOT_EXACT = ("ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
-NORMALIZE_DEFAULT = {"linear": True, "task_arithmetic": False}
+EXACT = ("linear", "task_arithmetic", "ties")
+NOT_EXACT = ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+NORMALIZE_DEFAULT = {"linear": True, "task_arithmetic": False, "ties": True}
 TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 MODEL_PARAMETERS = {"weight", "density"}
-GLOBAL_PARAMETERS = MODEL_PARAMETERS | {"normalize", "int8_mask", "rescale"}
+GLOBAL_PARAMETERS = MODEL_PARAMETERS | {"normalize", "int8_mask", "rescale", "lambda"}
 DTYPES = ("float32", "float16", "bfloat16")
 TINY_DIVISOR = 1e-8
 
@@ -48,8 +49,8 @@ def _method(data: dict[str, Any]) -> str:
     if unknown:
         raise _fail(f"field {unknown[0]!r} is not supported", f"rankmerge reads {', '.join(sorted(TOP_LEVEL))}")
     if method in NOT_EXACT:
-        raise _fail(f"merge_method {method!r} would not give mergekit's result (trimming, tie-breaking and random draws "
-                    "differ)", "use a rankmerge spec (`method: ties` with `scope: tensor`, or `dare`; see `rankmerge methods`)")
+        raise _fail(f"merge_method {method!r} would not give mergekit's result (its random drop masks and rescaling "
+                    "differ from rankmerge's)", "use a rankmerge spec with `method: dare` (see `rankmerge methods`)")
     if method not in EXACT:
         raise _fail(f"merge_method {method!r} is not one rankmerge reproduces", f"use one of: {', '.join(EXACT)}")
     return method
@@ -107,9 +108,9 @@ def _task_name(ref: str, taken: set[str]) -> str:
 def _origin_and_scale(method: str, refs: list[str], weights: list[float], base: str | None,
                       normalize: bool) -> tuple[str, float]:
     """The model the task vectors start from, and what the weights are divided by."""
-    if method == "task_arithmetic":
+    if method != "linear":
         if base is None:
-            raise _fail("task_arithmetic needs `base_model`", "add `base_model:` (the model the others were fine-tuned from)")
+            raise _fail(f"{method} needs `base_model`", "add `base_model:` (the model the others were fine-tuned from)")
         total = sum(w for r, w in zip(refs, weights) if r != base)
         return base, total if normalize and abs(total) >= TINY_DIVISOR else 1.0
     if base is not None and base not in refs:
@@ -135,6 +136,20 @@ def _check_tokenizer(data: dict[str, Any]) -> None:
         raise _fail(f"tokenizer_source {source!r} is not supported", "rankmerge copies the base's tokenizer: use `tokenizer_source: base` or drop it")
 
 
+def _method_params(method: str, weights: dict[str, float], densities: dict[str, float], shared: dict[str, Any],
+                   scale: float) -> tuple[str, dict[str, Any]]:
+    """The rankmerge method and parameters for the per-task weights and densities (tasks other than the origin)."""
+    if method == "ties":
+        if shared.get("rescale"):
+            raise _fail("ties with `rescale: true` rescales kept entries to the L1 norm", "drop `rescale` (rankmerge keeps mergekit's default, false)")
+        return "ties_mergekit", {"weight": weights, "density": densities, "normalize": bool(shared.get("normalize", True)),
+                                 "lambda": float(shared.get("lambda", 1.0))}
+    if set(densities.values()) != {1.0}:
+        log.warning("mergekit config: %s does not sparsify; `density` is ignored (as mergekit ignores it)", method)
+    factor = float(shared.get("lambda", 1.0)) if method == "task_arithmetic" else 1.0
+    return "task_arithmetic", {"lambda": {name: factor * w / scale for name, w in weights.items()}}
+
+
 def job_data_from_mergekit(data: dict[str, Any], cwd: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """A rankmerge job dict (no `output`: it comes from --out) from a mergekit config, paths made absolute; and each
     path field's model as the config wrote it (for the message when it does not exist)."""
@@ -143,33 +158,32 @@ def job_data_from_mergekit(data: dict[str, Any], cwd: Path) -> tuple[dict[str, A
     shared = _parameters(data.get("parameters"), GLOBAL_PARAMETERS, "top level")
     models = _models(data)
     refs = [ref for ref, _ in models]
-    weights = [_weight(ref, own, shared) for ref, own in models]
-    densities = {own.get("density", shared.get("density", 1.0)) for _, own in models}
-    if densities != {1.0}:
-        log.warning("mergekit config: %s does not sparsify; `density` is ignored (as mergekit ignores it)", method)
-    normalize = bool(shared.get("normalize", NORMALIZE_DEFAULT[method]))
     base = data.get("base_model")
     if base is not None and not isinstance(base, str):
         raise _fail(f"base_model is {base!r}", "give a path or an org/name id")
+    # the base's weight matters only to linear (task_arithmetic and ties skip its zero task vector)
+    weights = [0.0 if method != "linear" and ref == base else _weight(ref, own, shared) for ref, own in models]
+    normalize = bool(shared.get("normalize", NORMALIZE_DEFAULT[method]))
     origin, scale = _origin_and_scale(method, refs, weights, base, normalize)
     taken: set[str] = set()
     tasks: dict[str, str] = {}
-    lambdas: dict[str, float] = {}
+    task_weights: dict[str, float] = {}
+    densities: dict[str, float] = {}
     written = {"base": origin}
-    for ref, weight in zip(refs, weights):
+    for (ref, own), weight in zip(models, weights):
         if ref == origin:
             continue  # its own task vector is zero: its weight only counts in the normalisation
         name = _task_name(ref, taken)
         tasks[name], written[f"models.{name}"] = _absolute(ref, cwd, f"model {ref}"), ref
-        lambdas[name] = weight / scale
+        task_weights[name], densities[name] = weight, float(own.get("density", shared.get("density", 1.0)))
     if not tasks:
         raise _fail("no model besides the origin", "list at least one model other than base_model")
-    job = {"base": _absolute(origin, cwd, "base_model"), "models": tasks, "method": "task_arithmetic",
-           "params": {"lambda": lambdas}}
+    rankmerge_method, params = _method_params(method, task_weights, densities, shared, scale)
+    job = {"base": _absolute(origin, cwd, "base_model"), "models": tasks, "method": rankmerge_method, "params": params}
     dtype = _dtype(data)
     if dtype is not None:
         job["out_dtype"] = dtype
-    log.info("mergekit %s config: task arithmetic from %s with lambdas %s", method, origin, lambdas)
+    log.info("mergekit %s config: %s from %s with %s", method, rankmerge_method, origin, params)
     return job, written
 
 

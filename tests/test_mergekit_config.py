@@ -1,6 +1,7 @@
 """mergekit configs through `rankmerge merge CONFIG --out DIR` equal mergekit's formulas (computed here in float64
-from the checkpoints): linear and task_arithmetic with per-model weights and mergekit's normalisation rules; the
-methods rankmerge would not reproduce are one-line errors. Also rankmerge's own per-task `lambda: {task: value}`."""
+from the checkpoints): linear, task_arithmetic and ties with per-model weights (and densities) and mergekit's
+normalisation rules; the methods rankmerge would not reproduce are one-line errors. Also rankmerge's own per-task
+`lambda: {task: value}`. (benchmarks/mergekit_configs.py runs the same configs through mergekit itself.)"""
 
 import pytest
 import torch
@@ -56,6 +57,46 @@ def test_task_arithmetic_with_per_model_weights(family, tmp_path, monkeypatch, n
                                      for k in merged_keys(b, t)})
 
 
+def mergekit_ties(base, deltas, weights, densities, normalize, lam):
+    """TIES as mergekit defines it, for one tensor: per task keep the max(1, ⌊d·n⌋) largest |τ| (chosen in float32,
+    as both tools compute), weight, elect the sign of the weighted sum (0 → +), sum the agreeing weighted values and
+    divide by the agreeing weights."""
+    kept = []
+    for delta, d in zip(deltas, densities):
+        if d >= 1:
+            kept.append(delta)
+            continue
+        flat = delta.float().reshape(-1)
+        top = flat.abs().topk(max(1, int(d * flat.numel()))).indices
+        mask = torch.zeros_like(flat, dtype=torch.float64)
+        mask[top] = 1
+        kept.append(delta * mask.reshape(delta.shape))
+    weighted = [w * k for w, k in zip(weights, kept)]
+    elected = torch.where(sum(weighted) >= 0, 1.0, -1.0).double()
+    agree = [(x.sign() == elected).double() for x in weighted]
+    mixed = sum(x * a for x, a in zip(weighted, agree))
+    divisor = sum(w * a for w, a in zip(weights, agree))
+    divisor[divisor == 0] = 1
+    return base + lam * (mixed / divisor if normalize else mixed)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_with_per_model_weights_and_densities(family, tmp_path, monkeypatch, normalize):
+    base, tasks, (b, t) = family
+    weights, densities = {"task0": 0.6, "task1": 1.0, "task2": 0.3}, {"task0": 0.3, "task1": 0.5, "task2": 0.5}
+    config = {"merge_method": "ties", "base_model": str(base), "dtype": "float32",
+              "parameters": {"density": 0.5, "lambda": 0.9, **({} if normalize else {"normalize": False})},
+              "models": [{"model": str(base)},
+                         {"model": str(tasks["task0"]), "parameters": {"weight": 0.6, "density": 0.3}},
+                         {"model": str(tasks["task1"]), "parameters": {"weight": 1.0}},
+                         {"model": str(tasks["task2"]), "parameters": {"weight": 0.3}}]}
+    assert run_config(tmp_path, monkeypatch, config) == 0
+    # τ as both tools compute it: float32 differences of the stored float32 tensors
+    deltas = {n: {k: (t[n][k].float() - b[k].float()).double() for k in merged_keys(b, t)} for n in weights}
+    assert_merged(tmp_path / "out", {k: mergekit_ties(b[k], [deltas[n][k] for n in weights], list(weights.values()),
+                                                      list(densities.values()), normalize, 0.9) for k in merged_keys(b, t)})
+
+
 def test_linear_is_the_normalised_weighted_average_of_the_listed_models(family, tmp_path, monkeypatch):
     base, tasks, (b, t) = family
     weights = {"task0": 1.0, "task1": 2.0, "task2": 0.5}
@@ -81,7 +122,8 @@ def test_linear_with_the_base_listed_counts_its_weight(family, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"merge_method": "ties"}, "merge_method 'ties' would not give mergekit's result"),
+    ({"merge_method": "dare_ties"}, "merge_method 'dare_ties' would not give mergekit's result"),
+    ({"merge_method": "ties", "parameters": {"weight": 0.5, "rescale": True}}, "ties with `rescale: true`"),
     ({"merge_method": "slerp"}, "merge_method 'slerp' is not one rankmerge reproduces"),
     ({"base_model": None}, "task_arithmetic needs `base_model`"),
     ({"parameters": {"weight": [0.1, 0.5]}}, "parameter 'weight' is [0.1, 0.5]"),
@@ -133,3 +175,13 @@ def test_a_missing_model_is_named_as_the_config_wrote_it(family, tmp_path, monke
     assert run_config(tmp_path, monkeypatch, config) == 2
     err = capsys.readouterr().err
     assert "models.cars: path" in err and "check `./gone/cars` in the mergekit config mergekit.yml (relative to the current directory)" in err
+
+
+def test_a_ties_config_dry_runs(family, tmp_path, monkeypatch, capsys):
+    base, tasks, _ = family
+    monkeypatch.chdir(tmp_path)
+    config = {"merge_method": "ties", "base_model": str(base), "parameters": {"weight": 0.5, "density": 0.4},
+              "models": [{"model": str(p)} for p in tasks.values()]}
+    (tmp_path / "mergekit.yml").write_text(yaml.safe_dump(config))
+    assert main(["merge", "mergekit.yml", "--out", "out", "--dry-run"]) == 0
+    assert "method: ties_mergekit" in capsys.readouterr().out and not (tmp_path / "out").exists()
