@@ -182,6 +182,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise MergeInputError("--resume and --restart contradict each other",
                               "pass --resume to continue the last run, or --restart to start over")
     data = load_job_file(args.job)
+    if "merge_method" in data:
+        raise MergeInputError(f"{args.job} is a mergekit config", f"merge it with `rankmerge merge {args.job} --out DIR`")
     if args.overwrite:
         data["overwrite"] = True
     job = job_from_dict(data, Path(args.job).resolve().parent)

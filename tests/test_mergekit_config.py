@@ -149,6 +149,7 @@ def test_a_mergekit_config_needs_out(family, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.yml").write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(tasks["task0"])}]}))
     assert main(["merge", "m.yml"]) == 2 and "add --out DIR" in capsys.readouterr().err
+    assert main(["run", "m.yml"]) == 2 and "rankmerge merge m.yml --out DIR" in capsys.readouterr().err
 
 
 def test_per_task_lambda_in_rankmerges_own_spec(family, tmp_path, capsys):
