@@ -181,8 +181,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.restart:
         raise MergeInputError("--resume and --restart contradict each other",
                               "pass --resume to continue the last run, or --restart to start over")
+    from service.mergekit_config import is_mergekit_config
+
     data = load_job_file(args.job)
-    if "merge_method" in data:
+    if is_mergekit_config(data):
         raise MergeInputError(f"{args.job} is a mergekit config", f"merge it with `rankmerge merge {args.job} --out DIR`")
     if args.overwrite:
         data["overwrite"] = True
