@@ -62,6 +62,13 @@ def _from_cwd(path: str) -> str:
     return str(Path(path).absolute())
 
 
+def _model_from_cwd(text: str, flag: str) -> str:
+    """A model flag: a folder relative to the current directory, or an `org/name` id from the local HF cache."""
+    from service.model_ids import resolve_model_ref
+
+    return _from_cwd(resolve_model_ref(text, Path.cwd(), flag))
+
+
 def path_origin(field: str, flags: dict[str, str], spec: str | None) -> str:
     """Where the user wrote the path of spec field `field`: the flag that set it, else the spec file."""
     if field in flags:
@@ -74,23 +81,24 @@ def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, 
     by flags (field -> the flag as given), so a bad path's message can say where it came from."""
     from service.spec import load_job_file
 
+    flags: dict[str, str] = {}
     if args.job:
         data, root = load_job_file(args.job), Path(args.job).resolve().parent
+        data, root, flags = _from_mergekit(data, root, args)
     else:
         data, root = {}, Path.cwd()
         missing = [f for f, v in (("--base", args.base), ("--model", args.model), ("--method", args.method), ("--out", args.out)) if not v]
         if missing:
             raise MergeInputError(f"missing {', '.join(missing)}", "give a job.yaml or all of --base, --model, --method, --out")
-    flags: dict[str, str] = {}
     if args.base:
-        data["base"], flags["base"] = _from_cwd(args.base), f"--base {args.base}"
+        data["base"], flags["base"] = _model_from_cwd(args.base, f"--base {args.base}"), f"--base {args.base}"
     if args.model:
         models: dict[str, str] = {}
         for item in args.model:
             name, path = _key_value(item, "--model")
             if name in models:
                 raise MergeInputError(f"duplicate task name {name!r}", "give every --model a unique NAME")
-            models[name], flags[f"models.{name}"] = _from_cwd(path), f"--model {item}"
+            models[name], flags[f"models.{name}"] = _model_from_cwd(path, f"--model {item}"), f"--model {item}"
         data["models"] = models
     if args.method:
         data["method"] = args.method
@@ -109,6 +117,19 @@ def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, 
     if args.max_shard_size:
         data["max_shard_size"] = args.max_shard_size
     return data, root, flags
+
+
+def _from_mergekit(data: dict[str, Any], root: Path, args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, str]]:
+    """A mergekit config (`merge_method:`) becomes a job; its paths are relative to the current directory, as in
+    mergekit (so a missing one is named like a flag's), and its output comes from --out."""
+    from service.mergekit_config import is_mergekit_config, job_data_from_mergekit
+
+    if not is_mergekit_config(data):
+        return data, root, {}
+    if not args.out:
+        raise MergeInputError(f"{args.job} is a mergekit config, which names no output", f"add --out DIR: rankmerge merge {args.job} --out DIR")
+    job, written = job_data_from_mergekit(data, Path.cwd())
+    return job, Path.cwd(), {field: f"`{ref}` in the mergekit config {args.job}" for field, ref in written.items()}
 
 
 def _refuse_adaptive(method: Any, spec: str | None) -> None:
@@ -160,7 +181,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.restart:
         raise MergeInputError("--resume and --restart contradict each other",
                               "pass --resume to continue the last run, or --restart to start over")
+    from service.mergekit_config import is_mergekit_config
+
     data = load_job_file(args.job)
+    if is_mergekit_config(data):
+        raise MergeInputError(f"{args.job} is a mergekit config", f"merge it with `rankmerge merge {args.job} --out DIR`")
     if args.overwrite:
         data["overwrite"] = True
     job = job_from_dict(data, Path(args.job).resolve().parent)
@@ -258,6 +283,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_task(args: argparse.Namespace) -> int:
+    import torch
+
+    from service.task_model import export_task_model
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = export_task_model(Path(args.output), args.task, Path(args.out), args.overwrite, dtype)
+    print(f"task {args.task}: {out} (load it with AutoModelFor….from_pretrained)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo
 
@@ -283,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="run a static merge in-process")
-    merge.add_argument("job", nargs="?", help="job spec YAML (flags below override it)")
+    merge.add_argument("job", nargs="?", help="job spec YAML, or a mergekit config (linear, task_arithmetic); flags below override it")
     merge.add_argument("--base", help="pretrained HF directory")
     merge.add_argument("--model", action="append", metavar="NAME=PATH", help="fine-tuned HF directory (repeat)")
     merge.add_argument("--method", help="merge method (see `rankmerge methods`)")
@@ -322,6 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list merge methods and their default parameters")
     methods.set_defaults(func=cmd_methods)
+
+    export = sub.add_parser("export-task", help="write one task of a merged output as a plain HF folder (its labels, its head)")
+    export.add_argument("output", metavar="OUT", help="a merged output folder")
+    export.add_argument("task", metavar="TASK", help="task name (as in the merge's models)")
+    export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the merged weights' dtype")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.set_defaults(func=cmd_export_task)
 
     demo = sub.add_parser("demo", help="build the smoke vision suite, run TA and AdaRank (local Ray), print per-task accuracy")
     demo.add_argument("--workdir", default=".demo")

@@ -1,4 +1,4 @@
-"""The merge-job service commands on Ray Jobs: submit, status, logs, list, cancel, resume, supervise."""
+"""The merge-job service commands on Ray Jobs: submit, status, logs, list, cancel (or stop), resume, supervise."""
 
 from __future__ import annotations
 
@@ -91,8 +91,50 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from service.job_index import find_job
     from service.job_service import attempt_logs
 
-    print(attempt_logs(find_job(args.job_ref), args.attempt, args.address), end="")
+    record = find_job(args.job_ref)
+    if args.follow and record.attempts:
+        return _follow_logs(record, args.attempt, args.address)
+    print(attempt_logs(record, args.attempt, args.address), end="")
     return 0
+
+
+def _follow_logs(record, which: str | None, address: str | None) -> int:
+    """Stream an attempt's driver log until it ends, as `ray job logs --follow` does; exit 0 only if it succeeded."""
+    from service.job_service import pick_attempt, refresh
+    from service.jobs_client import HeadUnreachable
+
+    attempt = pick_attempt(record, which)
+    _stream_or_archive(record, attempt, which, address)
+    try:
+        record = refresh(record, address)  # records the end and archives the log
+    except HeadUnreachable:
+        pass  # the head is gone: the recorded status stands
+    ended = next(a for a in record.attempts if a.submission_id == attempt.submission_id)
+    if ended.status == "SUCCEEDED":
+        return 0
+    print(f"{record.job_id}: attempt {ended.submission_id} ended {ended.status}"
+          f"{f': {ended.message}' if ended.message else ''}", file=sys.stderr)
+    return 1
+
+
+def _stream_or_archive(record, attempt, which: str | None, address: str | None) -> None:
+    """The live stream while the head knows the attempt; else (head gone or restarted) its archived log."""
+    from service.job_service import attempt_logs
+    from service.jobs_client import HeadUnreachable, JobsClient, UnknownSubmission
+
+    streamed = False
+    try:
+        for chunk in JobsClient(address or attempt.address).tail(attempt.submission_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+            streamed = True
+        return
+    except UnknownSubmission:
+        pass
+    except HeadUnreachable:
+        if streamed:
+            raise  # the stream broke mid-way: the archive would repeat what was shown
+    print(attempt_logs(record, which, address), end="")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -141,7 +183,8 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     supervise.set_defaults(func=cmd_supervise)
     for name, func, text in (("status", cmd_status, "a job's status, attempts, last checkpoint and outputs"),
                              ("logs", cmd_logs, "the driver log of a job's latest (or a chosen) attempt"),
-                             ("cancel", cmd_cancel, "stop a job's running attempt; no watcher resubmits it")):
+                             ("cancel", cmd_cancel, "stop a job's running attempt; no watcher resubmits it"),
+                             ("stop", cmd_cancel, "the same as `cancel` (Ray Jobs' name for it)")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("job_ref", metavar="JOB", help="job id (`rankmerge list`) or job directory")
         cmd.add_argument("--address", help=address_help)
@@ -150,5 +193,6 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
             cmd.add_argument("--json", action="store_true", help="print the whole job record")
         if name == "logs":
             cmd.add_argument("--attempt", help="attempt number (1, 2, ...) or submission id; default the latest")
+            cmd.add_argument("-f", "--follow", action="store_true", help="stream the log until the attempt ends (exit 0 only if it succeeded)")
     listing = sub.add_parser("list", help="jobs in the index ($RANKMERGE_JOBS, default ~/.rankmerge/jobs)")
     listing.set_defaults(func=cmd_list)

@@ -77,6 +77,10 @@ class HeadUnreachable(MergeInputError):
     """The dashboard does not answer: a watcher waits for it (or a new --address); a command reports it."""
 
 
+class UnknownSubmission(MergeInputError):
+    """The head does not know this attempt (it was restarted, or the attempt ran on another head)."""
+
+
 @dataclass(frozen=True)
 class AttemptInfo:
     status: str  # a Ray JobStatus value, or LOST when the head does not know the submission
@@ -128,6 +132,41 @@ class JobsClient:
     def logs(self, submission_id: str) -> str:
         with self._errors():
             return self._client.get_job_logs(submission_id)
+
+    def tail(self, submission_id: str) -> Iterator[str]:
+        """Chunks of the driver log as the driver writes them, until the attempt ends (what `ray job logs --follow`
+        streams, over the dashboard's websocket); the SDK's async iterator, driven here one chunk at a time."""
+        import asyncio
+
+        loop = asyncio.new_event_loop()
+        stream = self._client.tail_job_logs(submission_id)
+        try:
+            while True:
+                with self._errors(), self._stream_errors(submission_id):
+                    try:
+                        chunk = loop.run_until_complete(anext(stream))
+                    except StopAsyncIteration:
+                        return
+                yield chunk
+        finally:
+            loop.run_until_complete(stream.aclose())
+            loop.close()
+
+    @contextmanager
+    def _stream_errors(self, submission_id: str) -> Iterator[None]:
+        """The websocket's failures as one line: the head does not know the attempt, or went away mid-stream."""
+        from aiohttp import ClientError, WSServerHandshakeError
+
+        try:
+            yield
+        except WSServerHandshakeError as exc:
+            if exc.status == 404:
+                raise UnknownSubmission(f"the Ray head at {self.url} does not know attempt {submission_id}") from None
+            raise HeadUnreachable(f"the Ray head at {self.url} refused to stream logs (HTTP {exc.status})",
+                                  "check --address and the token") from None
+        except (ClientError, RuntimeError) as exc:
+            raise HeadUnreachable(f"the log stream from {self.url} broke before the attempt ended ({str(exc)[:120]})",
+                                  "check that the head runs, then `rankmerge logs JOB --follow` again") from None
 
     def stop(self, submission_id: str) -> bool:
         with self._errors():

@@ -11,6 +11,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.model_ids import resolve_spec_models
 from workers.checkpoint_writer import parse_size
 from workers.errors import MergeInputError
 from workers.methods.registry import METHODS, nonfinite_bound_error, parse_params, validate_params
@@ -161,6 +162,7 @@ def parse_adaptive_params(method: str, raw: dict[str, Any]):
 
 
 def job_from_dict(data: dict[str, Any], root: Path) -> MergeJob:
+    data = resolve_spec_models(data, root)  # `org/name` ids from the local Hugging Face cache
     try:
         return MergeJob.model_validate(data).resolved(root)
     except ValidationError as exc:

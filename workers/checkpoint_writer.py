@@ -16,7 +16,9 @@ import os
 import shutil
 import socket
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -239,25 +241,50 @@ class StreamingCheckpointWriter:
         self._publish()
 
     def _publish(self) -> None:
-        """Swap the finished temp dir into place; an old output is moved aside first and removed last."""
-        old = None
-        if self.out.exists():
-            check_output_free(self.out, self.overwrite)
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.out, old)
-        os.rename(self.tmp, self.out)
+        publish_folder(self.tmp, self.out, self.overwrite)
         self._committed = True
-        dir_fd = os.open(self.out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        if old is not None:
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink()  # --overwrite onto a file
         log.info("wrote %s (%d tensors in %d shard(s))", self.out, len(self._layout), len(self._shards))
+
+
+def publish_folder(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Swap a finished temp dir into place; an old output is moved aside first and removed last."""
+    old = None
+    if out.exists():
+        check_output_free(out, overwrite)
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    dir_fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()  # --overwrite onto a file
+
+
+@contextmanager
+def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temp folder beside `out` (named like the writer's, so a killed run's is cleaned up later) that is published
+    as `out` when the block succeeds and removed when it fails: for outputs another library writes (save_pretrained)."""
+    out = Path(out).resolve()
+    check_output_free(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    tmp = out.parent / f"{temp_prefix(out)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish_folder(tmp, out, overwrite)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = write_error(out, exc) if isinstance(exc, OSError) else None
+        if error is not None:
+            raise error from None
+        raise
 
 
 def temp_prefix(out: Path) -> str:

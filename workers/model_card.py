@@ -39,7 +39,8 @@ def model_card(base: Path, models: dict[str, Path], method: str, params: dict[st
             f"Merged by rankmerge with `{method}` from the base model `{base}` and {len(models)} fine-tuned model(s):\n\n"
             f"| task | fine-tuned model | task head |\n|---|---|---|\n{rows}\n\n"
             "The merged backbone loads with `AutoModel.from_pretrained` on this folder; task heads are never merged. "
-            "Per-tensor details: `merge_report.json`.\n")
+            "One task's model, with its head and labels: `rankmerge export-task <this folder> <task> --out DIR`, or "
+            "`load_task_model(<this folder>, <task>)` in Python. Per-tensor details: `merge_report.json`.\n")
 
 
 def write_model_card(writer: StreamingCheckpointWriter, base: Path, models: dict[str, Path], method: str,

@@ -132,13 +132,18 @@ def merge_into(
     return infos
 
 
+HEAD_CONFIG_KEY = "config"  # head file metadata: the task model's config.json (class, labels), to rebuild that model
+
+
 def write_heads(writer: StreamingCheckpointWriter, plan: MergePlan, tasks: list[ModelCheckpoint]) -> dict[str, list[str]]:
-    """Per-task heads are never merged: each task's head goes to heads/<task>.safetensors under its own names."""
+    """Per-task heads are never merged: each task's head goes to heads/<task>.safetensors under its own names, with
+    the task model's config in its metadata (the output's config.json is the base's: other labels, no head class)."""
     written = {}
     for ck in tasks:
         heads = plan.heads.get(ck.name, [])
         if heads:
-            data = save_safetensors({h.key: ck.read(h.key).contiguous() for h in heads}, metadata={"task": ck.name})
+            metadata = {"task": ck.name, HEAD_CONFIG_KEY: json.dumps(ck.config, sort_keys=True)}
+            data = save_safetensors({h.key: ck.read(h.key).contiguous() for h in heads}, metadata=metadata)
             writer.write_side_file(f"heads/{ck.name}.safetensors", data)
             written[ck.name] = [h.key for h in heads]
     return written

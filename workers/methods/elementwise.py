@@ -23,6 +23,11 @@ def task_arithmetic(taus: Tensor, lam: float) -> Tensor:
     return taus.sum(0).mul_(lam)
 
 
+def weighted_sum(taus: Tensor, weights: Tensor) -> Tensor:
+    """θ = θ0 + Σ_t λ_t τ_t (one λ per task)."""
+    return torch.tensordot(weights.to(taus.dtype), taus, dims=1)
+
+
 # ---- TIES ---------------------------------------------------------------------------------------------------------
 def trim_rank(numel: int, keep_fraction: float) -> int:
     """1-based rank of the threshold among |τ| sorted ascending (the reference's d − ⌊K·d⌋); 0 means keep all."""
@@ -75,6 +80,35 @@ def ties(taus: Tensor, keep_fraction: float, lam: float, mode: str = "sum") -> T
     trimmed = trim_(taus.clone(), thresholds)
     majority = float(torch.sign(elected_signs(trimmed).sum()))
     return disjoint_merge_(trimmed, majority, mode).mul_(lam)
+
+
+def keep_top_count(tau: Tensor, density: float) -> Tensor:
+    """Keep exactly max(1, ⌊density·n⌋) largest-magnitude entries (ties broken by sort order), as mergekit's
+    magnitude sparsification does; density ≥ 1 keeps all, ≤ 0 none."""
+    if density >= 1:
+        return tau
+    if density <= 0 or tau.numel() == 0:
+        return torch.zeros_like(tau)
+    count = max(1, int(density * tau.numel()))
+    mask = torch.zeros(tau.numel(), dtype=tau.dtype)
+    mask[torch.argsort(tau.abs().reshape(-1).float(), descending=True)[:count]] = 1
+    return tau * mask.reshape_as(tau)
+
+
+def weighted_sign_consensus(trimmed: Tensor, weights: Tensor, normalize: bool) -> Tensor:
+    """Σ_t w_t τ̂_t over the tasks whose weighted value has the sign of Σ_t w_t τ̂_t (a zero sum elects +); with
+    `normalize`, divided by the agreeing tasks' summed weights (1 where none agree)."""
+    shape = (-1,) + (1,) * (trimmed.dim() - 1)
+    w = weights.to(trimmed.dtype).reshape(shape)
+    weighted = trimmed * w
+    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(trimmed.dtype)
+    agree = (weighted.sign() == elected).to(trimmed.dtype)
+    mixed = (weighted * agree).sum(0)
+    if not normalize:
+        return mixed
+    divisor = (w * agree).sum(0)
+    divisor[divisor == 0] = 1
+    return mixed.div_(divisor)
 
 
 # ---- DARE ---------------------------------------------------------------------------------------------------------

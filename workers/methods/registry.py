@@ -114,14 +114,27 @@ def validate_params(name: str, model: type[Params], raw: dict[str, Any]) -> Para
         return model.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "params"
+        field = ".".join(str(x) for x in input_path(raw, err["loc"])) or "params"
         if err["type"] == "extra_forbidden":
             known = ", ".join(f.alias or n for n, f in model.model_fields.items()) or "none"
             raise MergeInputError(f"unknown parameter {field!r} for method {name}", f"its parameters are: {known}") from None
         fix = f"fix the value (see `rankmerge schema --method {name}`)"
         if nonfinite_bound_error(err):
             raise MergeInputError(f"parameter {field!r} of {name} is {err['input']!r}: it must be a finite number", fix) from None
-        raise MergeInputError(f"parameter {field!r} of {name}: {err['msg']}", fix) from None
+        raise MergeInputError(f"parameter {field!r} of {name}: {err['msg'].removeprefix('Value error, ')}", fix) from None
+
+
+def input_path(raw: Any, loc: tuple) -> list:
+    """An error's location as the user wrote it: without the union-member tags pydantic inserts (`lambda.float`)."""
+    path, node = [], raw
+    for part in loc:
+        if (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
+            path.append(part)
+            node = node[part]
+        elif not path:  # the first part is always the field (by alias), even when absent from the input
+            path.append(part)
+            node = None
+    return path
 
 
 BOUND_ERRORS = {"less_than", "less_than_equal", "greater_than", "greater_than_equal", "finite_number"}
@@ -138,7 +151,8 @@ def nonfinite_bound_error(err: dict[str, Any]) -> bool:
 
 
 # ---- simple elementwise methods -----------------------------------------------------------------------------------
-Lambda = Field(0.3, alias="lambda", ge=-10.0, le=10.0, description="scale of the summed task vectors")
+LAMBDA_BOUND = 10.0
+Lambda = Field(0.3, alias="lambda", ge=-LAMBDA_BOUND, le=LAMBDA_BOUND, description="scale of the summed task vectors")
 
 
 @register
@@ -153,16 +167,53 @@ class WeightAverage(MergeMethod):
         return ew.weight_average(inputs.taus), {}
 
 
+PerTask = float | dict[str, float]  # one value for every task, or {task: value}
+
+
+def per_task_values(name: str, value: PerTask, task_names: tuple[str, ...]) -> Tensor:
+    """One value per task, in task order, from one number or a {task: value} mapping that names every task once."""
+    if not isinstance(value, dict):
+        return torch.full((len(task_names),), float(value))
+    missing, unknown = sorted(set(task_names) - set(value)), sorted(set(value) - set(task_names))
+    if missing or unknown:
+        raise MergeInputError(f"parameter {name!r} names tasks {sorted(value)} but the tasks are {list(task_names)}"
+                              f" (missing {missing}, unknown {unknown})", f"give one {name} per task, or one number for all")
+    return torch.tensor([float(value[t]) for t in task_names])
+
+
+def check_per_task(value: PerTask, low: float, high: float) -> PerTask:
+    """A per-task parameter's values are finite and in [low, high]; the message names the task."""
+    for task, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+        which = f"the value for task {task!r}" if task is not None else "the value"
+        if not math.isfinite(v):
+            raise ValueError(f"{which} is {v}: it must be a finite number")
+        if not low <= v <= high:
+            raise ValueError(f"{which} is {v}: it must be in [{low:g}, {high:g}]")
+    return value
+
+
 @register
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
-    summary = "θ = θ0 + λ Σ τ_t"
+    summary = "θ = θ0 + Σ λ_t τ_t (one λ, or one per task)"
 
     class Params(Params):
-        lambda_: float = Lambda
+        lambda_: PerTask = Field(0.3, alias="lambda", description="scale of the task vectors: one number "
+                                 f"in [{-LAMBDA_BOUND:g}, {LAMBDA_BOUND:g}], or {{task: λ_t}}")
+
+        @field_validator("lambda_")
+        @classmethod
+        def _bounded(cls, value: PerTask) -> PerTask:
+            return check_per_task(value, -LAMBDA_BOUND, LAMBDA_BOUND)
+
+    def __init__(self, params: Params, ctx: MergeContext) -> None:
+        super().__init__(params, ctx)
+        self.lambdas = per_task_values("lambda", params.lambda_, ctx.task_names)  # checked before any tensor is read
 
     def merge(self, inputs):
-        return ew.task_arithmetic(inputs.taus, self.params.lambda_), {}
+        if not isinstance(self.params.lambda_, dict):
+            return ew.task_arithmetic(inputs.taus, self.params.lambda_), {}
+        return ew.weighted_sum(inputs.taus, self.lambdas), {}
 
 
 @register
@@ -295,6 +346,41 @@ class Ties(MergeMethod):
             majority = float(torch.sign(ew.elected_signs(trimmed).sum()))
         kept = int(torch.count_nonzero(trimmed)) / trimmed.numel()
         delta = ew.disjoint_merge_(trimmed, majority, self.params.merge).mul_(self.params.lambda_)
+        return delta, {"kept_fraction": round(kept, 6)}
+
+
+@register
+class TiesMergekit(MergeMethod):
+    name = "ties_mergekit"
+    task_copies = 3.0
+    summary = ("TIES as mergekit computes it: per-task weight and density, exactly ⌊density·n⌋ entries kept per tensor, "
+               "signs of the weighted sum (0 counts as +), weighted mean over the agreeing tasks")
+
+    class Params(Params):
+        weight: PerTask = Field(1.0, description="each task vector's weight: one number or {task: w_t}")
+        density: PerTask = Field(1.0, description="fraction of each tensor's entries kept per task: one number or {task: d_t}")
+        normalize: bool = Field(True, description="divide by the summed weights of the tasks that agree with the elected sign")
+        lambda_: float = Field(1.0, alias="lambda", ge=-LAMBDA_BOUND, le=LAMBDA_BOUND, description="scale of the merged update")
+
+        @field_validator("weight")
+        @classmethod
+        def _weights(cls, value: PerTask) -> PerTask:
+            return check_per_task(value, -LAMBDA_BOUND, LAMBDA_BOUND)
+
+        @field_validator("density")
+        @classmethod
+        def _densities(cls, value: PerTask) -> PerTask:
+            return check_per_task(value, 0.0, 1.0)
+
+    def __init__(self, params: Params, ctx: MergeContext) -> None:
+        super().__init__(params, ctx)
+        self.weights = per_task_values("weight", params.weight, ctx.task_names)
+        self.densities = per_task_values("density", params.density, ctx.task_names).tolist()
+
+    def merge(self, inputs):
+        trimmed = torch.stack([ew.keep_top_count(tau, d) for tau, d in zip(inputs.taus, self.densities)])
+        kept = int(torch.count_nonzero(trimmed)) / trimmed.numel()
+        delta = ew.weighted_sign_consensus(trimmed, self.weights, self.params.normalize).mul_(self.params.lambda_)
         return delta, {"kept_fraction": round(kept, 6)}
 
 
