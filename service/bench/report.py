@@ -115,7 +115,8 @@ def write_report(suite_name: str, suite: Suite, results: Path) -> dict[str, Path
     plots = write_plots(suite, records, results)
     sections = [f"# Benchmark: {suite_name}", "",
                 "Accuracy (%) per task. Static hyper-parameters were chosen on the val split (setting column); adaptive "
-                "methods start from the paper's defaults and report their published step (the final one for the papers' entropy rows, the label-free guard's best for distill rows). No test label chose anything. "
+                "methods start from the paper's defaults and report their published step (the final one for the papers' "
+                "entropy rows, the label-free guard's best for distill rows). No test label chose anything. "
                 "Wall time: the whole method (every grid point; both adaptation protocols).", ""]
     for table, title in TABLES.items():
         sections += [f"## {title}", "", markdown_table(tasks, tables[table], wall=table == "test"), ""]
