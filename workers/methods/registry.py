@@ -407,6 +407,7 @@ class SvdParams(Params):
         return SvdOptions(self.svd, self.oversample, self.power_iters)
 
 
+SVD_FIELDS = tuple(SvdParams.model_fields)
 MaxRank = Field(None, ge=1, description="at most this many components per task vector (memory and time cap)")
 
 
