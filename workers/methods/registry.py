@@ -437,6 +437,7 @@ class SpectralMethod(TaskVectorMethod):
     """
 
     factorizes = True
+    label: ClassVar[str]  # short name in tables ("CART+AdaRank")
     adaptive_defaults: ClassVar[dict[str, Any]] = {}  # where AdaRank starts when the spec leaves a parameter unset
 
     def factorize(self, taus: Tensor, cap: int | None) -> sp.SpectralFactorization:
@@ -502,6 +503,7 @@ class _PerTaskSpectral(SpectralMethod):
 @register
 class TaSvd(_PerTaskSpectral):
     name = "ta_svd"
+    label = "TA"  # AdaRank starts it at ρ = 1: task arithmetic, the AdaRank paper's TA+AdaRank
     summary = "TA-SVD: θ0 + λ Σ_t rank-max(1, ⌊ρ r⌋) SVD of τ_t (spectral tensors; full τ_t elsewhere)"
     adaptive_defaults = {"rho": 1.0}  # AdaRank-TA starts from task arithmetic: every component on
 
@@ -517,6 +519,7 @@ class TaSvd(_PerTaskSpectral):
 @register
 class Cart(_PerTaskSpectral):
     name = "cart"
+    label = "CART"
     task_copies = 1.0
     centered = True
     summary = "CART: θ̄ + λ Σ low-rank(θ_t − θ̄), rank max(1, ⌊ρ r⌋)"
@@ -559,6 +562,7 @@ class _AlphaSvdParams(_AlphaParams, SvdParams):
 @register
 class TsvM(_SpectralOnMean):
     name = "tsv_m"
+    label = "TSV-M"
     summary = "TSV-M: top ⌊r/T⌋ singular vectors per task, whitened (polar), × α"
 
     class Params(_AlphaSvdParams):
@@ -572,6 +576,7 @@ class TsvM(_SpectralOnMean):
 @register
 class IsoC(_SpectralOnMean):
     name = "iso_c"
+    label = "Iso-C"
     summary = "Iso-C: spectrum of Σ τ_t flattened to its mean, × α"
     Params = _AlphaParams
 
@@ -582,6 +587,7 @@ class IsoC(_SpectralOnMean):
 @register
 class IsoCts(_SpectralOnMean):
     name = "iso_cts"
+    label = "Iso-CTS"
     summary = "Iso-CTS: common + task-specific subspaces, orthogonalised, isotropic spectrum, × α"
 
     class Params(_AlphaSvdParams):
