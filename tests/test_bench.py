@@ -76,7 +76,8 @@ def test_random_method_reports_the_mean_over_seeds_of_the_val_choice(bench):
 def test_adaptive_record_starts_from_its_static_equivalent(bench):
     _, out, records = bench
     start = records["adarank_ta"]["initial"]
-    assert start["method"] == "task_arithmetic" and start["params"] == {"lambda": 0.3}  # AdaRank-TA at step 0 ≡ TA(λ0)
+    # AdaRank-TA at step 0 ≡ TA-SVD with every component on (ρ = 1) at λ0, i.e. task arithmetic
+    assert start["method"] == "ta_svd" and start["params"]["rho"] == 1.0 and start["params"]["lambda"] == 0.3
     assert (out / start["output"] / "merge_report.json").is_file()
     assert all(0.0 <= v <= 1.0 for split in ("test", "heldout") for v in start["accuracy"][split].values())
 

@@ -37,7 +37,10 @@ def upgrade_legacy(raw: dict[str, Any]) -> dict[str, Any]:
     legacy = set(raw) & {"factorization", "lambda", *LEGACY_SHARED, *SVD_FIELDS}
     if not legacy or "base" in raw or "base_params" in raw:
         return raw
-    name, scale, fixed, read = LEGACY_FACTORIZATIONS.get(raw.get("factorization", "ta"), (raw.get("factorization"), "lambda", {}, ()))
+    factorization = raw.get("factorization", "ta")
+    if factorization not in LEGACY_FACTORIZATIONS:
+        raise ValueError(f"unknown factorization {factorization!r}: name the spectral method as `base` instead")
+    name, scale, fixed, read = LEGACY_FACTORIZATIONS[factorization]
     rest = {k: v for k, v in raw.items() if k not in legacy}
     moved = {k: raw[k] for k in (*read, *SVD_FIELDS) if k in raw}
     if raw.get("lambda") is not None:
@@ -50,7 +53,7 @@ class AdaRankParams(Params):
 
     base: str = Field("ta_svd", description="the spectral method whose components get masks: " + ", ".join(spectral_methods()))
     base_params: dict[str, Any] = Field(
-        default_factory=dict, description="its parameters (see `rankmerge schema --method NAME`); unset ones start from "
+        {}, description="its parameters (see `rankmerge schema --method NAME`); unset ones start from "
                                           "AdaRank's start for that method (ta_svd: rho 1, i.e. task arithmetic; cart: "
                                           "lambda 2.3, rho 0.16), else the method's defaults")
     temperature: float = Field(10.0, gt=0.0, description="mask temperature τ_m of σ(L/τ_m)")

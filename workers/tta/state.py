@@ -4,7 +4,7 @@ vectors (elementwise tensors, and every tensor under AdaMerging), plus the initi
 The state reads only the `TaskVectorMethod` / `SpectralMethod` interface of workers/methods/registry.py, so AdaRank
 over any registered spectral method equals that method at init: origin = θ0 plus the method's origin shift (CART: τ̄),
 factorized tensors get its components, owners and initial mask with λ0 = its scale, the others its task weight
-(TSV-M/Iso-CTS: α/T) — see docs/METHODS.md. AdaMerging starts from task arithmetic: nothing factorized.
+(TSV-M/Iso-CTS: α/T). AdaMerging starts from task arithmetic: nothing factorized.
 Components that belong to no single task (Iso-CTS's common block) get a shared mask row and λ row T.
 """
 
