@@ -123,7 +123,7 @@ def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, addre
                    loaded: tuple[TaskModels, list[dict[str, torch.Tensor]]] | None = None,
                    teachers: Path | None = None) -> Executor:
     """`loaded`: the driver's task models and datasets, reused in-process by the local executor."""
-    output_kind = loaded[0].kind if loaded is not None else "classification"
+    output_kind = loaded[0].output_kind if loaded is not None else "classification"
     if executor == "local":
         return LocalExecutor(adaptive_work(job, plan, 1, output_kind, teachers), loaded=loaded)
     from cluster.ray_executor import RayExecutor
