@@ -27,8 +27,10 @@ from workers.checkpoint_reader import ModelCheckpoint
 from workers.tta.objectives import entropy as mean_entropy
 from workers.plan import build_plan
 from workers.tta.adapters import checkpoint_to_module_names
+from workers.methods.registry import MergeContext
 from workers.tta.engine import AdaptiveMerger, AdaptiveOptions
-from workers.tta.state import build_state
+from workers.tta.params import AdaMergingParams, AdaRankParams
+from workers.tta.state import StateOptions, build_state
 
 
 def main() -> None:
@@ -53,8 +55,10 @@ def main() -> None:
         base = stack.enter_context(ModelCheckpoint(args.models / "base", "base"))
         tasks = [stack.enter_context(ModelCheckpoint(args.models / f"task_{t}", f"task_{t}")) for t in range(args.tasks)]
         plan = build_plan(base, {t.name: t for t in tasks})
-        kind = args.factorization if args.method == "adarank" else "none"
-        slots, lam = build_state(plan, base, tasks, kind, 0.3)
+        params = (AdaRankParams.model_validate({"factorization": args.factorization, "lambda": 0.3}) if args.method == "adarank"
+                  else AdaMergingParams.model_validate({"lambda": 0.3}))
+        method = params.method(MergeContext(tuple(t.name for t in tasks), plan.merged_numel))
+        slots, lam = build_state(plan, base, tasks, method, StateOptions())
     options = AdaptiveOptions(learn_masks=args.method == "adarank", cache_masked=not args.no_cache)
     merger = AdaptiveMerger(slots, lam, options)
     config = CLIPVisionConfig.from_pretrained(args.models / "base")

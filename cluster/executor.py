@@ -20,7 +20,7 @@ from workers.entropy_worker import EntropyWorker, Partition
 from workers.spectral_shard import SpectralShard, assemble_state, slice_state
 from workers.tta.adapters import TaskModels
 from workers.tta.objectives import Objective
-from workers.tta.params import AdaMergingParams, AdaRankParams
+from workers.tta.params import AdaptiveParams
 from workers.tta.sources import Sources
 
 
@@ -37,7 +37,7 @@ class AdaptiveWork:
     """Everything a shard or worker needs to build itself: picklable, so Ray can ship it to actors."""
 
     sources: Sources
-    params: AdaRankParams | AdaMergingParams
+    params: AdaptiveParams
     lr: float
     data: dict[str, Path]
     max_length: int
@@ -66,6 +66,7 @@ class Executor(Protocol):
     def stop_workers(self) -> None: ...
     def weights_by_shard(self, which: str) -> Iterator[dict[str, Tensor]]: ...
     def hard_masks(self) -> dict[str, Tensor]: ...
+    def owners(self) -> dict[str, Tensor]: ...
     def learned_ranks(self) -> dict[str, list[int]]: ...
     def close(self) -> None: ...
 
@@ -106,6 +107,9 @@ class LocalExecutor:
 
     def hard_masks(self) -> dict[str, Tensor]:
         return self.shard.hard_masks()
+
+    def owners(self) -> dict[str, Tensor]:
+        return self.shard.owners()
 
     def learned_ranks(self) -> dict[str, list[int]]:
         return self.shard.learned_ranks()

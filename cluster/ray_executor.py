@@ -100,6 +100,9 @@ class ShardHost:
     def hard_masks(self) -> dict[str, np.ndarray]:
         return as_numpy(self.shard.hard_masks())
 
+    def owners(self) -> dict[str, np.ndarray]:
+        return as_numpy(self.shard.owners())
+
     def learned_ranks(self) -> dict[str, list[int]]:
         return self.shard.learned_ranks()
 
@@ -263,8 +266,15 @@ class RayExecutor:
             yield {k: v.clone() for k, v in as_torch(self._check([shard.weights.remote(which)], "shard")[0]).items()}
 
     def hard_masks(self) -> dict[str, Tensor]:
+        return self._gather_tensors("hard_masks")
+
+    def owners(self) -> dict[str, Tensor]:
+        return self._gather_tensors("owners")
+
+    def _gather_tensors(self, name: str) -> dict[str, Tensor]:
+        """One named tensor per spectral key, from every shard."""
         out: dict[str, Tensor] = {}
-        for part in self._check([s.hard_masks.remote() for s in self.shards], "shard"):
+        for part in self._check([getattr(s, name).remote() for s in self.shards], "shard"):
             out.update({k: v.clone() for k, v in as_torch(part).items()})
         return out
 

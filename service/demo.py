@@ -42,7 +42,7 @@ def run_demo(workdir: Path, steps: int = 100, executor: str = "ray", suite_root:
 
     out = workdir / "out" / "adarank_ta"
     shutil.rmtree(out.parent / f"{out.name}.job", ignore_errors=True)  # the demo starts fresh every time
-    adarank = job_from_dict({**common, "method": "adarank", "params": {"factorization": "ta", "lambda": TA_LAMBDA},
+    adarank = job_from_dict({**common, "method": "adarank", "params": {"base": "ta_svd", "base_params": {"lambda": TA_LAMBDA}},
                              "output": str(out), "resources": {"shards": 2, "workers": 1},
                              "tta": {"data": test, "steps": steps, "lr": 0.01, "batch_size": 32, "checkpoint_every": 25}}, workdir)
     start = time.perf_counter()

@@ -107,30 +107,30 @@ def compute_dtype(setting: str, plan: MergePlan) -> str:
     return "bfloat16" if all(e.out_dtype == torch.bfloat16 for e in plan.merged) else "float32"
 
 
-def adaptive_work(job: MergeJob, plan: MergePlan, shards: int, kind: str = "classification",
+def adaptive_work(job: MergeJob, plan: MergePlan, shards: int, output_kind: str = "classification",
                   teachers: Path | None = None) -> AdaptiveWork:
-    """`kind`: the task models' output kind (workers/tta/adapters.py), which decides AdaRank's `vocab: auto`;
+    """`output_kind`: the task models' output kind (workers/tta/adapters.py), which decides AdaRank's `vocab: auto`;
     `teachers`: the job's teacher-target cache (workers read it; the in-process worker gets the driver's rows)."""
     columns = shard_columns(plan, shards)
     params = parse_adaptive_params(job.method, job.params)
     return AdaptiveWork(job.sources, params, job.tta.lr, dict(job.tta.data),
                         job.tta.max_length, columns, [[plan.merged[c].key for c in cols] for cols in columns],
                         len(plan.merged), job.resources.partition, compute_dtype(job.tta.compute_dtype, plan),
-                        static_keys(params, plan, kind), Objective(job.tta.objective, job.tta.temperature), teachers)
+                        static_keys(params, plan, output_kind), Objective(job.tta.objective, job.tta.temperature), teachers)
 
 
 def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, address: str | None,
                    loaded: tuple[TaskModels, list[dict[str, torch.Tensor]]] | None = None,
                    teachers: Path | None = None) -> Executor:
     """`loaded`: the driver's task models and datasets, reused in-process by the local executor."""
-    kind = loaded[0].kind if loaded is not None else "classification"
+    output_kind = loaded[0].output_kind if loaded is not None else "classification"
     if executor == "local":
-        return LocalExecutor(adaptive_work(job, plan, 1, kind, teachers), loaded=loaded)
+        return LocalExecutor(adaptive_work(job, plan, 1, output_kind, teachers), loaded=loaded)
     from cluster.ray_executor import RayExecutor
     from cluster.ray_runtime import ensure_ray
 
     res = job.resources
-    work = adaptive_work(job, plan, res.shards, kind, teachers)
+    work = adaptive_work(job, plan, res.shards, output_kind, teachers)
     ensure_ray(address, res.shards * res.cpus_per_shard + res.workers * res.cpus_per_worker,
                plan.merged_numel * work.dtype.itemsize)
     return RayExecutor(work, job.resolved_job_dir, res.workers, res.cpus_per_shard, res.cpus_per_worker,
@@ -265,7 +265,8 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
             merges = {"initial": collect_weights(runner, "initial"), "merged": final, **merges}
             report["accuracy"] = evaluate(models, plan, base, tasks, datasets, merges, tta.eval_batch_size)
         lease.check()  # a replaced driver publishes nothing
-        export(job, plan, base, tasks, runner.hard_masks(), state["lambda"], final, report, start_time)
+        side_files = adaptive_files(runner.hard_masks(), runner.owners(), state["lambda"], plan)
+        export(job, plan, base, tasks, side_files, final, report, start_time)
     return report
 
 
@@ -277,18 +278,35 @@ def collect_weights(runner: Executor, which: str, dtypes: dict[str, torch.dtype]
     return out
 
 
-def export(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], masks: dict[str, torch.Tensor],
-           lam: torch.Tensor, final: dict[str, torch.Tensor], report: dict[str, Any], start_time: float) -> None:
-    """Dense merged backbone (hard masks applied), per-task heads, learned masks and λ, report — published atomically."""
+def adaptive_files(masks: dict[str, torch.Tensor], owners: dict[str, torch.Tensor], lam: torch.Tensor,
+                   plan: MergePlan) -> dict[str, bytes]:
+    """What was learned, beside the weights: hard masks, the owner of each mask entry (its λ row: task t in plan
+    order, or T for components shared by every task), and λ with its columns named."""
+    tasks = {"tasks": json.dumps(list(plan.task_names)), "shared_row": str(len(plan.task_names))}
+    return {
+        "adaptive/masks.safetensors": _safetensors({k: v.to(torch.uint8).contiguous() for k, v in masks.items()}),
+        "adaptive/owners.safetensors": _safetensors({k: v.to(torch.int64).contiguous() for k, v in owners.items()}, tasks),
+        "adaptive/lambda.safetensors": save_safetensors({"lambda": lam.detach().contiguous()},
+                                                        metadata={"columns": json.dumps([e.key for e in plan.merged])}),
+    }
+
+
+def _safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file; AdaMerging has no spectral tensor, and an empty file needs one placeholder entry."""
+    return save_safetensors(tensors or {"none": torch.zeros(0)}, metadata=metadata)
+
+
+def export(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], side_files: dict[str, bytes],
+           final: dict[str, torch.Tensor], report: dict[str, Any], start_time: float) -> None:
+    """Dense merged backbone (hard masks applied), per-task heads, what was learned (`side_files`), report — published
+    atomically."""
     with StreamingCheckpointWriter(job.output, plan.layout(), parse_size(job.max_shard_size), job.overwrite) as writer:
         write_weights(writer, plan, base, final)
         report["heads"] = write_heads(writer, plan, tasks)
         write_model_card(writer, base.path, {t.name: t.path for t in tasks}, job.method, report["params"], report["heads"])
         writer.copy_side_files(base.path)
-        masks_u8 = {k: v.to(torch.uint8).contiguous() for k, v in masks.items()}
-        writer.write_side_file("adaptive/masks.safetensors", save_safetensors(masks_u8) if masks_u8 else save_safetensors({"none": torch.zeros(0)}))
-        writer.write_side_file("adaptive/lambda.safetensors", save_safetensors({"lambda": lam.detach().contiguous()},
-                                                                              metadata={"columns": json.dumps([e.key for e in plan.merged])}))
+        for name, data in side_files.items():
+            writer.write_side_file(name, data)
         report["wall_seconds"] = round(time.perf_counter() - start_time, 3)
         report["peak_rss_bytes"] = peak_rss_bytes()
         writer.write_side_file("merge_report.json", (json.dumps(report, indent=2) + "\n").encode())

@@ -12,11 +12,11 @@ import yaml
 from matplotlib.image import imread
 from safetensors import safe_open
 
-from service.bench.grid import LAMBDAS, METHODS, select_methods
+from service.bench.grid import BY_NAME, LAMBDAS, METHODS, select_methods
 from service.bench.layout import default_suite_root
-from service.bench.spectra import SHARED, component_owners, energy_rank
+from service.bench.spectra import energy_rank
 from service.cli import main
-from workers.methods.registry import parse_params
+from workers.methods.registry import parse_params, spectral_methods
 from workers.tta.params import ADAPTIVE_METHODS
 
 TASKS = ["digits", "parity_rot90", "high_inverted", "mod3_flipped"]
@@ -76,7 +76,8 @@ def test_random_method_reports_the_mean_over_seeds_of_the_val_choice(bench):
 def test_adaptive_record_starts_from_its_static_equivalent(bench):
     _, out, records = bench
     start = records["adarank_ta"]["initial"]
-    assert start["method"] == "task_arithmetic" and start["params"] == {"lambda": 0.3}  # AdaRank-TA at step 0 ≡ TA(λ0)
+    # AdaRank-TA at step 0 ≡ TA-SVD with every component on (ρ = 1) at λ0, i.e. task arithmetic
+    assert start["method"] == "ta_svd" and start["params"]["rho"] == 1.0 and start["params"]["lambda"] == 0.3
     assert (out / start["output"] / "merge_report.json").is_file()
     assert all(0.0 <= v <= 1.0 for split in ("test", "heldout") for v in start["accuracy"][split].values())
 
@@ -145,9 +146,18 @@ def test_default_root_is_a_cache_outside_the_checkout(monkeypatch, tmp_path):
     assert default_suite_root("digits").parts[-4:] == (".cache", "rankmerge", "suites", "digits")
 
 
-def test_energy_rank_and_component_owners():
+def test_energy_rank():
     assert energy_rank(torch.tensor([3.0, 1.0, 0.1])) == 2  # 9/10.01 < 0.95 <= 10/10.01
     assert energy_rank(torch.tensor([1.0, 0.0])) == 1 and energy_rank(torch.zeros(3)) == 0
-    assert component_owners("ta", 6, 3).tolist() == [0, 0, 1, 1, 2, 2]
-    owners = component_owners("iso_cts", 32, 4, 0.8)  # 24 common + 2 per task, as iso_cts_split rounds
-    assert owners[:8].tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and (owners[8:] == SHARED).all()
+
+
+def test_every_spectral_method_gets_an_adarank_row_starting_at_itself():
+    """The rows come from the registry: a new spectral method needs no edit here or in workers/tta/."""
+    rows = {m.fixed["base"]: m for m in METHODS if m.method == "adarank" and not m.tta}
+    assert set(rows) == set(spectral_methods())
+    assert {"adarank_ta", "adarank_cart", "adarank_tsv_m", "adarank_iso_cts"} <= set(BY_NAME)
+    for base, row in rows.items():
+        static, params = row.initial
+        assert static == base and parse_params(static, params)
+    assert BY_NAME["adarank_ta"].initial[1]["rho"] == 1.0 and BY_NAME["adarank_cart"].initial[1]["lambda"] == 2.3
+    assert BY_NAME["adamerging"].initial == ("task_arithmetic", {"lambda": 0.3})

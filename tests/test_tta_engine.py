@@ -17,12 +17,13 @@ from service.merge_job import open_inputs
 from service.spec import job_from_dict
 from service.tta_job import build_merger
 from workers.methods.adaptive import spectral_merge, straight_through_mask
-from workers.methods.registry import MergeContext, make_method
+from workers.methods.registry import MergeContext, make_method, method_class, spectral_methods
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.plan import build_plan
 from workers.static_merge import load_inputs
 from workers.tta.adapters import build_task_models
 from workers.tta.data import TaskStream
+from workers.tta.params import AdaRankParams
 
 from conftest import make_adaptive_spec as make_job
 
@@ -67,13 +68,31 @@ def static_delta(method, params, plan, base, tasks):
     return out
 
 
+@pytest.mark.parametrize("base", list(spectral_methods()))
+@pytest.mark.parametrize("base_params", [{}, {"max_rank": 2}])
+def test_adarank_at_init_equals_its_static_method(families, tmp_path, base, base_params):
+    """Every registered spectral method, through the one interface: AdaRank's step 0 is its static merge."""
+    if "max_rank" in base_params and "max_rank" not in method_class(base).Params.model_fields:
+        pytest.skip(f"{base} has no max_rank")
+    params = AdaRankParams.model_validate({"base": base, "base_params": base_params})
+    static, static_params = params.static_twin()
+    assert static == base
+    with ExitStack() as stack:
+        _, base_ck, tasks, plan, merger = merger_for(make_job(families, tmp_path, params=params.model_dump(by_alias=True)), tmp_path, stack)
+        expected = static_delta(static, static_params, plan, base_ck, tasks)
+        got = merger.final_weights()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("factorization,static,params", [
     ("ta", "task_arithmetic", {"lambda": 0.3}),
     ("cart", "cart", {"lambda": 2.3, "rho": 0.16}),
     ("tsv_m", "tsv_m", {"alpha": 1.0}),
     ("iso_cts", "iso_cts", {"alpha": 1.0}),
 ])
-def test_adarank_at_init_equals_its_static_method(families, tmp_path, factorization, static, params):
+def test_legacy_factorization_specs_start_at_the_same_static_merge(families, tmp_path, factorization, static, params):
+    """Specs written before `base` (factorization, lambda, rho at the top level) still parse to the same job."""
     adarank_params = {"factorization": factorization, "lambda": params.get("lambda", params.get("alpha"))}
     if "rho" in params:
         adarank_params["rho"] = params["rho"]
@@ -159,13 +178,17 @@ def test_resume_after_sigkill_is_bitwise_identical(families, tmp_path):
     reference = json.loads((tmp_path / "reference" / "merge_report.json").read_text())
     assert report["history"] == reference["history"]
     assert report["guard"]["curve"] == reference["guard"]["curve"] and report["published_step"] == reference["published_step"]
-    for name in ("adaptive/masks.safetensors", "adaptive/lambda.safetensors", "model.safetensors"):
+    for name in ("adaptive/masks.safetensors", "adaptive/owners.safetensors", "adaptive/lambda.safetensors", "model.safetensors"):
         a, b = load_file(str(tmp_path / "out" / name)), load_file(str(tmp_path / "reference" / name))
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
     ref_report = json.loads((tmp_path / "reference" / "merge_report.json").read_text())
     assert report["lambda"] == ref_report["lambda"]
+    masks, owners = (load_file(str(tmp_path / "out" / "adaptive" / f)) for f in ("masks.safetensors", "owners.safetensors"))
+    assert owners.keys() == masks.keys() and all(owners[k].shape == masks[k].shape for k in masks)
+    for key, ranks in report["learned_ranks"].items():  # each mask entry's owner, as exported, gives the learned ranks
+        assert torch.bincount(owners[key][masks[key].bool()], minlength=len(ranks)).tolist() == ranks
 
 
 def test_rerun_without_resume_refuses_existing_checkpoints(families, tmp_path, capsys):
@@ -203,7 +226,7 @@ FAMILY_INPUTS = {
 
 
 @pytest.mark.parametrize("family", list(FAMILY_INPUTS))
-@pytest.mark.parametrize("method,params", [("adarank", {"factorization": "cart", "lambda": 1.0}), ("adamerging", {"clamp": True})])
+@pytest.mark.parametrize("method,params", [("adarank", {"base": "cart", "base_params": {"lambda": 1.0}}), ("adamerging", {"clamp": True})])
 def test_every_adapter_adapts_and_exports(families, tmp_path, family, method, params):
     from service.cli import main
     from transformers import AutoModel
@@ -220,7 +243,7 @@ def test_every_adapter_adapts_and_exports(families, tmp_path, family, method, pa
     assert main(["run", str(tmp_path / "job.yaml")]) == 0
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in report["history"])
-    assert torch.tensor(report["lambda"]).sub(params.get("lambda", 0.3)).abs().max() > 0, "λ must have moved"
+    assert torch.tensor(report["lambda"]).sub(params.get("base_params", params).get("lambda", 0.3)).abs().max() > 0, "λ must have moved"
     AutoModel.from_pretrained(tmp_path / "out")
 
 
@@ -275,7 +298,7 @@ def test_images_of_another_size_use_interpolated_position_embeddings(families, k
             assert logits.shape == (2, 3) and bool(torch.isfinite(logits).all())
 
 
-@pytest.mark.parametrize("method,params", [("adarank", {"factorization": "tsv_m", "svd": "randomized", "oversample": 2}), ("adamerging", {})])
+@pytest.mark.parametrize("method,params", [("adarank", {"base": "tsv_m", "base_params": {"svd": "randomized", "oversample": 2}}), ("adamerging", {})])
 def test_adaptive_dry_run_predicts_time_and_memory_and_writes_nothing(families, tmp_path, capsys, method, params):
     from service.cli import main
 

@@ -106,7 +106,7 @@ class EntropyWorker:
                                     world_size=self.world, timeout=datetime.timedelta(minutes=10))
         if self.partition == "zero3":
             frozen = {self.models.names[0][k] for k in self.keys if k not in self.learned}
-            self.engine = _zero3_engine(self.models, backend, max(self.label_counts) if self.models.kind == "classification" else None,
+            self.engine = _zero3_engine(self.models, backend, max(self.label_counts) if self.models.output_kind == "classification" else None,
                                         self.compute_dtype, frozen)
             params = dict(self.engine.module.named_parameters())
             self.grad_views = grad_partition_views(self.engine.optimizer)

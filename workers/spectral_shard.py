@@ -24,7 +24,7 @@ from torch import Tensor
 from workers.heap import map_large_blocks
 from workers.tta.engine import AdaptiveMerger
 from workers.tta.factory import make_merger
-from workers.tta.params import AdaMergingParams, AdaRankParams
+from workers.tta.params import AdaptiveParams
 from workers.tta.sources import Sources, open_sources
 from workers.tta.state import SpectralSlot
 
@@ -33,7 +33,7 @@ ADAM_FIELDS = ("exp_avg", "exp_avg_sq")
 
 
 class SpectralShard:
-    def __init__(self, sources: Sources, params: AdaRankParams | AdaMergingParams, lr: float, columns: list[int],
+    def __init__(self, sources: Sources, params: AdaptiveParams, lr: float, columns: list[int],
                  threads: int | None = None, static: frozenset[str] = frozenset()) -> None:
         if threads:
             torch.set_num_threads(threads)
@@ -128,6 +128,9 @@ class SpectralShard:
 
     def hard_masks(self) -> dict[str, Tensor]:
         return self.merger.hard_masks()
+
+    def owners(self) -> dict[str, Tensor]:
+        return self.merger.owners()
 
     def learned_ranks(self) -> dict[str, list[int]]:
         return self.merger.learned_ranks()

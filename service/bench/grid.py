@@ -3,8 +3,9 @@ and each suite's fixed test-time-adaptation settings.
 
 Why grids and not the registry defaults: the papers choose static hyper-parameters on a validation split (ALGORITHMS.md
 "honest evaluation"); the grids are small so a CPU run stays in minutes. Adaptive methods get no grid at all: they start
-from the paper's defaults (workers/tta/params.py DEFAULT_LAMBDA) and report the final step, with lr/steps/batch fixed
-per suite below — written once, never tuned on test accuracy.
+from the paper's defaults (each spectral method's `adaptive_defaults`, workers/methods/registry.py) and report the
+final step, with lr/steps/batch fixed per suite below — written once, never tuned on test accuracy. Every spectral
+method in the registry gets an AdaRank row.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from workers.errors import MergeInputError
-from workers.tta.params import DEFAULT_LAMBDA, AdaRankParams
+from workers.methods.registry import spectral_methods
+from workers.tta.params import ADAPTIVE_METHODS, LEGACY_FACTORIZATIONS, AdaMergingParams
 
 Kind = Literal["reference", "static", "adaptive"]
 
@@ -37,8 +39,12 @@ class BenchMethod:
     fixed: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     seeds: tuple[int, ...] = ()  # random methods: the chosen parameters are re-run with these seeds and averaged
-    initial: tuple[str, dict[str, Any]] | None = None  # adaptive: the static job equal to the adaptive model at step 0
     tta: dict[str, Any] = field(default_factory=dict)  # adaptive: the job's tta settings besides steps/lr/batch
+
+    @property
+    def initial(self) -> tuple[str, dict[str, Any]] | None:
+        """Adaptive: the static job equal to the adapted model at step 0 (where the adaptation started)."""
+        return ADAPTIVE_METHODS[self.method].model_validate(self.fixed).static_twin() if self.kind == "adaptive" else None
 
     def candidates(self) -> list[dict[str, Any]]:
         """Every parameter set to try: the fixed ones with each point of the grid's cartesian product."""
@@ -53,35 +59,28 @@ def _steps(start: float, stop: float, step: float) -> tuple[float, ...]:
 
 LAMBDAS = _steps(0.1, 1.0, 0.1)  # TA λ
 COARSE_LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # λ next to a second hyper-parameter (dense where T is large)
+ROW_NAMES = {method: row for row, (method, *_) in LEGACY_FACTORIZATIONS.items()}  # adarank_<row>: the rows' names before `base`
 ALPHAS = _steps(0.5, 3.0, 0.5)  # TSV-M / Iso α (the papers search linspace(0, 3))
 DROP_RATES = (0.3, 0.5, 0.7)
-
-
-# AdaRank at step 0 equals its static base (ALGORITHMS.md project decision 6; workers/tta/state.py): these static jobs
-# show where each adaptation started. factorization -> (static method, its scale parameter, AdaRank defaults it shares)
-_ADARANK = AdaRankParams.model_fields
-STEP0 = {"ta": ("task_arithmetic", "lambda", {}), "cart": ("cart", "lambda", {"rho": _ADARANK["rho"].default}),
-         "tsv_m": ("tsv_m", "alpha", {}), "iso_cts": ("iso_cts", "alpha", {"common_fraction": _ADARANK["common_fraction"].default})}
 
 
 # The papers' objective, as they run it: entropy minimisation, final step. Our default rows distil from the task
 # models and publish the label-free guard's best state (workers/tta/guard.py); both are label-free.
 PAPER = {"objective": "entropy", "select": "final"}
+ENTROPY_ROWS = ("ta_svd", "cart")  # spectral bases also run with the papers' objective
 
 
-def _adarank(factorization: str, label: str, tta: dict[str, Any] | None = None) -> BenchMethod:
-    lambda0 = DEFAULT_LAMBDA[factorization]
-    static, scale, shared = STEP0[factorization]
-    suffix = "_entropy" if tta else ""
-    return BenchMethod(f"adarank_{factorization}{suffix}", label, ADAPTIVE, "adaptive", "adarank",
-                       {"factorization": factorization, "lambda": lambda0}, initial=(static, {**shared, scale: lambda0}),
+def _adarank(base: str, tta: dict[str, Any] | None = None) -> BenchMethod:
+    """AdaRank over one registered spectral method, from AdaRank's start for it (its step 0 is that static merge)."""
+    row = ROW_NAMES.get(base, base)
+    label = f"{spectral_methods()[base].label}+AdaRank ({'entropy' if tta else 'distill'})"
+    return BenchMethod(f"adarank_{row}{'_entropy' if tta else ''}", label, ADAPTIVE, "adaptive", "adarank", {"base": base},
                        tta=tta or {})
 
 
 def _adamerging(label: str, tta: dict[str, Any] | None = None) -> BenchMethod:
     return BenchMethod("adamerging_entropy" if tta else "adamerging", label, ADAPTIVE, "adaptive", "adamerging",
-                       {"lambda": DEFAULT_LAMBDA["ta"]}, initial=("task_arithmetic", {"lambda": DEFAULT_LAMBDA["ta"]}),
-                       tta=tta or {})
+                       {"lambda": AdaMergingParams().lambda_}, tta=tta or {})
 
 
 METHODS: tuple[BenchMethod, ...] = (
@@ -104,13 +103,9 @@ METHODS: tuple[BenchMethod, ...] = (
     BenchMethod("iso_c", "Iso-C", SPECTRAL, "static", "iso_c", grid={"alpha": ALPHAS}),
     BenchMethod("iso_cts", "Iso-CTS", SPECTRAL, "static", "iso_cts", grid={"common_fraction": (0.6, 0.8), "alpha": ALPHAS}),
     _adamerging("TA+AdaMerging (entropy)", PAPER),
-    _adarank("ta", "TA+AdaRank (entropy)", PAPER),
-    _adarank("cart", "CART+AdaRank (entropy)", PAPER),
+    *(_adarank(base, PAPER) for base in ENTROPY_ROWS),
     _adamerging("TA+AdaMerging (distill)"),
-    _adarank("ta", "TA+AdaRank (distill)"),
-    _adarank("cart", "CART+AdaRank (distill)"),
-    _adarank("tsv_m", "TSV-M+AdaRank (distill)"),
-    _adarank("iso_cts", "Iso-CTS+AdaRank (distill)"),
+    *(_adarank(base) for base in spectral_methods()),
 )
 BY_NAME = {m.name: m for m in METHODS}
 

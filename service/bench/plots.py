@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from service.bench.spectra import SHARED, block_of, component_owners  # noqa: E402
+from service.bench.spectra import block_of  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,10 @@ def chosen_blocks(keys: list[str]) -> list[int]:
 
 
 def mask_rows(mask: np.ndarray, owners: np.ndarray, num_tasks: int) -> np.ndarray:
-    """Rows = tasks (then the shared block when there is one), columns = components in order; NaN pads short rows."""
+    """Rows = tasks (then the shared row T when a component has it), columns = components in order; NaN pads short rows."""
     groups = [owners == t for t in range(num_tasks)]
-    if (owners == SHARED).any():
-        groups.append(owners == SHARED)
+    if (owners == num_tasks).any():
+        groups.append(owners == num_tasks)
     width = max(int(g.sum()) for g in groups)
     rows = np.full((len(groups), width), np.nan)
     for i, group in enumerate(groups):
@@ -54,9 +54,13 @@ def mask_rows(mask: np.ndarray, owners: np.ndarray, num_tasks: int) -> np.ndarra
     return rows
 
 
-def plot_masks(masks_file: Path, factorization: str, tasks: list[str], out: Path, title: str, common_fraction: float = 0.8) -> Path:
-    """Task × component heatmaps of the hard masks for the first, middle and last spectral block."""
-    masks = {k: v.numpy().astype(float) for k, v in load_file(str(masks_file)).items() if v.ndim == 1 and v.numel() > 0}
+def plot_masks(adaptive: Path, tasks: list[str], out: Path, title: str) -> Path:
+    """Task × component heatmaps of the hard masks for the first, middle and last spectral block.
+
+    `adaptive`: an output's adaptive/ folder (masks and the λ row owning each mask entry, as the job exported them).
+    """
+    masks = {k: v.numpy().astype(float) for k, v in load_file(str(adaptive / "masks.safetensors")).items() if v.ndim == 1 and v.numel() > 0}
+    owners_of = load_file(str(adaptive / "owners.safetensors"))
     blocks = chosen_blocks(list(masks))
     per_block = {b: [k for k in masks if block_of(k) == b] for b in blocks}
     columns = max((len(keys) for keys in per_block.values()), default=1)
@@ -69,7 +73,7 @@ def plot_masks(masks_file: Path, factorization: str, tasks: list[str], out: Path
                 ax.axis("off")
                 continue
             key = per_block[block][col]
-            owners = component_owners(factorization, masks[key].size, len(tasks), common_fraction).numpy()
+            owners = owners_of[key].numpy()
             rows = mask_rows(masks[key], owners, len(tasks))
             ax.imshow(np.ma.masked_invalid(rows), aspect="auto", interpolation="nearest", cmap=MASK_COLORS, vmin=0, vmax=1)
             labels = tasks + (["shared"] if rows.shape[0] > len(tasks) else [])

@@ -88,6 +88,11 @@ def _adarank_runs(records: dict[str, dict[str, Any]], results: Path) -> list[tup
     return runs
 
 
+def _has_shared_row(report: dict[str, Any], tasks: list[str]) -> bool:
+    """Whether some components belong to no single task (learned ranks then have a row past the tasks)."""
+    return any(len(ranks) > len(tasks) for ranks in report["learned_ranks"].values())
+
+
 def write_plots(suite: Suite, records: dict[str, dict[str, Any]], results: Path) -> list[Path]:
     """Mask heatmaps per AdaRank run and one learned-vs-intrinsic rank plot over all of them."""
     runs = _adarank_runs(records, results)
@@ -97,10 +102,8 @@ def write_plots(suite: Suite, records: dict[str, dict[str, Any]], results: Path)
     tasks = list(suite.task_dirs)
     plots = []
     for record, output, report in runs:
-        params = report["params"]
-        plots.append(plot_masks(output / "adaptive" / "masks.safetensors", params["factorization"], tasks,
-                                results / f"masks_{record['method']}.png", record["label"], params["common_fraction"]))
-    learned = {record["label"] + (" (task blocks; shared block not shown)" if report["params"]["factorization"] == "iso_cts" else ""):
+        plots.append(plot_masks(output / "adaptive", tasks, results / f"masks_{record['method']}.png", record["label"]))
+    learned = {record["label"] + (" (task blocks; shared block not shown)" if _has_shared_row(report, tasks) else ""):
                report["learned_ranks"] for record, _, report in runs}
     plots.append(plot_ranks(learned, intrinsic_ranks(suite), tasks, results / "ranks.png"))
     return plots

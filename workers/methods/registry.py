@@ -150,6 +150,28 @@ def nonfinite_bound_error(err: dict[str, Any]) -> bool:
         return False
 
 
+class TaskVectorMethod(MergeMethod):
+    """A merge that is, off its factorized tensors, origin + w · Σ_t τ_t: what an adaptive merge can start from.
+
+    AdaMerging starts from task arithmetic (nothing factorized), AdaRank from any `SpectralMethod`; the adaptive state
+    (workers/tta/state.py) reads only this interface, so it never needs to know which method it holds.
+    """
+
+    centered: ClassVar[bool] = False  # task vectors taken about their mean (CART): the origin moves to θ0 + τ̄
+
+    def origin_shift(self, taus: Tensor) -> Tensor | None:
+        """What the origin moves by (the task vectors then move by minus it); None: the origin is the base itself."""
+        return taus.mean(0) if self.centered else None
+
+    def task_weight(self, num_tasks: int) -> float:
+        """w of each task vector on tensors that are not factorized (the initial λ AdaMerging/AdaRank learn from)."""
+        raise NotImplementedError
+
+    def factorized_role(self, role: Role) -> bool:
+        """Whether tensors of this role are merged from a factorization (and get AdaRank masks)."""
+        return False
+
+
 # ---- simple elementwise methods -----------------------------------------------------------------------------------
 LAMBDA_BOUND = 10.0
 Lambda = Field(0.3, alias="lambda", ge=-LAMBDA_BOUND, le=LAMBDA_BOUND, description="scale of the summed task vectors")
@@ -193,7 +215,7 @@ def check_per_task(value: PerTask, low: float, high: float) -> PerTask:
 
 
 @register
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(TaskVectorMethod):
     name = "task_arithmetic"
     summary = "θ = θ0 + Σ λ_t τ_t (one λ, or one per task)"
 
@@ -209,6 +231,9 @@ class TaskArithmetic(MergeMethod):
     def __init__(self, params: Params, ctx: MergeContext) -> None:
         super().__init__(params, ctx)
         self.lambdas = per_task_values("lambda", params.lambda_, ctx.task_names)  # checked before any tensor is read
+
+    def task_weight(self, num_tasks):
+        return self.params.lambda_
 
     def merge(self, inputs):
         if not isinstance(self.params.lambda_, dict):
@@ -466,6 +491,7 @@ class SvdParams(Params):
         return SvdOptions(self.svd, self.oversample, self.power_iters)
 
 
+SVD_FIELDS = tuple(SvdParams.model_fields)
 MaxRank = Field(None, ge=1, description="at most this many components per task vector (memory and time cap)")
 
 
@@ -486,64 +512,127 @@ class Star(MergeMethod):
         return delta, {"ranks": [k for _, k in truncated]}
 
 
-@register
-class TaSvd(MergeMethod):
-    name = "ta_svd"
-    summary = "TA-SVD: θ0 + λ Σ_t rank-max(1, ⌊ρ r⌋) SVD of τ_t (spectral tensors; full τ_t elsewhere)"
+class SpectralMethod(TaskVectorMethod):
+    """A merge that, on spectral tensors, materialises a factorization of the task vectors with its initial mask.
+
+    Static merge = origin shift + scale · Σ_components (initial mask ⊙ s) u vᵀ over `factorize(τ − shift)`; AdaRank
+    learns the mask and one λ per owner over the same components (any spectral method, no code of its own). A subclass
+    says how it factorizes, what scale it applies, and its rule on the other tensors.
+    """
+
     factorizes = True
+    label: ClassVar[str]  # short name in tables ("CART+AdaRank")
+    adaptive_defaults: ClassVar[dict[str, Any]] = {}  # where AdaRank starts when the spec leaves a parameter unset
+
+    def factorize(self, taus: Tensor, cap: int | None) -> sp.SpectralFactorization:
+        """Components of one tensor's (shifted) task vectors, owners and the static initial mask; at most `cap` per
+        owner (None: all the method has)."""
+        raise NotImplementedError
+
+    def static_cap(self, rank: int) -> int | None:
+        """Components per owner the static merge needs (None: all): computing fewer is the saving of TA-SVD/CART."""
+        return None
+
+    def scale(self) -> float:
+        """The scale of the spectral components (λ or α): AdaRank's initial λ on factorized tensors."""
+        raise NotImplementedError
+
+    def elementwise(self, taus: Tensor) -> Tensor:
+        """The static delta of a tensor that is not factorized."""
+        raise NotImplementedError
+
+    def merge_info(self, fac: sp.SpectralFactorization) -> dict[str, Any]:
+        return {"components": int(fac.initial_mask.sum())}
+
+    def factorized_role(self, role):
+        return role is Role.SPECTRAL
+
+    def merge(self, inputs):
+        if not self.factorized_role(inputs.role):
+            return self.elementwise(inputs.taus), {}
+        shift = self.origin_shift(inputs.taus)
+        taus = inputs.taus if shift is None else inputs.taus.sub_(shift)  # the inputs are ours to consume
+        fac = self.factorize(taus, self.static_cap(min(taus.shape[1:])))
+        delta = fac.materialize(scale=self.scale())
+        return (delta if shift is None else shift.add_(delta)), self.merge_info(fac)
+
+
+def spectral_methods() -> dict[str, type[SpectralMethod]]:
+    """Every registered method AdaRank can adapt."""
+    return {name: cls for name, cls in METHODS.items() if issubclass(cls, SpectralMethod)}
+
+
+class _PerTaskSpectral(SpectralMethod):
+    """Per-task truncated SVDs (of τ_t, or of τ_t − τ̄ when centered), each task's top max(1, ⌊ρ r⌋) kept, × λ."""
+
+    def keep(self, rank: int) -> int:
+        return capped(sp.cart_keep(rank, self.params.rho), self.params.max_rank)
+
+    def factorize(self, taus, cap):
+        return sp.per_task_factorization(taus, keep=self.keep(min(taus.shape[1:])), cap=cap, svd=self.params.svd_options())
+
+    def static_cap(self, rank):
+        return self.keep(rank)
+
+    def scale(self):
+        return self.params.lambda_
+
+    def task_weight(self, num_tasks):
+        return self.params.lambda_
+
+    def merge_info(self, fac):
+        return {"rank_per_task": int(fac.initial_mask.sum()) // len(self.ctx.task_names)}
+
+
+@register
+class TaSvd(_PerTaskSpectral):
+    name = "ta_svd"
+    label = "TA"  # AdaRank starts it at ρ = 1: task arithmetic, the AdaRank paper's TA+AdaRank
+    summary = "TA-SVD: θ0 + λ Σ_t rank-max(1, ⌊ρ r⌋) SVD of τ_t (spectral tensors; full τ_t elsewhere)"
+    adaptive_defaults = {"rho": 1.0}  # AdaRank-TA starts from task arithmetic: every component on
 
     class Params(SvdParams):
         lambda_: float = Lambda
         rho: float = Field(0.1, ge=0.0, le=1.0, description="fraction of each task vector's rank kept")
         max_rank: int | None = MaxRank
 
-    def merge(self, inputs):
-        if inputs.role is not Role.SPECTRAL:
-            return ew.task_arithmetic(inputs.taus, self.params.lambda_), {}
-        keep = capped(sp.cart_keep(min(inputs.taus.shape[1:]), self.params.rho), self.params.max_rank)
-        fac = sp.per_task_factorization(inputs.taus, keep=keep, cap=keep, svd=self.params.svd_options())
-        return fac.materialize(scale=self.params.lambda_), {"rank_per_task": keep}
+    def elementwise(self, taus):
+        return ew.task_arithmetic(taus, self.params.lambda_)
 
 
 @register
-class Cart(MergeMethod):
+class Cart(_PerTaskSpectral):
     name = "cart"
+    label = "CART"
     task_copies = 1.0
-    factorizes = True
+    centered = True
     summary = "CART: θ̄ + λ Σ low-rank(θ_t − θ̄), rank max(1, ⌊ρ r⌋)"
+    adaptive_defaults = {"lambda": 2.3, "rho": 0.16}  # the AdaRank paper's CART start
 
     class Params(SvdParams):
         lambda_: float = Field(2.0, alias="lambda", ge=-10.0, le=10.0)
         rho: float = Field(0.12, ge=0.0, le=1.0, description="fraction of each centered task vector's rank kept")
         max_rank: int | None = MaxRank
 
-    def merge(self, inputs):
-        mean = inputs.taus.mean(0)
-        if inputs.role is not Role.SPECTRAL:
-            return mean, {}
-        keep = capped(sp.cart_keep(min(mean.shape), self.params.rho), self.params.max_rank)
-        centered = inputs.taus.sub_(mean)  # the inputs are ours to consume
-        fac = sp.per_task_factorization(centered, keep=keep, cap=keep, svd=self.params.svd_options())
-        return mean.add_(fac.materialize(scale=self.params.lambda_)), {"rank_per_task": keep}
+    def elementwise(self, taus):
+        return taus.mean(0)
 
 
 def capped(keep: int, max_rank: int | None) -> int:
     return keep if max_rank is None else min(keep, max_rank)
 
 
-class _SpectralOnMean(MergeMethod):
+class _SpectralOnMean(SpectralMethod):
     """θ0 + α Δ: Δ from a factorization on spectral tensors, the mean task vector elsewhere."""
 
-    factorizes = True
+    def scale(self):
+        return self.params.alpha
 
-    def factorize(self, taus: Tensor) -> sp.SpectralFactorization:
-        raise NotImplementedError
+    def task_weight(self, num_tasks):
+        return self.params.alpha / num_tasks
 
-    def merge(self, inputs):
-        if inputs.role is not Role.SPECTRAL:
-            return ew.weight_average(inputs.taus).mul_(self.params.alpha), {}
-        fac = self.factorize(inputs.taus)
-        return fac.materialize(scale=self.params.alpha), {"components": int(fac.initial_mask.sum())}
+    def elementwise(self, taus):
+        return ew.weight_average(taus).mul_(self.params.alpha)
 
 
 class _AlphaParams(Params):
@@ -557,32 +646,36 @@ class _AlphaSvdParams(_AlphaParams, SvdParams):
 @register
 class TsvM(_SpectralOnMean):
     name = "tsv_m"
+    label = "TSV-M"
     summary = "TSV-M: top ⌊r/T⌋ singular vectors per task, whitened (polar), × α"
 
     class Params(_AlphaSvdParams):
         max_rank: int | None = MaxRank
 
-    def factorize(self, taus):
-        return sp.tsv_factorization(taus, self.params.svd_options(), self.params.max_rank)
+    def factorize(self, taus, cap):
+        """Whitened over all its components first, then truncated: the kept directions are exactly the static ones."""
+        return sp.tsv_factorization(taus, self.params.svd_options(), self.params.max_rank).truncated(cap)
 
 
 @register
 class IsoC(_SpectralOnMean):
     name = "iso_c"
+    label = "Iso-C"
     summary = "Iso-C: spectrum of Σ τ_t flattened to its mean, × α"
     Params = _AlphaParams
 
-    def factorize(self, taus):
-        return sp.iso_c_factorization(taus)
+    def factorize(self, taus, cap):
+        return sp.iso_c_factorization(taus).truncated(cap)
 
 
 @register
 class IsoCts(_SpectralOnMean):
     name = "iso_cts"
+    label = "Iso-CTS"
     summary = "Iso-CTS: common + task-specific subspaces, orthogonalised, isotropic spectrum, × α"
 
     class Params(_AlphaSvdParams):
         common_fraction: float = Field(0.8, ge=0.0, le=1.0, description="share of the rank given to the common subspace")
 
-    def factorize(self, taus):
-        return sp.iso_cts_factorization(taus, self.params.common_fraction, self.params.svd_options())
+    def factorize(self, taus, cap):
+        return sp.iso_cts_factorization(taus, self.params.common_fraction, self.params.svd_options()).truncated(cap)

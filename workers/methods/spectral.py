@@ -2,7 +2,8 @@
 
 A `SpectralFactorization` of one tensor's task vectors is (U, s, Vh, task_of_component, initial_mask). TA-SVD, CART,
 TSV-M and Iso-CTS differ only in how they build it; a static spectral merge materialises it with its initial mask, and
-AdaRank learns the mask over any of them. Formulas follow ALGORITHMS.md sections 4-6 and 7.5.
+AdaRank learns the mask over any of them (the `SpectralMethod` interface of workers/methods/registry.py). Formulas
+follow ALGORITHMS.md sections 4-6 and 7.5.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ class SpectralFactorization:
         mask = self.initial_mask if mask is None else mask
         coef = self.s * mask.to(self.s.dtype) * scale
         return (self.U * coef) @ self.Vh
+
+    def truncated(self, cap: int | None) -> "SpectralFactorization":
+        """At most `cap` leading components per owner (AdaRank's memory cap / mask range); None: all of them."""
+        if cap is None:
+            return self
+        keep = torch.zeros_like(self.initial_mask)
+        for owner in self.task_of_component.unique():
+            keep[(self.task_of_component == owner).nonzero().flatten()[:cap]] = True
+        return SpectralFactorization(self.U[:, keep], self.s[keep], self.Vh[keep], self.task_of_component[keep], self.initial_mask[keep])
 
     def kept_per_task(self, num_tasks: int, mask: Tensor | None = None) -> list[int]:
         mask = self.initial_mask if mask is None else mask

@@ -42,7 +42,7 @@ class TaskModels:
     """Forward any task through one shared module instance."""
 
     model: torch.nn.Module
-    kind: str
+    output_kind: str
     inputs: tuple[str, ...]
     names: list[dict[str, str]]  # per task: base key -> parameter name in the task model
     heads: list[dict[str, Tensor]]  # per task: parameter name -> head tensor
@@ -68,7 +68,7 @@ class TaskModels:
 
     def valid(self, batch: dict[str, Tensor]) -> Tensor | None:
         """Which outputs count: each sequence's real (non-padding) tokens for causal LMs, every row otherwise."""
-        return batch.get("attention_mask") if self.kind == "causal_lm" else None
+        return batch.get("attention_mask") if self.output_kind == "causal_lm" else None
 
     def entropy(self, weights: dict[str, Tensor], task: int, batch: dict[str, Tensor]) -> Tensor:
         return entropy(self.logits(weights, task, batch), self.valid(batch))
@@ -90,7 +90,7 @@ def build_task_models(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelC
     arch = next(iter(archs))[0]
     if arch not in ADAPTERS:
         raise MergeInputError(f"no adapter for task-model class {arch!r}", f"supported: {', '.join(ADAPTERS)}")
-    kind, input_names = ADAPTERS[arch]
+    output_kind, input_names = ADAPTERS[arch]
     config = transformers.AutoConfig.for_model(**tasks[0].config)
     with init_empty_weights(include_buffers=False):
         model = getattr(transformers, arch)(config)
@@ -111,7 +111,7 @@ def build_task_models(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelC
         missing = param_names - covered - set(fixed)
         if missing:
             raise MergeInputError(f"task model {ck.name!r} has parameters with no source: {sorted(missing)[:3]}", "check that the task models match the base")
-    return TaskModels(model, kind, input_names, names, heads, fixed)
+    return TaskModels(model, output_kind, input_names, names, heads, fixed)
 
 
 

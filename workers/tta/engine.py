@@ -109,6 +109,10 @@ class AdaptiveMerger:
     def hard_masks(self) -> dict[str, Tensor]:
         return {key: logits.detach() > 0 for key, logits in self.logits.items()}
 
+    def owners(self) -> dict[str, Tensor]:
+        """Per spectral tensor: the λ row of each mask entry (task t, or T for components shared by all tasks)."""
+        return {slot.key: slot.owner for slot in self.slots if isinstance(slot, SpectralSlot)}
+
     def learned_ranks(self) -> dict[str, list[int]]:
         """Per spectral tensor: components kept per λ row (tasks, then the shared row if any)."""
         ranks = {}

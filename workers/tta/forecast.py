@@ -30,7 +30,7 @@ from workers.tta.adapters import TaskModels
 from workers.tta.data import model_inputs
 from workers.tta.engine import AdaptiveMerger
 from workers.tta.factory import make_merger
-from workers.tta.params import AdaMergingParams, AdaRankParams
+from workers.tta.params import AdaptiveParams
 from workers.tta.state import ElementwiseSlot
 
 
@@ -92,7 +92,7 @@ def model_step(models: TaskModels, plan: MergePlan, base: ModelCheckpoint, data:
     return StepSample(seconds, rss.peak)
 
 
-def forecast_adaptive(plan: MergePlan, params: AdaRankParams | AdaMergingParams, lr: float, base: ModelCheckpoint,
+def forecast_adaptive(plan: MergePlan, params: AdaptiveParams, lr: float, base: ModelCheckpoint,
                       tasks: list[ModelCheckpoint], models: TaskModels, data: list[dict[str, Tensor]], batch: int,
                       steps: int, dtype: torch.dtype, output_dir) -> Forecast:
     start, startup_s = time.perf_counter(), process_age_seconds()

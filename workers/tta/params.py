@@ -3,22 +3,59 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+import torch
+from pydantic import Field, field_validator, model_validator
 
-from workers.methods.registry import Params, SvdParams
+from workers.methods.registry import (
+    SVD_FIELDS,
+    MergeContext,
+    Params,
+    SpectralMethod,
+    TaskVectorMethod,
+    make_method,
+    parse_params,
+    spectral_methods,
+)
+from workers.tta.engine import AdaptiveOptions
+from workers.tta.state import StateOptions
 
-DEFAULT_LAMBDA = {"ta": 0.3, "cart": 2.3, "tsv_m": 1.0, "iso_cts": 1.0}
+# The vocabulary AdaRank specs used before `base` named any spectral method: factorization -> (method, its scale
+# parameter, what the factorization fixed, the top-level parameters it read). Old specs parse to the same job.
+LEGACY_FACTORIZATIONS: dict[str, tuple[str, str, dict[str, Any], tuple[str, ...]]] = {
+    "ta": ("ta_svd", "lambda", {"rho": 1.0}, ()),
+    "cart": ("cart", "lambda", {}, ("rho",)),
+    "tsv_m": ("tsv_m", "alpha", {}, ()),
+    "iso_cts": ("iso_cts", "alpha", {}, ("common_fraction",)),
+}
+LEGACY_SHARED = ("rho", "common_fraction")  # top-level parameters every old spec accepted (read by one factorization)
 
 
-class AdaRankParams(SvdParams):
-    """AdaRank: learnable binary masks over the singular components of a factorization, plus λ per task × tensor."""
+def upgrade_legacy(raw: dict[str, Any]) -> dict[str, Any]:
+    """`factorization: cart, lambda: 2.3, rho: 0.16, svd: ...` -> `base: cart, base_params: {lambda: 2.3, rho: 0.16, svd: ...}`."""
+    legacy = set(raw) & {"factorization", "lambda", *LEGACY_SHARED, *SVD_FIELDS}
+    if not legacy or "base" in raw or "base_params" in raw:
+        return raw
+    factorization = raw.get("factorization", "ta")
+    if factorization not in LEGACY_FACTORIZATIONS:
+        raise ValueError(f"unknown factorization {factorization!r}: name the spectral method as `base` instead")
+    name, scale, fixed, read = LEGACY_FACTORIZATIONS[factorization]
+    rest = {k: v for k, v in raw.items() if k not in legacy}
+    moved = {k: raw[k] for k in (*read, *SVD_FIELDS) if k in raw}
+    if raw.get("lambda") is not None:
+        moved[scale] = raw["lambda"]
+    return {**rest, "base": name, "base_params": {**fixed, **moved}}
 
-    factorization: Literal["ta", "cart", "tsv_m", "iso_cts"] = "ta"
-    lambda_: float | None = Field(None, alias="lambda", ge=-10.0, le=10.0, description="λ0 (α for tsv_m/iso_cts); default per factorization: ta 0.3, cart 2.3, tsv_m/iso_cts 1.0")
-    rho: float = Field(0.16, ge=0.0, le=1.0, description="cart: fraction of components on at init")
-    common_fraction: float = Field(0.8, ge=0.0, le=1.0, description="iso_cts: share of the rank in the common subspace")
+
+class AdaRankParams(Params):
+    """AdaRank: learnable binary masks over the singular components of any spectral method, plus λ per task × tensor."""
+
+    base: str = Field("ta_svd", description="the spectral method whose components get masks: " + ", ".join(spectral_methods()))
+    base_params: dict[str, Any] = Field(
+        {}, description="its parameters (see `rankmerge schema --method NAME`); unset ones start from "
+                                          "AdaRank's start for that method (ta_svd: rho 1, i.e. task arithmetic; cart: "
+                                          "lambda 2.3, rho 0.16), else the method's defaults")
     temperature: float = Field(10.0, gt=0.0, description="mask temperature τ_m of σ(L/τ_m)")
     mask_range: float | None = Field(None, gt=0.0, le=1.0, description="learn masks only over each task's top fraction of components")
     max_rank: int | None = Field(None, ge=1, description="keep at most this many components per task vector (memory cap)")
@@ -31,8 +68,38 @@ class AdaRankParams(SvdParams):
                             "the entropy would sharpen, and each stack is T × vocab × hidden — adapt otherwise")
     cache_masked: bool | Literal["auto"] = Field("auto", description="cache each task's masked matrix (no merge GEMM in the forward, T·m·n fp32 more per tensor); auto: only where the cache is no larger than the tensor's factors")
 
-    def initial_lambda(self) -> float:
-        return self.lambda_ if self.lambda_ is not None else DEFAULT_LAMBDA[self.factorization]
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, raw: Any) -> Any:
+        return upgrade_legacy(raw) if isinstance(raw, dict) else raw
+
+    @field_validator("base")
+    @classmethod
+    def _spectral(cls, name: str) -> str:
+        if name not in spectral_methods():
+            raise ValueError(f"{name!r} is not a spectral method; use one of: {', '.join(spectral_methods())}")
+        return name
+
+    @model_validator(mode="after")
+    def _resolve_base(self) -> "AdaRankParams":
+        """The base's full parameters (its defaults filled in), validated by its own schema."""
+        start = spectral_methods()[self.base].adaptive_defaults
+        self.base_params = parse_params(self.base, {**start, **self.base_params}).model_dump(by_alias=True)
+        return self
+
+    def method(self, ctx: MergeContext) -> SpectralMethod:
+        return make_method(self.base, self.base_params, ctx)
+
+    def state_options(self, columns: list[int] | None, static: frozenset[str]) -> StateOptions:
+        return StateOptions(getattr(torch, self.factor_dtype), self.max_rank, self.mask_range,
+                            None if columns is None else tuple(columns), static)
+
+    def adaptive_options(self, lr: float) -> AdaptiveOptions:
+        return AdaptiveOptions(self.temperature, self.learn_lambda, self.learn_masks, None, lr, self.cache_masked)
+
+    def static_twin(self) -> tuple[str, dict[str, Any]]:
+        """The static job this adaptation equals at step 0."""
+        return self.base, self.base_params
 
 
 class AdaMergingParams(Params):
@@ -41,7 +108,20 @@ class AdaMergingParams(Params):
     lambda_: float = Field(0.3, alias="lambda", ge=-10.0, le=10.0, description="initial λ")
     clamp: bool = Field(False, description="clamp λ to [0, 1] in the forward, as the original AdaMerging code")
 
+    def method(self, ctx: MergeContext) -> TaskVectorMethod:
+        return make_method(*self.static_twin(), ctx)
 
+    def state_options(self, columns: list[int] | None, static: frozenset[str]) -> StateOptions:
+        return StateOptions(columns=None if columns is None else tuple(columns), static=static)
+
+    def adaptive_options(self, lr: float) -> AdaptiveOptions:
+        return AdaptiveOptions(learn_lambda=True, learn_masks=False, clamp=(0.0, 1.0) if self.clamp else None, lr=lr)
+
+    def static_twin(self) -> tuple[str, dict[str, Any]]:
+        return "task_arithmetic", {"lambda": self.lambda_}
+
+
+AdaptiveParams = AdaRankParams | AdaMergingParams
 ADAPTIVE_METHODS: dict[str, type[Params]] = {"adarank": AdaRankParams, "adamerging": AdaMergingParams}
 
 

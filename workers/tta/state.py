@@ -1,35 +1,27 @@
 """Build the adaptive merge state from a plan: per tensor either a spectral factorization (AdaRank) or stacked task
 vectors (elementwise tensors, and every tensor under AdaMerging), plus the initial λ table.
 
-How masks attach (ALGORITHMS.md §1.3, our documented choices):
-- ta:      origin θ0, full thin SVD of every τ_t, all components on; λ0 everywhere.        (AdaRank-TA ≡ TA(λ0) at init)
-- cart:    origin θ̄, full SVD of θ_t − θ̄, top max(1,⌊ρr⌋) on; λ0 everywhere.              (≡ CART(λ0, ρ) at init)
-- tsv_m:   origin θ0, TSV-M's whitened top-⌊r/T⌋ components per task (whitened once), all on; λ = α on spectral
-           tensors, α/T on elementwise ones (≡ TSV-M(α) at init).
-- iso_cts: origin θ0, Iso-CTS's orthogonalised components with the isotropic σ̄; task blocks masked by their task's
-           mask and λ row, the common block by a shared mask and a shared λ row (row T); λ = α, α/T elementwise.
-- none:    AdaMerging — every tensor elementwise, λ0 everywhere.
+The state reads only the `TaskVectorMethod` / `SpectralMethod` interface of workers/methods/registry.py, so AdaRank
+over any registered spectral method equals that method at init: origin = θ0 plus the method's origin shift (CART: τ̄),
+factorized tensors get its components, owners and initial mask with λ0 = its scale, the others its task weight
+(TSV-M/Iso-CTS: α/T). AdaMerging starts from task arithmetic: nothing factorized.
+Components that belong to no single task (Iso-CTS's common block) get a shared mask row and λ row T.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from workers.checkpoint_reader import ModelCheckpoint
-from workers.methods import spectral as sp
 from workers.methods.adaptive import TaskVectorSum
-from workers.methods.svd import EXACT, SvdOptions
-from workers.plan import MergePlan
-from workers.roles import Role
+from workers.methods.registry import TaskVectorMethod
+from workers.plan import MergePlan, TensorPlan
 from workers.static_merge import load_inputs
-
-Factorization = Literal["ta", "cart", "tsv_m", "iso_cts", "none"]
 
 
 @dataclass
@@ -53,83 +45,54 @@ class ElementwiseSlot:
 Slot = SpectralSlot | ElementwiseSlot
 
 
-def truncate(fac: sp.SpectralFactorization, cap: int | None) -> sp.SpectralFactorization:
-    """Keep at most `cap` leading components per owner (memory cap / restricted mask range)."""
-    if cap is None:
-        return fac
-    keep = torch.zeros_like(fac.initial_mask)
-    for owner in fac.task_of_component.unique():
-        idx = (fac.task_of_component == owner).nonzero().flatten()
-        keep[idx[:cap]] = True
-    return sp.SpectralFactorization(fac.U[:, keep], fac.s[keep], fac.Vh[keep], fac.task_of_component[keep], fac.initial_mask[keep])
+@dataclass(frozen=True)
+class StateOptions:
+    """How the state is laid out: AdaRank's memory caps, a shard's columns, tensors kept at their static merge."""
+
+    factor_dtype: torch.dtype = torch.float32  # stored factors and elementwise task-vector stacks
+    max_rank: int | None = None  # at most this many components per owner
+    mask_range: float | None = None  # masks only over each owner's top fraction of the rank
+    columns: tuple[int, ...] | None = None  # indices of plan.merged this state holds (a shard's); None: all
+    static: frozenset[str] = frozenset()  # elementwise keys merged once at λ0 (an empty stack: no gradient)
+
+    def cap(self, rank: int) -> int | None:
+        caps = [c for c in (self.max_rank, math.ceil(self.mask_range * rank) if self.mask_range is not None else None) if c is not None]
+        return min(caps) if caps else None
 
 
-def factorize(taus: Tensor, kind: Factorization, rho: float, common_fraction: float, cap: int | None = None,
-              svd: SvdOptions = EXACT) -> sp.SpectralFactorization:
-    """The factorization AdaRank's masks live on, with at most `cap` components per owner.
-
-    TA and CART compute only the capped components (the saving that makes 20 × ViT-L fit); TSV-M and Iso-CTS are
-    whitened over all their components first, then truncated, so their kept directions are exactly the static ones.
-    """
-    if kind == "ta":
-        return sp.per_task_factorization(taus, cap=cap, svd=svd)
-    if kind == "cart":
-        return sp.cart_factorization(taus, rho, cap=cap, svd=svd)
-    if kind == "tsv_m":
-        return truncate(sp.tsv_factorization(taus, svd), cap)
-    if kind == "iso_cts":
-        return truncate(sp.iso_cts_factorization(taus, common_fraction, svd), cap)
-    raise ValueError(f"unknown factorization {kind!r}")
-
-
-def build_state(
-    plan: MergePlan,
-    base: ModelCheckpoint,
-    tasks: list[ModelCheckpoint],
-    kind: Factorization,
-    lambda0: float,
-    rho: float = 0.16,
-    common_fraction: float = 0.8,
-    mask_range: float | None = None,
-    max_rank: int | None = None,
-    factor_dtype: torch.dtype = torch.float32,
-    columns: list[int] | None = None,
-    svd: SvdOptions = EXACT,
-    static: frozenset[str] = frozenset(),
-) -> tuple[list[Slot], Tensor]:
-    """Read every merged tensor once and build its slot; returns (slots, λ init of shape [T+1, K]).
-
-    `columns` restricts the state to those indices of plan.merged (a shard's tensors); λ then has one column each.
-    Elementwise keys in `static` keep only their merge at λ0 (an empty stack): their λ column gets no gradient.
-    """
-    num_tasks = len(tasks)
-    whitened = kind in ("tsv_m", "iso_cts")
+def build_state(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], method: TaskVectorMethod,
+                options: StateOptions) -> tuple[list[Slot], Tensor]:
+    """Read every merged tensor once and build its slot; returns (slots, λ init of shape [T+1, K]), one λ column per
+    slot."""
+    entries = plan.merged if options.columns is None else [plan.merged[c] for c in options.columns]
+    lam = torch.empty(len(tasks) + 1, len(entries))
     slots: list[Slot] = []
-    entries = plan.merged if columns is None else [plan.merged[c] for c in columns]
-    lam = torch.empty(num_tasks + 1, len(entries))
-    for k, entry in enumerate(tqdm(entries, desc=f"factorize ({kind})", leave=False, disable=None)):
-        spectral = kind != "none" and entry.role is Role.SPECTRAL
-        # elementwise stacks are read straight into the factor dtype (CART centres them in fp32 first)
-        inputs = load_inputs(entry, base, tasks, torch.float32 if spectral or kind == "cart" else factor_dtype)
-        origin, taus = inputs.base, inputs.taus
-        if kind == "cart":
-            mean = taus.mean(0)
-            origin, taus = origin + mean, taus - mean
-        lam[:, k] = lambda0 if (spectral or not whitened) else lambda0 / num_tasks
-        if kind != "cart":  # the origin is the base itself: exact in the checkpoint's own (maybe 16-bit) dtype
-            origin = origin.to(base.dtypes[entry.key])
-        if not spectral and entry.key in static:
-            merged = TaskVectorSum.apply(origin, lam[:num_tasks, k], taus)  # one task at a time, in fp32
-            slots.append(ElementwiseSlot(entry.key, merged, taus.new_empty((0, *taus.shape[1:]))))
-            continue
-        if not spectral:
-            slots.append(ElementwiseSlot(entry.key, origin, taus.to(factor_dtype)))
-            continue
-        rank = min(entry.shape)
-        caps = [c for c in (max_rank, math.ceil(mask_range * rank) if mask_range is not None else None) if c is not None]
-        fac = factorize(taus, kind, rho, common_fraction, min(caps) if caps else None, svd)
-        owner = torch.where(fac.task_of_component < 0, num_tasks, fac.task_of_component)
-        slots.append(SpectralSlot(entry.key, origin, fac.U.to(factor_dtype).contiguous(), fac.s.float(),
-                                  fac.Vh.to(factor_dtype).contiguous(), owner, fac.initial_mask))
-        del inputs, taus
+    for k, entry in enumerate(tqdm(entries, desc=f"factorize ({method.name})", leave=False, disable=None)):
+        slot, lam[:, k] = build_slot(entry, base, tasks, method, options)
+        slots.append(slot)
     return slots, lam
+
+
+def build_slot(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], method: TaskVectorMethod,
+               options: StateOptions) -> tuple[Slot, float]:
+    """One tensor's slot and its initial λ."""
+    factorized = method.factorized_role(entry.role)
+    # elementwise stacks are read straight into the factor dtype (a shifted origin is computed in fp32 first)
+    inputs = load_inputs(entry, base, tasks, torch.float32 if factorized or method.centered else options.factor_dtype)
+    origin, taus = inputs.base, inputs.taus
+    shift = method.origin_shift(taus)
+    if shift is None:  # the origin is the base itself: exact in the checkpoint's own (maybe 16-bit) dtype
+        origin = origin.to(base.dtypes[entry.key])
+    else:
+        origin, taus = origin + shift, taus - shift
+    if not factorized:
+        weight = method.task_weight(len(tasks))
+        if entry.key in options.static:
+            merged = TaskVectorSum.apply(origin, torch.full((len(tasks),), weight), taus)  # one task at a time, in fp32
+            return ElementwiseSlot(entry.key, merged, taus.new_empty((0, *taus.shape[1:]))), weight
+        return ElementwiseSlot(entry.key, origin, taus.to(options.factor_dtype)), weight
+    fac = method.factorize(taus, options.cap(min(entry.shape)))
+    owner = torch.where(fac.task_of_component < 0, len(tasks), fac.task_of_component)
+    slot = SpectralSlot(entry.key, origin, fac.U.to(options.factor_dtype).contiguous(), fac.s.float(),
+                        fac.Vh.to(options.factor_dtype).contiguous(), owner, fac.initial_mask)
+    return slot, method.scale()

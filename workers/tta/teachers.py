@@ -46,7 +46,7 @@ def teacher_targets(models: TaskModels, plan: MergePlan, tasks: list[ModelCheckp
         rows = num_rows(data)
         for start in progress(iterable=range(0, rows, batch), desc=f"teacher {ck.name}", leave=False):
             logits = models.logits(own, t, model_inputs(data, torch.arange(start, min(start + batch, rows)))).float()
-            if models.kind == "causal_lm":
+            if models.output_kind == "causal_lm":
                 top = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1)
                 values.append(top.values)
                 index.append(top.indices.to(torch.int32))
