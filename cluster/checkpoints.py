@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from cluster.lease import Lease
-from workers.atomic_io import fsync_path, write_atomic
+from workers.atomic_io import fsync_path, write_atomic, write_synced
 from workers.checkpoint_writer import SPACE_ERRNOS
 from workers.errors import MergeInputError
 from workers.safetensors_format import MAX_HEADER_BYTES
@@ -106,8 +106,8 @@ def _write_step(tmp: Path, step: int, tensors: dict[str, Tensor], meta: dict[str
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / STATE)
     record = {**meta, "step": step, "sha256": {STATE: _sha256(tmp / STATE)}}
     record["sha256"][META] = _meta_digest(record)
-    (tmp / META).write_text(json.dumps(record, indent=1))
-    for f in (tmp / STATE, tmp / META, tmp):
+    write_synced(tmp / META, json.dumps(record, indent=1))
+    for f in (tmp / STATE, tmp):
         fsync_path(f)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -149,10 +148,6 @@ def write_weights(writer: StreamingCheckpointWriter, plan: MergePlan, base: Mode
         value = merged[entry.key] if entry.key in merged else base.read(entry.key)
         for name in (entry.key, *entry.aliases):
             writer.write(name, value)
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_static_merge(
