@@ -25,14 +25,13 @@ from cluster.coordinator import Coordinator, Guard, LoopConfig
 from cluster.executor import AdaptiveWork, Executor, LocalExecutor
 from cluster.sharding import shard_columns
 from service.driver import take_driver_lease
-from service.merge_job import open_inputs
+from service.merge_job import open_inputs, publication
 from service.spec import MergeJob, parse_adaptive_params
 from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import StreamingCheckpointWriter, check_output_free, parse_size
+from workers.checkpoint_writer import check_output_free
 from workers.errors import MergeInputError
-from workers.model_card import write_model_card
 from workers.plan import MergePlan, build_plan
-from workers.static_merge import peak_rss_bytes, write_heads, write_weights
+from workers.publish import publish, tensor_writer
 from workers.tta.adapters import TaskModels, build_task_models
 from workers.tta.data import TARGET_KEYS, IndexStream, load_task_data, model_inputs, num_rows
 from workers.tta.engine import AdaptiveMerger
@@ -265,7 +264,7 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
             merges = {"initial": collect_weights(runner, "initial"), "merged": final, **merges}
             report["accuracy"] = evaluate(models, plan, base, tasks, datasets, merges, tta.eval_batch_size)
         lease.check()  # a replaced driver publishes nothing
-        export(job, plan, base, tasks, runner.hard_masks(), state["lambda"], final, report, start_time)
+        report = export(job, plan, base, tasks, runner.hard_masks(), state["lambda"], final, report, start_time)
     return report
 
 
@@ -278,17 +277,15 @@ def collect_weights(runner: Executor, which: str, dtypes: dict[str, torch.dtype]
 
 
 def export(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], masks: dict[str, torch.Tensor],
-           lam: torch.Tensor, final: dict[str, torch.Tensor], report: dict[str, Any], start_time: float) -> None:
-    """Dense merged backbone (hard masks applied), per-task heads, learned masks and λ, report — published atomically."""
-    with StreamingCheckpointWriter(job.output, plan.layout(), parse_size(job.max_shard_size), job.overwrite) as writer:
-        write_weights(writer, plan, base, final)
-        report["heads"] = write_heads(writer, plan, tasks)
-        write_model_card(writer, base.path, {t.name: t.path for t in tasks}, job.method, report["params"], report["heads"])
-        writer.copy_side_files(base.path)
-        masks_u8 = {k: v.to(torch.uint8).contiguous() for k, v in masks.items()}
-        writer.write_side_file("adaptive/masks.safetensors", save_safetensors(masks_u8) if masks_u8 else save_safetensors({"none": torch.zeros(0)}))
-        writer.write_side_file("adaptive/lambda.safetensors", save_safetensors({"lambda": lam.detach().contiguous()},
-                                                                              metadata={"columns": json.dumps([e.key for e in plan.merged])}))
-        report["wall_seconds"] = round(time.perf_counter() - start_time, 3)
-        report["peak_rss_bytes"] = peak_rss_bytes()
-        writer.write_side_file("merge_report.json", (json.dumps(report, indent=2) + "\n").encode())
+           lam: torch.Tensor, final: dict[str, torch.Tensor], report: dict[str, Any], start_time: float) -> dict[str, Any]:
+    """Publish the dense merged backbone (hard masks applied) with the learned masks and λ beside it
+    (workers/publish.py: the same path and report fields as a static merge); returns the full report."""
+    masks_u8 = {k: v.to(torch.uint8).contiguous() for k, v in masks.items()}
+    side_files = {
+        "adaptive/masks.safetensors": save_safetensors(masks_u8 or {"none": torch.zeros(0)}),
+        "adaptive/lambda.safetensors": save_safetensors({"lambda": lam.detach().contiguous()},
+                                                        metadata={"columns": json.dumps([e.key for e in plan.merged])}),
+    }
+    ranks = {key: {"ranks": r} for key, r in report.get("learned_ranks", {}).items()}
+    return publish(publication(job, plan, base, tasks, report["params"]), tensor_writer(plan, base, final), report,
+                   start_time, side_files, ranks)
