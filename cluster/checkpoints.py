@@ -8,7 +8,8 @@ Tensors live in safetensors (never pickle); everything else is JSON. A writer ho
 
 The identity a checkpoint records is `<spec hash>+<input fingerprint>`: resuming refuses checkpoints of another spec,
 and checkpoints of the same spec whose model or data files were replaced at the same paths since (a content hash of
-every safetensors header plus a few sampled byte ranges of every file: cheap, and blind to mere `touch`).
+every safetensors header plus a few sampled byte ranges of every file: cheap, and blind to mere `touch`;
+workers/fingerprint.py).
 """
 
 from __future__ import annotations
