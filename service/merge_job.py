@@ -14,7 +14,7 @@ from workers.errors import MergeInputError
 from workers.forecast import Forecast, forecast
 from workers.methods.registry import MergeContext, MergeMethod, make_method
 from workers.plan import MergePlan
-from workers.publish import Publication
+from workers.publish import Publication, dtype_name
 from workers.safetensors_format import nbytes
 from workers.roles import Role
 from workers.static_merge import run_static_merge
@@ -119,7 +119,7 @@ def describe_plan(prepared: PreparedMerge, predicted: Forecast | None = None) ->
     plan, job = prepared.plan, prepared.job
     lines = [f"{'tensor':<60} {'role':<12} {'shape':<18} dtype"]
     for t in plan.tensors:
-        dtype = str(t.out_dtype).removeprefix("torch.")
+        dtype = dtype_name(t.out_dtype)
         lines.append(f"{t.key:<60} {t.role.value:<12} {'x'.join(map(str, t.shape)) or 'scalar':<18} {dtype}")
         lines.extend(f"{a:<60} {'tied':<12} (copy of {t.key})" for a in t.aliases)
     for task, heads in plan.heads.items():
