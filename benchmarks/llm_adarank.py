@@ -23,11 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from process_tree import TreeSampler, available_bytes  # noqa: E402
+from process_tree import TreeSampler, available_bytes, kill_tree  # noqa: E402
 
 GB = 1024**3
 REPO = Path(__file__).resolve().parent.parent
@@ -87,16 +86,6 @@ def run(args: argparse.Namespace, spec_path: Path) -> tuple[float, TreeSampler, 
         sys.exit(f"the job failed (exit {code}) with its tree at {sampler.peak.pss / GB:.1f} GiB PSS at the peak ({by_role}); "
                  f"last lines of {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
     return time.perf_counter() - start, sampler, code
-
-
-def kill_tree(pid: int) -> None:
-    procs = [psutil.Process(pid)]
-    procs += procs[0].children(recursive=True)
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
 
 
 def table(report: dict, wall: float, sampler: TreeSampler, args: argparse.Namespace, spec_path: Path) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import psutil
 from safetensors import safe_open
+
+from process_tree import kill_tree  # benchmarks/ is on sys.path: this script's own directory
 
 LOG = logging.getLogger("measure")
 REPO = Path(__file__).resolve().parent.parent
@@ -109,14 +110,6 @@ def tree_rss(root: psutil.Process) -> int:
         except psutil.Error:
             pass
     return total
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL the child's process group (its own session, started by measure) -- nothing else."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def over_limit(tree: int, rss_limit: float | None) -> str:

@@ -9,6 +9,8 @@ for comparison.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from dataclasses import dataclass, field
 
@@ -84,3 +86,24 @@ class TreeSampler:
 def available_bytes() -> int:
     return psutil.virtual_memory().available
 
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a child and everything it started, nothing else: its descendants (also those that left its process
+    group, as Ray's daemons do) and, when it leads a process group of its own (`start_new_session=True`), every
+    process still in that group — which catches daemonised leftovers even after the child itself has exited."""
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for proc in descendants:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch.func import functional_call
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from workers.checkpoint_reader import ModelCheckpoint
+from workers.memory import peak_rss_bytes
 from workers.tta.objectives import entropy as mean_entropy
 from workers.plan import build_plan
 from workers.tta.adapters import checkpoint_to_module_names
@@ -95,7 +95,7 @@ def main() -> None:
                           "loss": float(loss.detach())})
     result = {"runner": f"rankmerge {args.method}" + (f" ({args.factorization})" if args.method == "adarank" else ""),
               "steps": steps, "setup_s": setup_s,
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "peak_rss_bytes": peak_rss_bytes(),
               "meta": {"cache_masked": not args.no_cache, "threads": args.threads}}
     args.json_out.write_text(json.dumps(result, indent=1))
 

@@ -8,7 +8,8 @@ Tensors live in safetensors (never pickle); everything else is JSON. A writer ho
 
 The identity a checkpoint records is `<spec hash>+<input fingerprint>`: resuming refuses checkpoints of another spec,
 and checkpoints of the same spec whose model or data files were replaced at the same paths since (a content hash of
-every safetensors header plus a few sampled byte ranges of every file: cheap, and blind to mere `touch`).
+every safetensors header plus a few sampled byte ranges of every file: cheap, and blind to mere `touch`;
+workers/fingerprint.py).
 """
 
 from __future__ import annotations
@@ -19,65 +20,25 @@ import logging
 import os
 import re
 import shutil
-import struct
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from cluster.lease import Lease
-from workers.atomic_io import fsync_path, write_atomic
+from workers.atomic_io import fsync_path, write_atomic, write_synced
 from workers.checkpoint_writer import SPACE_ERRNOS
 from workers.errors import MergeInputError
-from workers.safetensors_format import MAX_HEADER_BYTES
+from workers.fingerprint import HasFiles, input_fingerprint
 
 log = logging.getLogger(__name__)
 STATE = "state.safetensors"
 META = "meta.json"
 TEMP_PATTERNS = (".tmp-step_*", ".LATEST-*", ".LATEST.*.tmp")  # what save_checkpoint leaves behind when it is killed
-SAMPLE_BYTES = 64 * 1024
-SAMPLES_PER_FILE = 5
-
-
-class HasFiles(Protocol):
-    files: list[Path]
-
-
-# ---- input fingerprint ----------------------------------------------------------------------------------------------
-def _sample_offsets(size: int) -> list[int]:
-    """Evenly spaced chunk starts from the first to the last SAMPLE_BYTES of a file."""
-    last = max(size - SAMPLE_BYTES, 0)
-    return sorted({last * i // (SAMPLES_PER_FILE - 1) for i in range(SAMPLES_PER_FILE)})
-
-
-def _hash_file(h: Any, path: Path) -> None:
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}\n".encode())
-    with open(path, "rb") as f:
-        if path.suffix == ".safetensors" and size >= 8:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            h.update(f.read(min(header_len, MAX_HEADER_BYTES)))
-        for offset in _sample_offsets(size):
-            f.seek(offset)
-            h.update(f.read(SAMPLE_BYTES))
-
-
-def _files(path: Path) -> Iterable[Path]:
-    """A data path's files: itself, or every file under a folder (image folders), in a fixed order."""
-    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-
-
-def input_fingerprint(paths: Iterable[Path]) -> str:
-    """Content identity of the input files (not of their times): headers plus sampled byte ranges."""
-    h = hashlib.sha256()
-    for path in paths:
-        for f in _files(Path(path)):
-            _hash_file(h, f)
-    return h.hexdigest()[:16]
 
 
 def job_identity(spec_hash: str, checkpoints: Iterable[HasFiles], data: Iterable[Path] = ()) -> str:
@@ -106,8 +67,8 @@ def _write_step(tmp: Path, step: int, tensors: dict[str, Tensor], meta: dict[str
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / STATE)
     record = {**meta, "step": step, "sha256": {STATE: _sha256(tmp / STATE)}}
     record["sha256"][META] = _meta_digest(record)
-    (tmp / META).write_text(json.dumps(record, indent=1))
-    for f in (tmp / STATE, tmp / META, tmp):
+    write_synced(tmp / META, json.dumps(record, indent=1))
+    for f in (tmp / STATE, tmp):
         fsync_path(f)
 
 

@@ -28,6 +28,7 @@ from torch import Tensor
 from cluster.checkpoints import load_latest_checkpoint, save_checkpoint
 from cluster.executor import ActorLost, Executor
 from cluster.lease import Lease
+from workers.atomic_io import write_atomic
 from workers.errors import MergeInputError
 from workers.progress import progress
 from workers.tta.data import IndexStream
@@ -153,6 +154,4 @@ class Coordinator:
 def write_actor_table(job_dir: Path, table: dict[str, Any]) -> None:
     """job_dir/actors.json: which process holds which shard/worker (for operators, and for fault-injection tests)."""
     job_dir.mkdir(parents=True, exist_ok=True)
-    tmp = job_dir / ".actors.json.tmp"
-    tmp.write_text(json.dumps(table, indent=1))
-    tmp.replace(job_dir / "actors.json")
+    write_atomic(job_dir / "actors.json", json.dumps(table, indent=1))

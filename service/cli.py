@@ -18,11 +18,8 @@ import yaml
 
 from service.cli_bench import add_bench_commands
 from service.cli_jobs import add_job_commands
+from service.exit_codes import EXIT_INTERRUPTED, EXIT_READER_GONE, EXIT_TERMINATED, EXIT_USER_ERROR
 from workers.errors import MergeInputError
-
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT
-EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class Terminated(KeyboardInterrupt):
@@ -413,7 +410,7 @@ def _reader_went_away() -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
-    return 128 + signal.SIGPIPE
+    return EXIT_READER_GONE
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from service.exit_codes import EXIT_JOB_FAILED
 from workers.errors import MergeInputError
 
 
@@ -37,7 +38,7 @@ def _follow_or_watch(args: argparse.Namespace, record) -> int:
         return 0
     print(f"{record.job_id} ended {record.status}: {record.current.message if record.current else ''} "
           f"(logs: rankmerge logs {record.job_id})", file=sys.stderr)
-    return 1
+    return EXIT_JOB_FAILED
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -23,8 +23,9 @@ from cluster.lease import DRIVER_LEASE, wait_until_free
 from service.job_index import add_to_index
 from service.jobs_client import AttemptInfo, JobsClient, driver_command
 from service.registry import (TERMINAL, Attempt, JobRecord, claim_job_dir, last_checkpoint_step, load_record, log_path,
-                              update_record, write_atomic)
+                              update_record)
 from service.spec import MergeJob, job_from_dict, load_job_file
+from workers.atomic_io import write_atomic
 from workers.errors import MergeInputError
 
 log = logging.getLogger(__name__)

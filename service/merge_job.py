@@ -14,6 +14,7 @@ from workers.errors import MergeInputError
 from workers.forecast import Forecast, forecast
 from workers.methods.registry import MergeContext, MergeMethod, make_method
 from workers.plan import MergePlan
+from workers.publish import Publication, dtype_name
 from workers.safetensors_format import nbytes
 from workers.roles import Role
 from workers.static_merge import run_static_merge
@@ -90,6 +91,13 @@ def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[
     return base, tasks, plan
 
 
+def publication(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
+                params: dict[str, Any]) -> Publication:
+    """The job's output as workers/publish.py writes it; `params`: the method's validated parameters."""
+    data = dict(job.tta.data) if job.adaptive else {}
+    return Publication(job.output, plan, base, tasks, job.method, params, data, parse_size(job.max_shard_size), job.overwrite)
+
+
 def prepare(job: MergeJob, stack: ExitStack) -> PreparedMerge:
     base, tasks, plan = open_inputs(job, stack)
     method = make_method(job.method, job.params, MergeContext(tuple(job.models), plan.merged_numel))
@@ -111,7 +119,7 @@ def describe_plan(prepared: PreparedMerge, predicted: Forecast | None = None) ->
     plan, job = prepared.plan, prepared.job
     lines = [f"{'tensor':<60} {'role':<12} {'shape':<18} dtype"]
     for t in plan.tensors:
-        dtype = str(t.out_dtype).removeprefix("torch.")
+        dtype = dtype_name(t.out_dtype)
         lines.append(f"{t.key:<60} {t.role.value:<12} {'x'.join(map(str, t.shape)) or 'scalar':<18} {dtype}")
         lines.extend(f"{a:<60} {'tied':<12} (copy of {t.key})" for a in t.aliases)
     for task, heads in plan.heads.items():
@@ -136,19 +144,10 @@ def run_merge_job(job: MergeJob, dry_run: bool = False) -> dict[str, Any] | str:
         prepared = prepare(job, stack)
         if dry_run:
             return describe_plan(prepared, forecast_merge(prepared))
-        report = {
-            "method": job.method,
-            "params": prepared.method.params.model_dump(by_alias=True),
-            "base": {"path": str(job.base), "fingerprint": prepared.base.fingerprint()},
-            "models": {t.name: {"path": str(t.path), "fingerprint": t.fingerprint()} for t in prepared.tasks},
-            "out_dtype": job.out_dtype,
-            "predicted_peak_bytes": prepared.predicted_peak_bytes,
-        }
         log.info("merging %d models with %s into %s", len(prepared.tasks), job.method, job.output)
-        return run_static_merge(
-            prepared.plan, prepared.method, prepared.base, prepared.tasks, job.output,
-            job.overwrite, parse_size(job.max_shard_size), report,
-        )
+        pub = publication(job, prepared.plan, prepared.base, prepared.tasks, prepared.method.params.model_dump(by_alias=True))
+        return run_static_merge(pub, prepared.method,
+                                {"out_dtype": job.out_dtype, "predicted_peak_bytes": prepared.predicted_peak_bytes})
 
 
 def summarize_report(report: dict[str, Any]) -> str:

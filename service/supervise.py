@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from cluster.lease import Lease
-from service.cli import EXIT_USER_ERROR
+from service.exit_codes import EXIT_USER_ERROR
 from service.job_service import AttemptStarted, follow, start_attempt
 from service.jobs_client import HeadUnreachable, JobsClient
 from service.registry import JobRecord, load_record

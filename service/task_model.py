@@ -23,7 +23,7 @@ from workers.checkpoint_reader import ModelCheckpoint
 from workers.checkpoint_writer import SKIPPED_SIDE_FILES, WEIGHT_SUFFIXES, check_output_free, staged_folder
 from workers.errors import MergeInputError
 from workers.roles import rules_for
-from workers.static_merge import HEAD_CONFIG_KEY
+from workers.publish import HEAD_CONFIG_KEY
 
 __all__ = ["load_task_model", "export_task_model", "task_names"]
 

@@ -25,14 +25,13 @@ from cluster.coordinator import Coordinator, Guard, LoopConfig
 from cluster.executor import AdaptiveWork, Executor, LocalExecutor
 from cluster.sharding import shard_columns
 from service.driver import take_driver_lease
-from service.merge_job import open_inputs
+from service.merge_job import open_inputs, publication
 from service.spec import MergeJob, parse_adaptive_params
 from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import StreamingCheckpointWriter, check_output_free, parse_size
+from workers.checkpoint_writer import check_output_free
 from workers.errors import MergeInputError
-from workers.model_card import write_model_card
 from workers.plan import MergePlan, build_plan
-from workers.static_merge import peak_rss_bytes, write_heads, write_weights
+from workers.publish import publish, tensor_writer
 from workers.tta.adapters import TaskModels, build_task_models
 from workers.tta.data import TARGET_KEYS, IndexStream, load_task_data, model_inputs, num_rows
 from workers.tta.engine import AdaptiveMerger
@@ -266,7 +265,7 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
             report["accuracy"] = evaluate(models, plan, base, tasks, datasets, merges, tta.eval_batch_size)
         lease.check()  # a replaced driver publishes nothing
         side_files = adaptive_files(runner.hard_masks(), runner.owners(), state["lambda"], plan)
-        export(job, plan, base, tasks, side_files, final, report, start_time)
+        report = export(job, plan, base, tasks, side_files, final, report, start_time)
     return report
 
 
@@ -297,16 +296,9 @@ def _safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
 
 
 def export(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], side_files: dict[str, bytes],
-           final: dict[str, torch.Tensor], report: dict[str, Any], start_time: float) -> None:
-    """Dense merged backbone (hard masks applied), per-task heads, what was learned (`side_files`), report — published
-    atomically."""
-    with StreamingCheckpointWriter(job.output, plan.layout(), parse_size(job.max_shard_size), job.overwrite) as writer:
-        write_weights(writer, plan, base, final)
-        report["heads"] = write_heads(writer, plan, tasks)
-        write_model_card(writer, base.path, {t.name: t.path for t in tasks}, job.method, report["params"], report["heads"])
-        writer.copy_side_files(base.path)
-        for name, data in side_files.items():
-            writer.write_side_file(name, data)
-        report["wall_seconds"] = round(time.perf_counter() - start_time, 3)
-        report["peak_rss_bytes"] = peak_rss_bytes()
-        writer.write_side_file("merge_report.json", (json.dumps(report, indent=2) + "\n").encode())
+           final: dict[str, torch.Tensor], report: dict[str, Any], start_time: float) -> dict[str, Any]:
+    """Publish the dense merged backbone (hard masks applied) with what was learned (`side_files`) beside it
+    (workers/publish.py: the same path and report fields as a static merge); returns the full report."""
+    ranks = {key: {"ranks": r} for key, r in report.get("learned_ranks", {}).items()}
+    return publish(publication(job, plan, base, tasks, report["params"]), tensor_writer(plan, base, final), report,
+                   start_time, side_files, ranks)

@@ -17,14 +17,20 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def write_synced(path: Path, data: str | bytes) -> None:
+    """`data` in `path`, on stable storage when this returns. Alone it is not atomic: for a file inside a temp folder
+    that is itself renamed into place (an output, a checkpoint step), or as the first half of `write_temp`."""
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_temp(path: Path, data: str | bytes) -> Path:
     """`data` in a fresh, fsynced temp file beside `path` (same folder: the later rename or link stays atomic)."""
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, data)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -32,6 +38,7 @@ def write_temp(path: Path, data: str | bytes) -> Path:
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace `path` with `data` in one step (its folder must exist)."""
     tmp = write_temp(path, data)
     try:
         os.replace(tmp, path)

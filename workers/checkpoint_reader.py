@@ -7,7 +7,6 @@ freeing a tensor here returns its memory at once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -161,15 +160,6 @@ class ModelCheckpoint:
                 raise MergeInputError(f"{self.name}: {entry.path.name} ended while reading {key!r}", "re-download the checkpoint")
             done += n
         return buf.view(entry.dtype).reshape(entry.shape)
-
-    def fingerprint(self) -> str:
-        """Cheap identity of the weights: hash of headers (names, shapes, dtypes, offsets) and file sizes."""
-        h = hashlib.sha256()
-        for key in sorted(self.shapes):
-            h.update(f"{key}:{self.shapes[key]}:{self.dtypes[key]}".encode())
-        for f in sorted({e.path for e in self.entries.values()}):
-            h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-        return h.hexdigest()[:16]
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import torch
 
+from workers.atomic_io import fsync_path, write_synced
 from workers.errors import MergeInputError
 from workers.safetensors_format import build_header, nbytes
 
@@ -182,7 +183,7 @@ class StreamingCheckpointWriter:
     def write_side_file(self, relpath: str, data: bytes) -> None:
         target = self.tmp / relpath
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        write_synced(target, data)
 
     def copy_side_files(self, source: Path, config_updates: dict | None = None) -> list[str]:
         """Copy config/tokenizer/processor files (every top-level non-weight file) from `source`."""
@@ -193,9 +194,10 @@ class StreamingCheckpointWriter:
             if f.name == "config.json" and config_updates:
                 cfg = json.loads(f.read_text())
                 cfg.update(config_updates)
-                (self.tmp / f.name).write_text(json.dumps(cfg, indent=2) + "\n")
+                write_synced(self.tmp / f.name, json.dumps(cfg, indent=2) + "\n")
             else:
                 shutil.copy2(f, self.tmp / f.name)
+                fsync_path(self.tmp / f.name)
             copied.append(f.name)
         return copied
 
@@ -235,9 +237,12 @@ class StreamingCheckpointWriter:
             weight_map = {t[0]: fname for fname, shard in zip(names, self._shards) for t in shard}
             total = sum(n for _, _, n in self._where.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            write_synced(self.tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
         for fd in self._fds:
             os.fsync(fd)
+        for folder in sorted((p for p in self.tmp.rglob("*") if p.is_dir()), reverse=True):
+            fsync_path(folder)  # heads/, adaptive/: their entries, then the temp folder's own below
+        fsync_path(self.tmp)
         self._publish()
 
     def _publish(self) -> None:
@@ -254,11 +259,7 @@ def publish_folder(tmp: Path, out: Path, overwrite: bool) -> None:
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
     os.rename(tmp, out)
-    dir_fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_path(out.parent)
     if old is not None:
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)

@@ -25,10 +25,11 @@ import torch
 
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.methods.registry import MergeMethod, TensorInputs
-from workers.plan import MergePlan, TensorPlan, current_rss_bytes
+from workers.memory import current_rss_bytes, peak_rss_bytes
+from workers.plan import MergePlan, TensorPlan
 from workers.roles import Role
 from workers.safetensors_format import nbytes
-from workers.static_merge import PREFETCH_BUDGET_BYTES, load_inputs, peak_rss_bytes
+from workers.static_merge import PREFETCH_BUDGET_BYTES, load_inputs
 
 log = logging.getLogger(__name__)
 WRITE_PROBE_BYTES = 64 * 2**20

@@ -4,13 +4,13 @@ agree, and predict memory. Everything here is cheap, so every input mistake surf
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.errors import MergeInputError
+from workers.memory import current_rss_bytes
 from workers.roles import ArchitectureRules, Role, classify, is_embedding, is_head, rules_for, tied_source
 from workers.safetensors_format import numel
 
@@ -85,11 +85,6 @@ class MergePlan:
                 work += 3 * num_tasks * 4 * (m * r + r * k)
             worst = max(worst, work)
         return current_rss_bytes() + int(worst)
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _align(rules: ArchitectureRules, base_keys: set[str], task_keys: list[str]) -> tuple[dict[str, str], list[str], list[str]]:

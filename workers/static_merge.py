@@ -6,25 +6,22 @@ No Ray here: the same function runs in-process or inside an actor over a shard o
 
 from __future__ import annotations
 
-import json
 import logging
-import resource
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
 from workers.checkpoint_reader import ModelCheckpoint
 from workers.checkpoint_writer import StreamingCheckpointWriter
 from workers.errors import MergeInputError
 from workers.methods.registry import MergeMethod, TensorInputs
-from workers.model_card import write_model_card
 from workers.plan import MergePlan, TensorPlan
 from workers.progress import progress
+from workers.publish import Publication, publish
 from workers.roles import Role
 
 log = logging.getLogger(__name__)
@@ -132,72 +129,10 @@ def merge_into(
     return infos
 
 
-HEAD_CONFIG_KEY = "config"  # head file metadata: the task model's config.json (class, labels), to rebuild that model
-
-
-def write_heads(writer: StreamingCheckpointWriter, plan: MergePlan, tasks: list[ModelCheckpoint]) -> dict[str, list[str]]:
-    """Per-task heads are never merged: each task's head goes to heads/<task>.safetensors under its own names, with
-    the task model's config in its metadata (the output's config.json is the base's: other labels, no head class)."""
-    written = {}
-    for ck in tasks:
-        heads = plan.heads.get(ck.name, [])
-        if heads:
-            metadata = {"task": ck.name, HEAD_CONFIG_KEY: json.dumps(ck.config, sort_keys=True)}
-            data = save_safetensors({h.key: ck.read(h.key).contiguous() for h in heads}, metadata=metadata)
-            writer.write_side_file(f"heads/{ck.name}.safetensors", data)
-            written[ck.name] = [h.key for h in heads]
-    return written
-
-
-def write_weights(writer: StreamingCheckpointWriter, plan: MergePlan, base: ModelCheckpoint, merged: dict[str, torch.Tensor]) -> None:
-    """Write already-merged tensors (adaptive export); everything else is copied from the base as planned."""
-    for entry in plan.tensors:
-        value = merged[entry.key] if entry.key in merged else base.read(entry.key)
-        for name in (entry.key, *entry.aliases):
-            writer.write(name, value)
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def run_static_merge(
-    plan: MergePlan,
-    method: MergeMethod,
-    base: ModelCheckpoint,
-    tasks: list[ModelCheckpoint],
-    out: Path,
-    overwrite: bool = False,
-    max_shard_bytes: int = 2 * 10**9,
-    report: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Merge and publish `out` atomically with a merge_report.json; returns the report."""
-    start = time.perf_counter()
-    report = dict(report or {})
-    passes = run_stat_passes(plan, method, base, tasks)
-    config_updates = {}
-    out_dtypes = {str(t.out_dtype).removeprefix("torch.") for t in plan.merged}
-    if len(out_dtypes) == 1:
-        config_updates["dtype"] = out_dtypes.pop()
-    with StreamingCheckpointWriter(out, plan.layout(), max_shard_bytes, overwrite) as writer:
-        infos = merge_into(writer, plan, method, base, tasks)
-        heads = write_heads(writer, plan, tasks)
-        writer.copy_side_files(base.path, config_updates if base.config else None)
-        write_model_card(writer, base.path, {t.name: t.path for t in tasks}, method.name,
-                         method.params.model_dump(by_alias=True), heads)
-        report.update(
-            {
-                "stat_passes": passes,
-                "roles": plan.role_counts(),
-                "tensors": [
-                    {"key": t.key, "role": t.role.value, "shape": list(t.shape), "dtype": str(t.out_dtype).removeprefix("torch."),
-                     **({"aliases": list(t.aliases)} if t.aliases else {}), **infos.get(t.key, {})}
-                    for t in plan.tensors
-                ],
-                "heads": heads,
-                "wall_seconds": round(time.perf_counter() - start, 3),
-                "peak_rss_bytes": peak_rss_bytes(),
-            }
-        )
-        writer.write_side_file("merge_report.json", (json.dumps(report, indent=2) + "\n").encode())
-    return report
+def run_static_merge(pub: Publication, method: MergeMethod, report: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run the method's statistic passes, then merge straight into the published output (workers/publish.py);
+    `report`: the caller's own report fields. Returns the report."""
+    started = time.perf_counter()
+    passes = run_stat_passes(pub.plan, method, pub.base, pub.tasks)
+    return publish(pub, lambda writer: merge_into(writer, pub.plan, method, pub.base, pub.tasks),
+                   {**(report or {}), "stat_passes": passes}, started)

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.atomic_io import write_atomic
 from workers.errors import MergeInputError
 
 if TYPE_CHECKING:
@@ -46,9 +47,7 @@ def run_dir(results: Path, method: str) -> Path:
 def write_json(path: Path, data: Any) -> None:
     """Atomic: a crash mid-run never leaves a half-written record that `report` would trip over."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_records(results: Path) -> dict[str, dict[str, Any]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +20,8 @@ from safetensors.torch import save_file
 from torch.nn.functional import cross_entropy
 from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+from workers.atomic_io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,7 @@ def write_manifest(suite: Suite, manifest: dict[str, Any]) -> None:
     """Written last and atomically: its presence marks the suite complete."""
     path = suite.root / "suite.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def build_once(suite: Suite, identity: dict[str, Any], build: Callable[[], dict[str, Any]]) -> Suite:
