@@ -24,11 +24,11 @@ from typing import Any
 import torch
 import yaml
 
-from service.bench.evaluate import SuiteEvaluator
-from service.bench.layout import default_suite_root, open_suite
-from service.spec import job_from_dict
-from service.tta_job import run_adaptive_job
-from workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.service.bench.evaluate import SuiteEvaluator
+from rankmerge.service.bench.layout import default_suite_root, open_suite
+from rankmerge.service.spec import job_from_dict
+from rankmerge.service.tta_job import run_adaptive_job
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 
 ADAPTIVE = ("adamerging", "adarank_ta", "adarank_cart", "adarank_tsv_m", "adarank_iso_cts")
 # name -> (factorization, parameter changes, steps; None = the suite's own)

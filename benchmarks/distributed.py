@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import statistics
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -27,16 +26,15 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.executor import LocalExecutor  # noqa: E402
-from cluster.ray_executor import RayExecutor  # noqa: E402
-from cluster.ray_runtime import ensure_ray  # noqa: E402
-from service.spec import job_from_dict  # noqa: E402
-from service.tiny_models import make_family  # noqa: E402
-from service.tta_job import adaptive_work  # noqa: E402
-from workers.tta.data import IndexStream  # noqa: E402
-from workers.tta.sources import open_sources  # noqa: E402
+from rankmerge.cluster.executor import LocalExecutor
+from rankmerge.cluster.ray_executor import RayExecutor
+from rankmerge.cluster.ray_runtime import ensure_ray
+from rankmerge.service.spec import job_from_dict
+from rankmerge.service.tiny_models import make_family
+from rankmerge.service.tta_job import adaptive_work
+from rankmerge.workers.tta.data import IndexStream
+from rankmerge.workers.tta.sources import open_sources
 
 
 def existing_fixture(args: argparse.Namespace) -> dict:

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import flush, measure, wait_quiet  # noqa: E402
+from measure import flush, measure, wait_quiet
 
 LOG = logging.getLogger("growth")
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +69,7 @@ def forecast(cmd: list[str], log: Path) -> dict[str, float]:
 
 def merged_params(models: Path) -> int:
     """Entries of one model's weights (from the safetensors headers)."""
-    from workers.checkpoint_reader import ModelCheckpoint
+    from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 
     with ModelCheckpoint(models / "base", "base") as ck:
         return sum(int(np.prod(s)) for s in ck.shapes.values())

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from process_tree import TreeSampler, available_bytes, kill_tree  # noqa: E402
+from process_tree import TreeSampler, available_bytes, kill_tree
 
 GB = 1024**3
 REPO = Path(__file__).resolve().parent.parent

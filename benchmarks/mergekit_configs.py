@@ -26,8 +26,7 @@ from safetensors import safe_open
 from measure import REPO  # benchmarks/ is on sys.path: this script's own directory
 from venvs import ensure_venv
 
-sys.path.insert(0, str(REPO))
-from service.tiny_models import make_family  # noqa: E402
+from rankmerge.service.tiny_models import make_family
 
 LOG = logging.getLogger("mergekit_configs")
 MERGEKIT_REQS = REPO / "benchmarks" / "mergekit-requirements.txt"

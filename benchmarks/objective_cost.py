@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from service.bench.layout import default_suite_root
-from service.spec import job_from_dict
-from service.suites import build_suite
-from service.tta_job import run_adaptive_job
+from rankmerge.service.bench.layout import default_suite_root
+from rankmerge.service.spec import job_from_dict
+from rankmerge.service.suites import build_suite
+from rankmerge.service.tta_job import run_adaptive_job
 
 RUNS = (("entropy", {"objective": "entropy"}), ("infomax", {"objective": "infomax"}), ("distill", {"objective": "distill"}),
         ("distill, no guard", {"objective": "distill", "holdout": 0.0}))

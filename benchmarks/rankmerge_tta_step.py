@@ -22,15 +22,15 @@ from safetensors.torch import load_file
 from torch.func import functional_call
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.memory import peak_rss_bytes
-from workers.tta.objectives import entropy as mean_entropy
-from workers.plan import build_plan
-from workers.tta.adapters import checkpoint_to_module_names
-from workers.methods.registry import MergeContext
-from workers.tta.engine import AdaptiveMerger, AdaptiveOptions
-from workers.tta.params import AdaMergingParams, AdaRankParams
-from workers.tta.state import StateOptions, build_state
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.memory import peak_rss_bytes
+from rankmerge.workers.tta.objectives import entropy as mean_entropy
+from rankmerge.workers.plan import build_plan
+from rankmerge.workers.tta.adapters import checkpoint_to_module_names
+from rankmerge.workers.methods.registry import MergeContext
+from rankmerge.workers.tta.engine import AdaptiveMerger, AdaptiveOptions
+from rankmerge.workers.tta.params import AdaMergingParams, AdaRankParams
+from rankmerge.workers.tta.state import StateOptions, build_state
 
 
 def main() -> None:

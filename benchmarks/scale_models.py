@@ -50,7 +50,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from workers.methods.elementwise import stable_seed
+from rankmerge.workers.methods.elementwise import stable_seed
 
 LOG = logging.getLogger("scale_models")
 GB = 1e9

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.methods import spectral as sp
-from workers.methods.svd import SvdOptions, top_svd
-from workers.plan import build_plan
-from workers.roles import Role
-from workers.static_merge import load_inputs
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.methods import spectral as sp
+from rankmerge.workers.methods.svd import SvdOptions, top_svd
+from rankmerge.workers.plan import build_plan
+from rankmerge.workers.roles import Role
+from rankmerge.workers.static_merge import load_inputs
 
 LOG = logging.getLogger("svd_accuracy")
 SETTINGS = [SvdOptions("randomized", p, q) for p, q in ((0, 0), (10, 0), (10, 1), (10, 2), (20, 2), (10, 4))]

@@ -18,15 +18,13 @@ import logging
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import REPO, flush, measure, wait_quiet  # noqa: E402
+from measure import REPO, flush, measure, wait_quiet
 
 LOG = logging.getLogger("vitl_adarank")
 GIB = 2**30

@@ -29,11 +29,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from cluster.lease import Lease
-from workers.atomic_io import fsync_path, write_atomic, write_synced
-from workers.checkpoint_writer import SPACE_ERRNOS
-from workers.errors import MergeInputError
-from workers.fingerprint import HasFiles, input_fingerprint
+from rankmerge.cluster.lease import Lease
+from rankmerge.workers.atomic_io import fsync_path, write_atomic, write_synced
+from rankmerge.workers.checkpoint_writer import SPACE_ERRNOS
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.fingerprint import HasFiles, input_fingerprint
 
 log = logging.getLogger(__name__)
 STATE = "state.safetensors"

@@ -25,14 +25,14 @@ from typing import Any
 from torch import Tensor
 
 
-from cluster.checkpoints import load_latest_checkpoint, save_checkpoint
-from cluster.executor import ActorLost, Executor
-from cluster.lease import Lease
-from workers.atomic_io import write_atomic
-from workers.errors import MergeInputError
-from workers.progress import progress
-from workers.tta.data import IndexStream
-from workers.tta.guard import GuardTrack
+from rankmerge.cluster.checkpoints import load_latest_checkpoint, save_checkpoint
+from rankmerge.cluster.executor import ActorLost, Executor
+from rankmerge.cluster.lease import Lease
+from rankmerge.workers.atomic_io import write_atomic
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.progress import progress
+from rankmerge.workers.tta.data import IndexStream
+from rankmerge.workers.tta.guard import GuardTrack
 
 log = logging.getLogger(__name__)
 STATE_FORMAT = 3  # named, shard-independent state (λ by column, masks and Adam moments by tensor key), best state

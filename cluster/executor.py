@@ -16,12 +16,12 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from workers.entropy_worker import EntropyWorker, Partition
-from workers.spectral_shard import SpectralShard, assemble_state, slice_state
-from workers.tta.adapters import TaskModels
-from workers.tta.objectives import Objective
-from workers.tta.params import AdaptiveParams
-from workers.tta.sources import Sources
+from rankmerge.workers.entropy_worker import EntropyWorker, Partition
+from rankmerge.workers.spectral_shard import SpectralShard, assemble_state, slice_state
+from rankmerge.workers.tta.adapters import TaskModels
+from rankmerge.workers.tta.objectives import Objective
+from rankmerge.workers.tta.params import AdaptiveParams
+from rankmerge.workers.tta.sources import Sources
 
 
 class ActorLost(RuntimeError):

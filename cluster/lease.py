@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.atomic_io import write_atomic, write_temp
-from workers.errors import MergeInputError
+from rankmerge.workers.atomic_io import write_atomic, write_temp
+from rankmerge.workers.errors import MergeInputError
 
 log = logging.getLogger(__name__)
 DEFAULT_TTL = float(os.environ.get("RANKMERGE_LEASE_TTL", "30"))  # seconds without a heartbeat before a lease is stale

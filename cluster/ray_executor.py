@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cluster.coordinator import write_actor_table
-from cluster.executor import ActorLost, AdaptiveWork
-from cluster.ray_runtime import user_error_of
-from workers.entropy_worker import EntropyWorker
-from workers.spectral_shard import SpectralShard, assemble_state, slice_state
+from rankmerge.cluster.coordinator import write_actor_table
+from rankmerge.cluster.executor import ActorLost, AdaptiveWork
+from rankmerge.cluster.ray_runtime import user_error_of
+from rankmerge.workers.entropy_worker import EntropyWorker
+from rankmerge.workers.spectral_shard import SpectralShard, assemble_state, slice_state
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class RayExecutor:
 
 def _quiet_plan_warnings() -> None:
     """The driver already warned about the plan (e.g. base-only tensors); actors would repeat it once each."""
-    logging.getLogger("workers.plan").setLevel(logging.ERROR)
+    logging.getLogger("rankmerge.workers.plan").setLevel(logging.ERROR)
 
 
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:

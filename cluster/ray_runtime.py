@@ -6,7 +6,7 @@ import logging
 import os
 import socket
 
-from workers.errors import MergeInputError
+from rankmerge.workers.errors import MergeInputError
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from workers.plan import MergePlan
-from workers.roles import Role
+from rankmerge.workers.plan import MergePlan
+from rankmerge.workers.roles import Role
 
 
 def tensor_cost(shape: tuple[int, ...], role: Role, num_tasks: int) -> float:

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-_LAZY = {"load_task_model": "service.task_model", "export_task_model": "service.task_model"}
+_LAZY = {"load_task_model": "rankmerge.service.task_model", "export_task_model": "rankmerge.service.task_model"}
 
 
 def __getattr__(name: str) -> Any:

@@ -16,10 +16,10 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from service.cli_bench import add_bench_commands
-from service.cli_jobs import add_job_commands
-from service.exit_codes import EXIT_INTERRUPTED, EXIT_READER_GONE, EXIT_TERMINATED, EXIT_USER_ERROR
-from workers.errors import MergeInputError
+from rankmerge.service.cli_bench import add_bench_commands
+from rankmerge.service.cli_jobs import add_job_commands
+from rankmerge.service.exit_codes import EXIT_INTERRUPTED, EXIT_READER_GONE, EXIT_TERMINATED, EXIT_USER_ERROR
+from rankmerge.workers.errors import MergeInputError
 
 
 class Terminated(KeyboardInterrupt):
@@ -61,7 +61,7 @@ def _from_cwd(path: str) -> str:
 
 def _model_from_cwd(text: str, flag: str) -> str:
     """A model flag: a folder relative to the current directory, or an `org/name` id from the local HF cache."""
-    from service.model_ids import resolve_model_ref
+    from rankmerge.service.model_ids import resolve_model_ref
 
     return _from_cwd(resolve_model_ref(text, Path.cwd(), flag))
 
@@ -76,7 +76,7 @@ def path_origin(field: str, flags: dict[str, str], spec: str | None) -> str:
 def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, str]]:
     """Build the job dict from a YAML file and/or flags; flags win over the file. Also returns the path fields set
     by flags (field -> the flag as given), so a bad path's message can say where it came from."""
-    from service.spec import load_job_file
+    from rankmerge.service.spec import load_job_file
 
     flags: dict[str, str] = {}
     if args.job:
@@ -119,7 +119,7 @@ def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, 
 def _from_mergekit(data: dict[str, Any], root: Path, args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, str]]:
     """A mergekit config (`merge_method:`) becomes a job; its paths are relative to the current directory, as in
     mergekit (so a missing one is named like a flag's), and its output comes from --out."""
-    from service.mergekit_config import is_mergekit_config, job_data_from_mergekit
+    from rankmerge.service.mergekit_config import is_mergekit_config, job_data_from_mergekit
 
     if not is_mergekit_config(data):
         return data, root, {}
@@ -131,7 +131,7 @@ def _from_mergekit(data: dict[str, Any], root: Path, args: argparse.Namespace) -
 
 def _refuse_adaptive(method: Any, spec: str | None) -> None:
     """`merge` runs static merges; an adaptive method needs `run` (test-time data, checkpoints)."""
-    from workers.tta.params import ADAPTIVE_METHODS
+    from rankmerge.workers.tta.params import ADAPTIVE_METHODS
 
     if method in ADAPTIVE_METHODS:
         raise MergeInputError(f"method {method!r} adapts at test time and is not a static merge",
@@ -139,8 +139,8 @@ def _refuse_adaptive(method: Any, spec: str | None) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from service.merge_job import run_merge_job, summarize_report
-    from service.spec import check_inputs_exist, job_from_dict
+    from rankmerge.service.merge_job import run_merge_job, summarize_report
+    from rankmerge.service.spec import check_inputs_exist, job_from_dict
 
     data, root, flags = job_data_from_args(args)
     _refuse_adaptive(data.get("method"), args.job)
@@ -171,14 +171,14 @@ def steps_summary(history: list[dict[str, Any]], resumed_from: int | None) -> st
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from service.merge_job import run_merge_job, summarize_report
-    from service.spec import check_inputs_exist, job_from_dict, load_job_file
-    from service.tta_job import run_adaptive_job
+    from rankmerge.service.merge_job import run_merge_job, summarize_report
+    from rankmerge.service.spec import check_inputs_exist, job_from_dict, load_job_file
+    from rankmerge.service.tta_job import run_adaptive_job
 
     if args.resume and args.restart:
         raise MergeInputError("--resume and --restart contradict each other",
                               "pass --resume to continue the last run, or --restart to start over")
-    from service.mergekit_config import is_mergekit_config
+    from rankmerge.service.mergekit_config import is_mergekit_config
 
     data = load_job_file(args.job)
     if is_mergekit_config(data):
@@ -189,12 +189,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_inputs_exist(job, lambda field: path_origin(field, {}, args.job))
     _check_spec_copy(Path(args.job), job)
     if args.dry_run:
-        from service.tta_job import dry_run_adaptive_job
+        from rankmerge.service.tta_job import dry_run_adaptive_job
 
         print(dry_run_adaptive_job(job) if job.adaptive else run_merge_job(job, dry_run=True))
         return 0
     if not job.adaptive and args.executor == "ray":
-        from service.merge_job import run_merge_job_on_ray
+        from rankmerge.service.merge_job import run_merge_job_on_ray
 
         print(summarize_report(run_merge_job_on_ray(job, args.address)))
         return 0
@@ -215,7 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _check_spec_copy(spec: Path, job: Any) -> None:
     """A spec run from inside a job directory (its spec copy) must be the job its record names, wherever it points."""
-    from service.registry import RECORD, check_against_record
+    from rankmerge.service.registry import RECORD, check_against_record
 
     folder = spec.resolve().parent
     if (folder / RECORD).is_file():
@@ -232,8 +232,8 @@ def format_guard(report: dict) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from service.spec import job_from_dict, load_job_file
-    from service.tta_job import evaluate_output
+    from rankmerge.service.spec import job_from_dict, load_job_file
+    from rankmerge.service.tta_job import evaluate_output
 
     root = Path(args.job).resolve().parent
     job = job_from_dict(load_job_file(args.job), root)
@@ -249,9 +249,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from service.spec import MergeJob
-    from workers.methods.registry import method_class
-    from workers.tta.params import ADAPTIVE_METHODS
+    from rankmerge.service.spec import MergeJob
+    from rankmerge.workers.methods.registry import method_class
+    from rankmerge.workers.tta.params import ADAPTIVE_METHODS
 
     if args.method in ADAPTIVE_METHODS:
         schema = ADAPTIVE_METHODS[args.method].model_json_schema(by_alias=True)
@@ -269,8 +269,8 @@ def _method_entry(name: str, summary: str, params: type) -> str:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from workers.methods.registry import METHODS
-    from workers.tta.params import ADAPTIVE_METHODS
+    from rankmerge.workers.methods.registry import METHODS
+    from rankmerge.workers.tta.params import ADAPTIVE_METHODS
 
     for name, cls in METHODS.items():
         print(_method_entry(name, cls.summary, cls.Params))
@@ -283,7 +283,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_export_task(args: argparse.Namespace) -> int:
     import torch
 
-    from service.task_model import export_task_model
+    from rankmerge.service.task_model import export_task_model
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     out = export_task_model(Path(args.output), args.task, Path(args.out), args.overwrite, dtype)
@@ -292,7 +292,7 @@ def cmd_export_task(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from service.demo import run_demo
+    from rankmerge.service.demo import run_demo
 
     print(run_demo(Path(args.workdir), steps=args.steps, executor=args.executor))
     return 0
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("workers.progress").setLevel(logging.INFO)  # periodic progress lines when stderr is not a terminal
+    logging.getLogger("rankmerge.workers.progress").setLevel(logging.INFO)  # periodic progress lines when stderr is not a terminal
     try:
         with sigterm_as_interrupt():
             return args.func(args)

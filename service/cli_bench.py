@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _bench_suite(args: argparse.Namespace):
-    from service.bench.layout import open_suite
+    from rankmerge.service.bench.layout import open_suite
 
     return open_suite(args.suite, Path(args.root) if args.root else None, args.seed)
 
@@ -20,11 +20,11 @@ def cmd_bench_build(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_run(args: argparse.Namespace) -> int:
-    from service.bench.grid import select_methods, tta_settings
-    from service.bench.layout import results_dir
-    from service.bench.runner import run_methods
+    from rankmerge.service.bench.grid import select_methods, tta_settings
+    from rankmerge.service.bench.layout import results_dir
+    from rankmerge.service.bench.runner import run_methods
 
-    logging.getLogger("service.bench").setLevel(logging.INFO)  # one line per finished method
+    logging.getLogger("rankmerge.service.bench").setLevel(logging.INFO)  # one line per finished method
     methods = select_methods([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None, args.suite)
     suite = _bench_suite(args)
     results = results_dir(suite.root, Path(args.out) if args.out else None)
@@ -35,8 +35,8 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_report(args: argparse.Namespace) -> int:
-    from service.bench.layout import results_dir
-    from service.bench.report import write_report
+    from rankmerge.service.bench.layout import results_dir
+    from rankmerge.service.bench.report import write_report
 
     suite = _bench_suite(args)
     written = write_report(args.suite, suite, results_dir(suite.root, Path(args.out) if args.out else None))
@@ -52,7 +52,7 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:
                              ("run", cmd_bench_run, "run methods on the suite's test split (static ones chosen on val)"),
                              ("report", cmd_bench_report, "write results/table.md, table.json and PNG plots")):
         cmd = bench_sub.add_parser(name, help=text)
-        cmd.add_argument("suite", help="suite name (see service.suites.SUITES), e.g. digits-smoke, digits")
+        cmd.add_argument("suite", help="suite name (see rankmerge.service.suites.SUITES), e.g. digits-smoke, digits")
         cmd.add_argument("--root", help="suite folder (default: $RANKMERGE_CACHE/suites/SUITE or ~/.cache/rankmerge/suites/SUITE)")
         cmd.add_argument("--seed", type=int, default=0, help="the suite's build seed (also seeds the held-out split)")
         if name != "build":

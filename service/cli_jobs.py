@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.exit_codes import EXIT_JOB_FAILED
-from workers.errors import MergeInputError
+from rankmerge.service.exit_codes import EXIT_JOB_FAILED
+from rankmerge.workers.errors import MergeInputError
 
 
 def _progress_line(record) -> str:
@@ -22,8 +22,8 @@ def _print_progress(record) -> None:
 
 def _follow_or_watch(args: argparse.Namespace, record) -> int:
     """Shared by submit and resume: return at once, follow one attempt (--wait), or supervise (--watch)."""
-    from service.job_service import follow
-    from service.supervise import supervise
+    from rankmerge.service.job_service import follow
+    from rankmerge.service.supervise import supervise
 
     if args.watch:
         record = supervise(record, _print_progress, args.address, args.max_attempts, args.poll)
@@ -42,7 +42,7 @@ def _follow_or_watch(args: argparse.Namespace, record) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from service.job_service import submit_job
+    from rankmerge.service.job_service import submit_job
 
     if not args.address:
         raise MergeInputError("no Ray dashboard address", "pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS")
@@ -50,24 +50,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from service.job_index import find_job
-    from service.job_service import resume_job
+    from rankmerge.service.job_index import find_job
+    from rankmerge.service.job_service import resume_job
 
     return _follow_or_watch(args, resume_job(find_job(args.job_ref), args.address))
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
-    from service.job_index import find_job
+    from rankmerge.service.job_index import find_job
 
     args.watch = True
     return _follow_or_watch(args, find_job(args.job_ref))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from service.job_index import find_job
-    from service.job_service import observe_files, refresh
-    from service.jobs_client import HeadUnreachable
-    from service.registry import update_record
+    from rankmerge.service.job_index import find_job
+    from rankmerge.service.job_service import observe_files, refresh
+    from rankmerge.service.jobs_client import HeadUnreachable
+    from rankmerge.service.registry import update_record
 
     record = find_job(args.job_ref)
     try:
@@ -89,8 +89,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from service.job_index import find_job
-    from service.job_service import attempt_logs
+    from rankmerge.service.job_index import find_job
+    from rankmerge.service.job_service import attempt_logs
 
     record = find_job(args.job_ref)
     if args.follow and record.attempts:
@@ -101,8 +101,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def _follow_logs(record, which: str | None, address: str | None) -> int:
     """Stream an attempt's driver log until it ends, as `ray job logs --follow` does; exit 0 only if it succeeded."""
-    from service.job_service import pick_attempt, refresh
-    from service.jobs_client import HeadUnreachable
+    from rankmerge.service.job_service import pick_attempt, refresh
+    from rankmerge.service.jobs_client import HeadUnreachable
 
     attempt = pick_attempt(record, which)
     _stream_or_archive(record, attempt, which, address)
@@ -120,8 +120,8 @@ def _follow_logs(record, which: str | None, address: str | None) -> int:
 
 def _stream_or_archive(record, attempt, which: str | None, address: str | None) -> None:
     """The live stream while the head knows the attempt; else (head gone or restarted) its archived log."""
-    from service.job_service import attempt_logs
-    from service.jobs_client import HeadUnreachable, JobsClient, UnknownSubmission
+    from rankmerge.service.job_service import attempt_logs
+    from rankmerge.service.jobs_client import HeadUnreachable, JobsClient, UnknownSubmission
 
     streamed = False
     try:
@@ -139,9 +139,9 @@ def _stream_or_archive(record, attempt, which: str | None, address: str | None) 
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from service.job_index import indexed_jobs
-    from service.job_service import refresh
-    from service.jobs_client import HeadUnreachable
+    from rankmerge.service.job_index import indexed_jobs
+    from rankmerge.service.job_service import refresh
+    from rankmerge.service.jobs_client import HeadUnreachable
 
     for record in indexed_jobs():
         try:
@@ -153,8 +153,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from service.job_index import find_job
-    from service.job_service import cancel_job
+    from rankmerge.service.job_index import find_job
+    from rankmerge.service.job_service import cancel_job
 
     record = cancel_job(find_job(args.job_ref), args.address)
     print(_progress_line(record))

@@ -13,10 +13,10 @@ import shutil
 import time
 from pathlib import Path
 
-from service.merge_job import run_merge_job
-from service.spec import job_from_dict
-from service.suites import SUITES, build_suite
-from service.tta_job import evaluate_output, run_adaptive_job
+from rankmerge.service.merge_job import run_merge_job
+from rankmerge.service.spec import job_from_dict
+from rankmerge.service.suites import SUITES, build_suite
+from rankmerge.service.tta_job import evaluate_output, run_adaptive_job
 
 log = logging.getLogger(__name__)
 DEMO_SUITES = ("vision-smoke", "digits-smoke")  # the first one registered is used
@@ -33,7 +33,7 @@ def run_demo(workdir: Path, steps: int = 100, executor: str = "ray", suite_root:
     models = {task: str(path) for task, path in suite.task_dirs.items()}
     test = {task: str(splits["test"]) for task, splits in suite.data.items()}
     common = {"base": str(suite.base_dir), "models": models, "overwrite": True}
-    logging.getLogger("workers.plan").setLevel(logging.ERROR)
+    logging.getLogger("rankmerge.workers.plan").setLevel(logging.ERROR)
 
     ta = job_from_dict({**common, "method": "task_arithmetic", "params": {"lambda": TA_LAMBDA},
                         "output": str(workdir / "out" / "task_arithmetic")}, workdir)

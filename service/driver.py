@@ -3,10 +3,10 @@ its record (a submitted job) names this very job, and no other driver holds it (
 
 from __future__ import annotations
 
-from cluster.lease import Lease, driver_lease
-from service.merge_job import check_job_dir
-from service.registry import check_against_record
-from service.spec import MergeJob
+from rankmerge.cluster.lease import Lease, driver_lease
+from rankmerge.service.merge_job import check_job_dir
+from rankmerge.service.registry import check_against_record
+from rankmerge.service.spec import MergeJob
 
 
 def take_driver_lease(job: MergeJob) -> Lease:

@@ -13,9 +13,9 @@ import os
 import re
 from pathlib import Path
 
-from service.registry import RECORD, JobRecord, load_record
-from workers.atomic_io import write_atomic
-from workers.errors import MergeInputError
+from rankmerge.service.registry import RECORD, JobRecord, load_record
+from rankmerge.workers.atomic_io import write_atomic
+from rankmerge.workers.errors import MergeInputError
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 

@@ -19,14 +19,14 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from cluster.lease import DRIVER_LEASE, wait_until_free
-from service.job_index import add_to_index
-from service.jobs_client import AttemptInfo, JobsClient, driver_command
-from service.registry import (TERMINAL, Attempt, JobRecord, claim_job_dir, last_checkpoint_step, load_record, log_path,
+from rankmerge.cluster.lease import DRIVER_LEASE, wait_until_free
+from rankmerge.service.job_index import add_to_index
+from rankmerge.service.jobs_client import AttemptInfo, JobsClient, driver_command
+from rankmerge.service.registry import (TERMINAL, Attempt, JobRecord, claim_job_dir, last_checkpoint_step, load_record, log_path,
                               update_record)
-from service.spec import MergeJob, job_from_dict, load_job_file
-from workers.atomic_io import write_atomic
-from workers.errors import MergeInputError
+from rankmerge.service.spec import MergeJob, job_from_dict, load_job_file
+from rankmerge.workers.atomic_io import write_atomic
+from rankmerge.workers.errors import MergeInputError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 def check_job(job: MergeJob) -> None:
     """Every cheap check `rankmerge run` makes (paths, headers, method parameters, output location), here, before
     anything reaches the cluster; plus where the job directory may go. The spec's paths are already absolute."""
-    from service.merge_job import check_job_dir, open_inputs, prepare
+    from rankmerge.service.merge_job import check_job_dir, open_inputs, prepare
 
     with ExitStack() as stack:
         if job.adaptive:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from workers.errors import MergeInputError
+from rankmerge.workers.errors import MergeInputError
 
 log = logging.getLogger(__name__)
 DEFAULT_DASHBOARD_PORT = 8265

@@ -8,19 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import check_disk_space, check_output_free, check_output_parent, parse_size
-from workers.errors import MergeInputError
-from workers.forecast import Forecast, forecast
-from workers.methods.registry import MergeContext, MergeMethod, make_method
-from workers.plan import MergePlan
-from workers.publish import Publication, dtype_name
-from workers.safetensors_format import nbytes
-from workers.roles import Role
-from workers.static_merge import run_static_merge
-from workers.tta.sources import open_sources
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_writer import check_disk_space, check_output_free, check_output_parent, parse_size
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.forecast import Forecast, forecast
+from rankmerge.workers.methods.registry import MergeContext, MergeMethod, make_method
+from rankmerge.workers.plan import MergePlan
+from rankmerge.workers.publish import Publication, dtype_name
+from rankmerge.workers.safetensors_format import nbytes
+from rankmerge.workers.roles import Role
+from rankmerge.workers.static_merge import run_static_merge
+from rankmerge.workers.tta.sources import open_sources
 
-from service.spec import MergeJob
+from rankmerge.service.spec import MergeJob
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def run_merge_job_on_ray(job: MergeJob, address: str | None = None) -> dict[str,
     The merge already streams one tensor at a time in bounded memory, so one task per job is the unit; the output path
     must be visible to the node that runs it (a shared filesystem on a multi-node cluster).
     """
-    from cluster.ray_runtime import ensure_ray, run_remote
+    from rankmerge.cluster.ray_runtime import ensure_ray, run_remote
 
     with ExitStack() as stack:
         prepare(job, stack)  # every user error surfaces here, before anything is scheduled

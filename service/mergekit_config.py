@@ -20,8 +20,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from service.model_ids import resolve_model_ref
-from workers.errors import MergeInputError
+from rankmerge.service.model_ids import resolve_model_ref
+from rankmerge.workers.errors import MergeInputError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from workers.errors import MergeInputError
+from rankmerge.workers.errors import MergeInputError
 
 log = logging.getLogger(__name__)
 

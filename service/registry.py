@@ -26,10 +26,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from cluster.lease import DEFAULT_TTL, Lease
-from service.spec import MergeJob
-from workers.atomic_io import write_atomic
-from workers.errors import MergeInputError
+from rankmerge.cluster.lease import DEFAULT_TTL, Lease
+from rankmerge.service.spec import MergeJob
+from rankmerge.workers.atomic_io import write_atomic
+from rankmerge.workers.errors import MergeInputError
 
 RECORD = "rankmerge-job.json"
 SPEC_COPY = "spec.yaml"

@@ -11,12 +11,12 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.model_ids import resolve_spec_models
-from workers.checkpoint_writer import parse_size
-from workers.errors import MergeInputError
-from workers.methods.registry import METHODS, nonfinite_bound_error, parse_params, validate_params
-from workers.tta.params import ADAPTIVE_METHODS, TTAConfig
-from workers.tta.sources import Sources
+from rankmerge.service.model_ids import resolve_spec_models
+from rankmerge.workers.checkpoint_writer import parse_size
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.methods.registry import METHODS, nonfinite_bound_error, parse_params, validate_params
+from rankmerge.workers.tta.params import ADAPTIVE_METHODS, TTAConfig
+from rankmerge.workers.tta.sources import Sources
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_TASK_NAME = 100  # names become file names (heads/<task>.safetensors): stay well inside the usual 255-byte limit

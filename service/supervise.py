@@ -16,11 +16,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from cluster.lease import Lease
-from service.exit_codes import EXIT_USER_ERROR
-from service.job_service import AttemptStarted, follow, start_attempt
-from service.jobs_client import HeadUnreachable, JobsClient
-from service.registry import JobRecord, load_record
+from rankmerge.cluster.lease import Lease
+from rankmerge.service.exit_codes import EXIT_USER_ERROR
+from rankmerge.service.job_service import AttemptStarted, follow, start_attempt
+from rankmerge.service.jobs_client import HeadUnreachable, JobsClient
+from rankmerge.service.registry import JobRecord, load_record
 
 WATCHER_LEASE = "watcher.lease"
 

@@ -19,11 +19,11 @@ import transformers
 from safetensors import safe_open
 from transformers import PreTrainedModel
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import SKIPPED_SIDE_FILES, WEIGHT_SUFFIXES, check_output_free, staged_folder
-from workers.errors import MergeInputError
-from workers.roles import rules_for
-from workers.publish import HEAD_CONFIG_KEY
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_writer import SKIPPED_SIDE_FILES, WEIGHT_SUFFIXES, check_output_free, staged_folder
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.roles import rules_for
+from rankmerge.workers.publish import HEAD_CONFIG_KEY
 
 __all__ = ["load_task_model", "export_task_model", "task_names"]
 
@@ -116,7 +116,7 @@ def _module_state(model: PreTrainedModel, weights: dict[str, torch.Tensor], head
 def _placer(model: PreTrainedModel) -> Callable[[str], str | None]:
     """Where a checkpoint tensor goes in the task model: transformers' own load-time renaming (base-model prefix
     included), else the wrapper prefixes the merge planner strips from task models (e.g. CLIP's `vision_model.`)."""
-    from workers.tta.adapters import checkpoint_to_module_names
+    from rankmerge.workers.tta.adapters import checkpoint_to_module_names
 
     to_module = checkpoint_to_module_names(model)
     prefixes = rules_for(model.config.to_dict()).prefixes

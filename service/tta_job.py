@@ -20,26 +20,26 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save as save_safetensors
 
-from cluster.checkpoints import job_identity
-from cluster.coordinator import Coordinator, Guard, LoopConfig
-from cluster.executor import AdaptiveWork, Executor, LocalExecutor
-from cluster.sharding import shard_columns
-from service.driver import take_driver_lease
-from service.merge_job import open_inputs, publication
-from service.spec import MergeJob, parse_adaptive_params
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import check_output_free
-from workers.errors import MergeInputError
-from workers.plan import MergePlan, build_plan
-from workers.publish import publish, tensor_writer
-from workers.tta.adapters import TaskModels, build_task_models
-from workers.tta.data import TARGET_KEYS, IndexStream, load_task_data, model_inputs, num_rows
-from workers.tta.engine import AdaptiveMerger
-from workers.tta.factory import make_merger, static_keys
-from workers.tta.forecast import forecast_adaptive
-from workers.tta.guard import GuardTally, holdout_split, reference_labels
-from workers.tta.objectives import Objective
-from workers.tta.teachers import CACHE, load_teachers, save_teachers, teacher_targets
+from rankmerge.cluster.checkpoints import job_identity
+from rankmerge.cluster.coordinator import Coordinator, Guard, LoopConfig
+from rankmerge.cluster.executor import AdaptiveWork, Executor, LocalExecutor
+from rankmerge.cluster.sharding import shard_columns
+from rankmerge.service.driver import take_driver_lease
+from rankmerge.service.merge_job import open_inputs, publication
+from rankmerge.service.spec import MergeJob, parse_adaptive_params
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_writer import check_output_free
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.plan import MergePlan, build_plan
+from rankmerge.workers.publish import publish, tensor_writer
+from rankmerge.workers.tta.adapters import TaskModels, build_task_models
+from rankmerge.workers.tta.data import TARGET_KEYS, IndexStream, load_task_data, model_inputs, num_rows
+from rankmerge.workers.tta.engine import AdaptiveMerger
+from rankmerge.workers.tta.factory import make_merger, static_keys
+from rankmerge.workers.tta.forecast import forecast_adaptive
+from rankmerge.workers.tta.guard import GuardTally, holdout_split, reference_labels
+from rankmerge.workers.tta.objectives import Objective
+from rankmerge.workers.tta.teachers import CACHE, load_teachers, save_teachers, teacher_targets
 
 log = logging.getLogger(__name__)
 ExecutorName = Literal["local", "ray"]
@@ -125,8 +125,8 @@ def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, addre
     output_kind = loaded[0].output_kind if loaded is not None else "classification"
     if executor == "local":
         return LocalExecutor(adaptive_work(job, plan, 1, output_kind, teachers), loaded=loaded)
-    from cluster.ray_executor import RayExecutor
-    from cluster.ray_runtime import ensure_ray
+    from rankmerge.cluster.ray_executor import RayExecutor
+    from rankmerge.cluster.ray_runtime import ensure_ray
 
     res = job.resources
     work = adaptive_work(job, plan, res.shards, output_kind, teachers)

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # One torch thread per process (this one, CLI subprocesses, Ray actors): the test models are tiny, and on 2 cores a
 # multi-threaded step next to any other busy process runs up to ~80x slower (OpenMP threads waiting on each other).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-from service.tiny_models import make_family  # noqa: E402
+from rankmerge.service.tiny_models import make_family  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()
@@ -34,7 +34,7 @@ def families(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vision_smoke_suite(tmp_path_factory):
     """The smoke vision suite, built once per test session (the suite tests and the main-job test share it)."""
-    from service.suites import build_suite
+    from rankmerge.service.suites import build_suite
 
     return build_suite("vision-smoke", tmp_path_factory.mktemp("vision-smoke"))
 

@@ -11,8 +11,8 @@ import json
 import pytest
 import yaml
 
-from service.cli import main
-from service.suites import build_digits_suite
+from rankmerge.service.cli import main
+from rankmerge.service.suites import build_digits_suite
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from service.cli import main
+from rankmerge.service.cli import main
 
 
 @pytest.fixture

@@ -12,12 +12,12 @@ import yaml
 from matplotlib.image import imread
 from safetensors import safe_open
 
-from service.bench.grid import BY_NAME, LAMBDAS, METHODS, select_methods
-from service.bench.layout import default_suite_root
-from service.bench.spectra import energy_rank
-from service.cli import main
-from workers.methods.registry import parse_params, spectral_methods
-from workers.tta.params import ADAPTIVE_METHODS
+from rankmerge.service.bench.grid import BY_NAME, LAMBDAS, METHODS, select_methods
+from rankmerge.service.bench.layout import default_suite_root
+from rankmerge.service.bench.spectra import energy_rank
+from rankmerge.service.cli import main
+from rankmerge.workers.methods.registry import parse_params, spectral_methods
+from rankmerge.workers.tta.params import ADAPTIVE_METHODS
 
 TASKS = ["digits", "parity_rot90", "high_inverted", "mod3_flipped"]
 METHOD_LIST = "pretrained,individual,task_arithmetic,dare,adarank_ta"

@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import StreamingCheckpointWriter, parse_size
-from workers.errors import MergeInputError
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_writer import StreamingCheckpointWriter, parse_size
+from rankmerge.workers.errors import MergeInputError
 
 
 def _tensors():

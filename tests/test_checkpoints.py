@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cluster.checkpoints import job_identity, load_latest_checkpoint, save_checkpoint
-from workers.errors import MergeInputError
+from rankmerge.cluster.checkpoints import job_identity, load_latest_checkpoint, save_checkpoint
+from rankmerge.workers.errors import MergeInputError
 
 
 def test_latest_intact_checkpoint_wins_and_damage_falls_back(tmp_path):

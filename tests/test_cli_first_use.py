@@ -9,7 +9,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from service.cli import build_parser, main
+from rankmerge.service.cli import build_parser, main
 from conftest import make_adaptive_spec
 
 
@@ -105,7 +105,7 @@ def test_restart_and_resume_summary_of_an_adaptive_run(families, tmp_path, capsy
 
 def cli(*args, **kwargs):
     """The real `rankmerge` entry point in a fresh process (logging and stdout as a user's shell sees them)."""
-    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "rankmerge", *args], stderr=subprocess.PIPE, text=True, **kwargs)
 
 
 @pytest.mark.parametrize("argv", [["-v", "methods"], ["methods", "-v"], ["bench", "report", "digits", "-v"]])
@@ -118,7 +118,7 @@ def test_verbose_after_merge_logs_progress(families, tmp_path):
     base, tasks = families("vit")
     proc = cli(*merge_args(base, tasks, "task_arithmetic", tmp_path / "out", "-v"), stdout=subprocess.DEVNULL)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "INFO service.merge_job: merging 3 models" in err, err
+    assert proc.returncode == 0 and "INFO rankmerge.service.merge_job: merging 3 models" in err, err
 
 
 def test_closed_stdout_exits_quietly():

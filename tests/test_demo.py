@@ -4,7 +4,7 @@ import json
 
 import ray
 
-from service.demo import run_demo
+from rankmerge.service.demo import run_demo
 
 
 def test_main_job_runs_adarank_on_an_embedded_ray_and_prints_the_table(vision_smoke_suite, tmp_path):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 from transformers import ViTForImageClassification, ViTModel
 
-from service.suites import build_digits_suite
+from rankmerge.service.suites import build_digits_suite
 
 pytestmark = pytest.mark.slow  # two ~9 s builds (the second checks determinism)
 

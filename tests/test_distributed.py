@@ -17,8 +17,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import make_adaptive_spec
-from service.spec import job_from_dict
-from service.tta_job import run_adaptive_job
+from rankmerge.service.spec import job_from_dict
+from rankmerge.service.tta_job import run_adaptive_job
 
 STEPS = 16
 RESOURCES = {"shards": 2, "workers": 2, "partition": "zero3"}
@@ -137,7 +137,7 @@ def test_killed_driver_resumes_with_the_same_result(job_spec, reference, tmp_pat
     root, spec = job_spec
     out = tmp_path / "out"
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(dict(spec, output=str(out))))
-    command = [sys.executable, "-m", "service.cli", "run", str(tmp_path / "job.yaml"), "--executor", "ray"]
+    command = [sys.executable, "-m", "rankmerge", "run", str(tmp_path / "job.yaml"), "--executor", "ray"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     checkpoint = tmp_path / "out.job" / "checkpoints" / "step_00000004"
@@ -159,7 +159,7 @@ def test_killed_driver_resumes_with_the_same_result(job_spec, reference, tmp_pat
 
 
 def test_static_job_on_ray_writes_the_same_files(ray_cluster, families, tmp_path):
-    from service.cli import main
+    from rankmerge.service.cli import main
 
     base, tasks = families("vit")
     outputs = {}

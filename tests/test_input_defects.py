@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from service.cli import main
+from rankmerge.service.cli import main
 from test_bad_input import _rewrite, assert_nothing_written, assert_user_error, family, run_cli  # noqa: F401 (fixture)
 
 LOG_LINE = re.compile(r"^(WARNING|INFO) |^\[[^]]*\] \[(WARNING|INFO)\]")  # log lines, not the error
@@ -25,7 +25,7 @@ def cli_in_child(args, file_size_limit):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
 
-    done = subprocess.run([sys.executable, "-m", "service.cli", *args], preexec_fn=limit, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "rankmerge", *args], preexec_fn=limit, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=300)
     assert "Traceback" not in done.stderr, done.stderr
     return done.returncode, "\n".join(line for line in done.stderr.splitlines() if not LOG_LINE.match(line))

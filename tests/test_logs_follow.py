@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from service.cli import build_parser, main
-from service.job_index import find_job
-from service.registry import Attempt, claim_job_dir, log_path, save_record
-from service.spec import job_from_dict
+from rankmerge.service.cli import build_parser, main
+from rankmerge.service.job_index import find_job
+from rankmerge.service.registry import Attempt, claim_job_dir, log_path, save_record
+from rankmerge.service.spec import job_from_dict
 from test_service import head, job_id_of, spec, write_spec  # noqa: F401 (head and spec are fixtures)
 
 

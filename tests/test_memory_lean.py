@@ -10,15 +10,15 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from cluster.ray_runtime import object_store_size
-from service.spec import job_from_dict
-from service.tta_job import compute_dtype
-from workers.methods.adaptive import TaskVectorSum
-from workers.spectral_shard import SpectralShard, join_gradient
-from workers.tta.engine import caches_masked
-from workers.tta.params import AdaRankParams
-from workers.tta.sources import Sources, open_sources
-from workers.tta.state import SpectralSlot
+from rankmerge.cluster.ray_runtime import object_store_size
+from rankmerge.service.spec import job_from_dict
+from rankmerge.service.tta_job import compute_dtype
+from rankmerge.workers.methods.adaptive import TaskVectorSum
+from rankmerge.workers.spectral_shard import SpectralShard, join_gradient
+from rankmerge.workers.tta.engine import caches_masked
+from rankmerge.workers.tta.params import AdaRankParams
+from rankmerge.workers.tta.sources import Sources, open_sources
+from rankmerge.workers.tta.state import SpectralSlot
 
 GB = 1024**3
 
@@ -94,7 +94,7 @@ def llama_job(families, tmp_path, dtype, **tta):
 
 @pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, "bfloat16"), (torch.float32, "float32")])
 def test_auto_compute_dtype_follows_the_export_dtype(families, tmp_path, dtype, expected):
-    from service.merge_job import open_inputs
+    from rankmerge.service.merge_job import open_inputs
 
     job = job_from_dict(llama_job(families, tmp_path, dtype), tmp_path)
     with ExitStack() as stack:
@@ -104,7 +104,7 @@ def test_auto_compute_dtype_follows_the_export_dtype(families, tmp_path, dtype, 
 
 
 def test_bf16_llama_adapts_in_bf16_and_reports_entropy_and_timing(families, tmp_path):
-    from service.cli import main
+    from rankmerge.service.cli import main
 
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(llama_job(families, tmp_path, torch.bfloat16)))
     assert main(["run", str(tmp_path / "job.yaml")]) == 0
@@ -129,7 +129,7 @@ def assert_vocab_static(out):
 
 @pytest.mark.parametrize("vocab,expected", [("auto", 2), ("adapt", 0), ("static", 2)])
 def test_vocab_tensors_are_static_for_causal_lms_unless_asked(families, vocab, expected):
-    from workers.tta.factory import static_keys
+    from rankmerge.workers.tta.factory import static_keys
 
     base, tasks = families("llama")
     params = AdaRankParams.model_validate({"vocab": vocab})
@@ -159,7 +159,7 @@ def local_ray():
 
 def test_bf16_llama_on_zero3_workers_matches_the_local_executor(families, tmp_path, local_ray):
     """The LLM path end to end: bf16 ZeRO-3 ranks with frozen vocabulary parameters, partitioned gradients."""
-    from service.tta_job import run_adaptive_job
+    from rankmerge.service.tta_job import run_adaptive_job
 
     spec = llama_job(families, tmp_path, torch.bfloat16)
     spec["resources"] = {"shards": 2, "workers": 2, "partition": "zero3"}

@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from service.cli import main
-from workers.methods import elementwise as ew
-from workers.roles import ARCHITECTURES, Role, classify
+from rankmerge.service.cli import main
+from rankmerge.workers.methods import elementwise as ew
+from rankmerge.workers.roles import ARCHITECTURES, Role, classify
 
 ALL_METHODS = ["weight_average", "task_arithmetic", "ties", "dare", "consensus", "tadrop", "star", "ta_svd", "cart", "tsv_m", "iso_c", "iso_cts"]
 PREFIXES = {"vit": "vit.", "clip_vision": "vision_model.", "bert": "bert.", "roberta": "roberta.", "gpt2": "transformer.", "llama": ""}
@@ -169,7 +169,7 @@ def test_schema_commands(capsys):
 
 def test_console_script_runs(families, tmp_path):
     base, tasks = families("vit")
-    exe = [sys.executable, "-m", "service.cli"]
+    exe = [sys.executable, "-m", "rankmerge"]
     done = subprocess.run(exe + merge_args(base, tasks, "iso_cts", tmp_path / "m"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "merged 3 models with iso_cts" in done.stdout

@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from service.cli import main
+from rankmerge.service.cli import main
 from test_merge_cli import PREFIXES, backbone, load_state, merge_args
 
 

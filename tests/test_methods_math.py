@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from workers.methods import elementwise as ew
-from workers.methods import spectral as sp
-from workers.methods.registry import MergeContext, TensorInputs, make_method
-from workers.methods.streaming_stats import StreamingKthSmallest
-from workers.roles import Role
+from rankmerge.workers.methods import elementwise as ew
+from rankmerge.workers.methods import spectral as sp
+from rankmerge.workers.methods.registry import MergeContext, TensorInputs, make_method
+from rankmerge.workers.methods.streaming_stats import StreamingKthSmallest
+from rankmerge.workers.roles import Role
 
 T = 3
 

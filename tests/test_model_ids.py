@@ -12,8 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from service.cli import main
-from service.model_ids import is_model_id
+from rankmerge.service.cli import main
+from rankmerge.service.model_ids import is_model_id
 
 ROOT = Path(__file__).resolve().parents[1]
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -37,7 +37,7 @@ def cache_model(cache: Path, model_id: str, source: Path) -> Path:
 def rankmerge(args, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
     """The CLI in a fresh process, so huggingface_hub reads HF_HUB_CACHE as it does for users."""
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "rankmerge", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -82,7 +82,7 @@ def test_an_id_that_is_not_cached_is_one_line_naming_the_fetch(families, tmp_pat
 
 
 def test_a_local_folder_wins_over_an_id(tmp_path):
-    from service.model_ids import resolve_model_ref
+    from rankmerge.service.model_ids import resolve_model_ref
 
     (tmp_path / "acme" / "vit-base").mkdir(parents=True)
     assert resolve_model_ref("acme/vit-base", tmp_path, "base") == "acme/vit-base"  # no cache lookup at all

@@ -2,8 +2,8 @@
 
 import torch
 
-from workers.tta.guard import GuardTally, GuardTrack, holdout_split
-from workers.tta.objectives import distill, entropy, infomax
+from rankmerge.workers.tta.guard import GuardTally, GuardTrack, holdout_split
+from rankmerge.workers.tta.objectives import distill, entropy, infomax
 
 
 def test_distill_is_the_tempered_kl_and_vanishes_at_the_teacher():

@@ -16,13 +16,13 @@ import pytest
 import torch
 import yaml
 
-from cluster.checkpoints import load_latest_checkpoint, save_checkpoint
-from cluster.lease import DRIVER_LEASE, Holder, LeaseHeld, LeaseLost, current_holder, driver_lease
+from rankmerge.cluster.checkpoints import load_latest_checkpoint, save_checkpoint
+from rankmerge.cluster.lease import DRIVER_LEASE, Holder, LeaseHeld, LeaseLost, current_holder, driver_lease
 from conftest import make_adaptive_spec
-from service.cli import main
-from service.registry import Attempt, claim_job_dir, save_record
-from service.spec import job_from_dict, load_job_file
-from workers.errors import MergeInputError
+from rankmerge.service.cli import main
+from rankmerge.service.registry import Attempt, claim_job_dir, save_record
+from rankmerge.service.spec import job_from_dict, load_job_file
+from rankmerge.workers.errors import MergeInputError
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
@@ -47,9 +47,9 @@ def child(code: str, *args: str) -> subprocess.Popen:
 HOLD = """
 import sys, torch
 from pathlib import Path
-from cluster.lease import Lease
-from cluster.checkpoints import save_checkpoint
-from workers.errors import MergeInputError
+from rankmerge.cluster.lease import Lease
+from rankmerge.cluster.checkpoints import save_checkpoint
+from rankmerge.workers.errors import MergeInputError
 lease = Lease(Path(sys.argv[1]) / "driver.lease", "driver", ttl=float(sys.argv[2])).acquire()
 print("held", flush=True)
 sys.stdin.readline()  # go: try to commit a checkpoint with this lease
@@ -114,7 +114,7 @@ def long_spec(families, tmp_path_factory):
 
 
 def cli(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "rankmerge", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=ENV, **kwargs)
 
 

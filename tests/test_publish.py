@@ -8,8 +8,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from service.cli import main
-from workers.atomic_io import write_atomic
+from rankmerge.service.cli import main
+from rankmerge.workers.atomic_io import write_atomic
 
 from conftest import make_adaptive_spec
 

@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 
 from conftest import make_adaptive_spec
 from ray_head import kill_driver, start_head, stop_head
-from service.cli import main
-from service.job_index import find_job
-from service.job_service import refresh
-from service.jobs_client import JobsClient, dashboard_url, driver_command, find_token
-from service.registry import Attempt, claim_job_dir, load_record, save_record, spec_copy_text
-from service.supervise import should_resubmit, supervise
-from service.spec import job_from_dict, load_job_file
-from workers.errors import MergeInputError
+from rankmerge.service.cli import main
+from rankmerge.service.job_index import find_job
+from rankmerge.service.job_service import refresh
+from rankmerge.service.jobs_client import JobsClient, dashboard_url, driver_command, find_token
+from rankmerge.service.registry import Attempt, claim_job_dir, load_record, save_record, spec_copy_text
+from rankmerge.service.supervise import should_resubmit, supervise
+from rankmerge.service.spec import job_from_dict, load_job_file
+from rankmerge.workers.errors import MergeInputError
 
 STEPS = 40  # fast steps: the driver's start (imports, actors) dominates; enough steps to be killed mid-run
 RESOURCES = {"shards": 1, "workers": 1}
@@ -320,7 +320,7 @@ def test_two_watchers_and_a_killed_driver_end_succeeded_with_truthful_attempts(h
     import subprocess
     import sys
 
-    from service.job_service import AttemptStarted, start_attempt
+    from rankmerge.service.job_service import AttemptStarted, start_attempt
 
     path = write_spec(spec, "two_watchers")
     assert main(["submit", str(path), "--address", head.dashboard]) == 0
@@ -333,7 +333,7 @@ def test_two_watchers_and_a_killed_driver_end_succeeded_with_truthful_attempts(h
     while not (stale.job_dir / "watcher.lease").exists() and time.time() < deadline:
         time.sleep(0.05)
     started = time.perf_counter()
-    second = subprocess.run([sys.executable, "-m", "service.cli", "supervise", job_id], capture_output=True, text=True,
+    second = subprocess.run([sys.executable, "-m", "rankmerge", "supervise", job_id], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
     refused_in = time.perf_counter() - started
     errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from workers.methods import spectral as sp
-from workers.methods.svd import SvdOptions, randomized_svd, thin_svd, top_svd
+from rankmerge.workers.methods import spectral as sp
+from rankmerge.workers.methods.svd import SvdOptions, randomized_svd, thin_svd, top_svd
 
 RANDOMIZED = SvdOptions("randomized", oversample=8, power_iters=2)
 

@@ -9,9 +9,9 @@ import transformers
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification, BertForSequenceClassification
 
-from service import load_task_model
-from service.cli import main
-from service.task_model import export_task_model
+from rankmerge.service import load_task_model
+from rankmerge.service.cli import main
+from rankmerge.service.task_model import export_task_model
 from test_merge_cli import merge_args
 
 LABELS = {0: "ant", 1: "bee", 2: "cow", 3: "dog", 4: "elk"}

@@ -14,14 +14,14 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
-from service.cli import main
-from service.suites import SUITES, build_suite
-from service.spec import job_from_dict, load_job_file
-from service.suites.text import FORMAT, build_text_suite
-from service.suites.text_sources import man_section
-from service.tta_job import evaluate_output
-from workers.errors import MergeInputError
-from workers.tta.data import load_task_data
+from rankmerge.service.cli import main
+from rankmerge.service.suites import SUITES, build_suite
+from rankmerge.service.spec import job_from_dict, load_job_file
+from rankmerge.service.suites.text import FORMAT, build_text_suite
+from rankmerge.service.suites.text_sources import man_section
+from rankmerge.service.tta_job import evaluate_output
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.tta.data import load_task_data
 
 pytestmark = pytest.mark.slow  # one build (~25 s of CPU) and a static merge
 

@@ -10,9 +10,9 @@ import yaml
 from PIL import Image
 from transformers import BertTokenizerFast, ViTImageProcessor
 
-from service.cli import main
-from workers.errors import MergeInputError
-from workers.tta.data import load_task_data
+from rankmerge.service.cli import main
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.tta.data import load_task_data
 
 WORDS = ["good", "bad", "great", "awful", "fine", "poor", "movie", "song", "book", "very", "not", "really"]
 

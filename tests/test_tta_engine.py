@@ -13,17 +13,17 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from service.merge_job import open_inputs
-from service.spec import job_from_dict
-from service.tta_job import build_merger
-from workers.methods.adaptive import spectral_merge, straight_through_mask
-from workers.methods.registry import MergeContext, make_method, method_class, spectral_methods
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.plan import build_plan
-from workers.static_merge import load_inputs
-from workers.tta.adapters import build_task_models
-from workers.tta.data import TaskStream
-from workers.tta.params import AdaRankParams
+from rankmerge.service.merge_job import open_inputs
+from rankmerge.service.spec import job_from_dict
+from rankmerge.service.tta_job import build_merger
+from rankmerge.workers.methods.adaptive import spectral_merge, straight_through_mask
+from rankmerge.workers.methods.registry import MergeContext, make_method, method_class, spectral_methods
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.plan import build_plan
+from rankmerge.workers.static_merge import load_inputs
+from rankmerge.workers.tta.adapters import build_task_models
+from rankmerge.workers.tta.data import TaskStream
+from rankmerge.workers.tta.params import AdaRankParams
 
 from conftest import make_adaptive_spec as make_job
 
@@ -147,7 +147,7 @@ def test_mask_and_lambda_gradients_match_plain_autograd_on_a_real_model(families
 
 
 def run_cli(job_file, *extra):
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "run", str(job_file), *extra],
+    return subprocess.Popen([sys.executable, "-m", "rankmerge", "run", str(job_file), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -192,7 +192,7 @@ def test_resume_after_sigkill_is_bitwise_identical(families, tmp_path):
 
 
 def test_rerun_without_resume_refuses_existing_checkpoints(families, tmp_path, capsys):
-    from service.cli import main
+    from rankmerge.service.cli import main
 
     spec = make_job(families, tmp_path, params={"factorization": "ta"}, steps=2)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
@@ -228,7 +228,7 @@ FAMILY_INPUTS = {
 @pytest.mark.parametrize("family", list(FAMILY_INPUTS))
 @pytest.mark.parametrize("method,params", [("adarank", {"base": "cart", "base_params": {"lambda": 1.0}}), ("adamerging", {"clamp": True})])
 def test_every_adapter_adapts_and_exports(families, tmp_path, family, method, params):
-    from service.cli import main
+    from rankmerge.service.cli import main
     from transformers import AutoModel
 
     base, tasks = families(family)
@@ -300,7 +300,7 @@ def test_images_of_another_size_use_interpolated_position_embeddings(families, k
 
 @pytest.mark.parametrize("method,params", [("adarank", {"base": "tsv_m", "base_params": {"svd": "randomized", "oversample": 2}}), ("adamerging", {})])
 def test_adaptive_dry_run_predicts_time_and_memory_and_writes_nothing(families, tmp_path, capsys, method, params):
-    from service.cli import main
+    from rankmerge.service.cli import main
 
     spec = make_job(families, tmp_path, method=method, params=params)
     path = tmp_path / "job.yaml"
@@ -319,9 +319,9 @@ def test_a_job_log_gets_periodic_progress_lines(families, tmp_path):
     """stderr is a pipe here (a job log): no bar, but progress lines with step counts, without -v."""
     spec = make_job(families, tmp_path, params={"factorization": "ta"}, steps=6)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-    done = subprocess.run([sys.executable, "-m", "service.cli", "run", str(tmp_path / "job.yaml")], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "rankmerge", "run", str(tmp_path / "job.yaml")], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "RANKMERGE_PROGRESS_SECONDS": "0"})
     assert done.returncode == 0, done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.startswith("INFO workers.progress: adapt")]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("INFO rankmerge.workers.progress: adapt")]
     assert lines and any("6/6" in line for line in lines), done.stderr[-2000:]
     assert "\r" not in done.stderr

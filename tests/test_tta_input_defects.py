@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import make_adaptive_spec
-from service.cli import main
+from rankmerge.service.cli import main
 from test_bad_input import _rewrite, assert_user_error
 
 
@@ -104,7 +104,7 @@ def test_resume_after_the_model_files_were_replaced(spec, tmp_path, capsys):
 def test_sigterm_is_handled_like_ctrl_c(spec, tmp_path):
     spec["tta"].update(steps=100000, checkpoint_every=100000)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
-    child = subprocess.Popen([sys.executable, "-m", "service.cli", "run", str(tmp_path / "job.yaml")], stderr=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-m", "rankmerge", "run", str(tmp_path / "job.yaml")], stderr=subprocess.PIPE,
                              text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     first = tmp_path / "out.job" / "checkpoints" / "step_00000000"
     deadline = time.monotonic() + 120

@@ -12,13 +12,13 @@ import yaml
 from safetensors.torch import load_file
 from transformers import ViTForImageClassification, ViTModel
 
-from service.cli import main
-from service.suites import SUITES
-from service.suites.image_sources import FontGroup, find_fonts, load_fashion_mnist
-from service.suites.vision import FORMAT, IMAGE_SIZE, build_vision_suite
-from service.suites.vision_catalog import SUITES as VISION_SUITES
-from service.suites.vision_catalog import TASKS
-from workers.errors import MergeInputError
+from rankmerge.service.cli import main
+from rankmerge.service.suites import SUITES
+from rankmerge.service.suites.image_sources import FontGroup, find_fonts, load_fashion_mnist
+from rankmerge.service.suites.vision import FORMAT, IMAGE_SIZE, build_vision_suite
+from rankmerge.service.suites.vision_catalog import SUITES as VISION_SUITES
+from rankmerge.service.suites.vision_catalog import TASKS
+from rankmerge.workers.errors import MergeInputError
 
 pytestmark = pytest.mark.slow  # one ~20 s build (2 free cores) and a short AdaRank run
 

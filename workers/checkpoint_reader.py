@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from workers.errors import MergeInputError
-from workers.safetensors_format import TensorEntry, read_header
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.safetensors_format import TensorEntry, read_header
 
 log = logging.getLogger(__name__)
 

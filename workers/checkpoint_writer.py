@@ -22,9 +22,9 @@ from typing import Iterator
 
 import torch
 
-from workers.atomic_io import fsync_path, write_synced
-from workers.errors import MergeInputError
-from workers.safetensors_format import build_header, nbytes
+from rankmerge.workers.atomic_io import fsync_path, write_synced
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.safetensors_format import build_header, nbytes
 
 log = logging.getLogger(__name__)
 

@@ -36,12 +36,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from workers.heap import map_large_blocks, return_freed_heap
-from workers.tta.adapters import TaskModels, build_task_models
-from workers.tta.data import load_task_data, model_inputs
-from workers.tta.objectives import Objective
-from workers.tta.teachers import read_teachers
-from workers.tta.sources import Sources, open_sources
+from rankmerge.workers.heap import map_large_blocks, return_freed_heap
+from rankmerge.workers.tta.adapters import TaskModels, build_task_models
+from rankmerge.workers.tta.data import load_task_data, model_inputs
+from rankmerge.workers.tta.objectives import Objective
+from rankmerge.workers.tta.teachers import read_teachers
+from rankmerge.workers.tta.sources import Sources, open_sources
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from workers.safetensors_format import MAX_HEADER_BYTES
+from rankmerge.workers.safetensors_format import MAX_HEADER_BYTES
 
 SAMPLE_BYTES = 64 * 1024
 SAMPLES_PER_FILE = 5

@@ -23,13 +23,13 @@ from typing import Callable
 
 import torch
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.methods.registry import MergeMethod, TensorInputs
-from workers.memory import current_rss_bytes, peak_rss_bytes
-from workers.plan import MergePlan, TensorPlan
-from workers.roles import Role
-from workers.safetensors_format import nbytes
-from workers.static_merge import PREFETCH_BUDGET_BYTES, load_inputs
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.methods.registry import MergeMethod, TensorInputs
+from rankmerge.workers.memory import current_rss_bytes, peak_rss_bytes
+from rankmerge.workers.plan import MergePlan, TensorPlan
+from rankmerge.workers.roles import Role
+from rankmerge.workers.safetensors_format import nbytes
+from rankmerge.workers.static_merge import PREFETCH_BUDGET_BYTES, load_inputs
 
 log = logging.getLogger(__name__)
 WRITE_PROBE_BYTES = 64 * 2**20

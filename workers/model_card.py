@@ -12,7 +12,7 @@ from typing import Any, Collection
 
 import yaml
 
-from workers.checkpoint_writer import StreamingCheckpointWriter
+from rankmerge.workers.checkpoint_writer import StreamingCheckpointWriter
 
 CARD_NAME = "README.md"
 

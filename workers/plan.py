@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.errors import MergeInputError
-from workers.memory import current_rss_bytes
-from workers.roles import ArchitectureRules, Role, classify, is_embedding, is_head, rules_for, tied_source
-from workers.safetensors_format import numel
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.memory import current_rss_bytes
+from rankmerge.workers.roles import ArchitectureRules, Role, classify, is_embedding, is_head, rules_for, tied_source
+from rankmerge.workers.safetensors_format import numel
 
 log = logging.getLogger(__name__)
 SAME_BASE_FIX = "merge only checkpoints fine-tuned from this base (same architecture and size)"

@@ -1,7 +1,7 @@
 """Progress of long work: a tqdm bar on a terminal, and — where stderr is not a terminal (a job log, a pipe) — one log
 line every PROGRESS_SECONDS with the same counts, rate and ETA, as users of tqdm-based jobs expect in their logs.
 
-The lines go to the `workers.progress` logger at INFO; the CLI shows them without -v.
+The lines go to the `rankmerge.workers.progress` logger at INFO; the CLI shows them without -v.
 """
 
 from __future__ import annotations

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import StreamingCheckpointWriter
-from workers.fingerprint import input_fingerprint
-from workers.memory import peak_rss_bytes
-from workers.model_card import write_model_card
-from workers.plan import MergePlan
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_writer import StreamingCheckpointWriter
+from rankmerge.workers.fingerprint import input_fingerprint
+from rankmerge.workers.memory import peak_rss_bytes
+from rankmerge.workers.model_card import write_model_card
+from rankmerge.workers.plan import MergePlan
 
 REPORT = "merge_report.json"
 TensorRecords = dict[str, dict[str, Any]]  # tensor key -> what its record adds to key, role, shape and dtype

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from workers.errors import MergeInputError
+from rankmerge.workers.errors import MergeInputError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

@@ -21,12 +21,12 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor
 
-from workers.heap import map_large_blocks
-from workers.tta.engine import AdaptiveMerger
-from workers.tta.factory import make_merger
-from workers.tta.params import AdaptiveParams
-from workers.tta.sources import Sources, open_sources
-from workers.tta.state import SpectralSlot
+from rankmerge.workers.heap import map_large_blocks
+from rankmerge.workers.tta.engine import AdaptiveMerger
+from rankmerge.workers.tta.factory import make_merger
+from rankmerge.workers.tta.params import AdaptiveParams
+from rankmerge.workers.tta.sources import Sources, open_sources
+from rankmerge.workers.tta.state import SpectralSlot
 
 LAMBDA = "lambda"  # λ columns: [T+1, len(columns)] in this shard, [T+1, K] in a checkpoint
 ADAM_FIELDS = ("exp_avg", "exp_avg_sq")

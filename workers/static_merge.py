@@ -15,14 +15,14 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.checkpoint_writer import StreamingCheckpointWriter
-from workers.errors import MergeInputError
-from workers.methods.registry import MergeMethod, TensorInputs
-from workers.plan import MergePlan, TensorPlan
-from workers.progress import progress
-from workers.publish import Publication, publish
-from workers.roles import Role
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_writer import StreamingCheckpointWriter
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.methods.registry import MergeMethod, TensorInputs
+from rankmerge.workers.plan import MergePlan, TensorPlan
+from rankmerge.workers.progress import progress
+from rankmerge.workers.publish import Publication, publish
+from rankmerge.workers.roles import Role
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from service.suites import Suite
-from workers.methods.elementwise import stable_seed
-from workers.tta.data import load_task_data
+from rankmerge.service.suites import Suite
+from rankmerge.workers.methods.elementwise import stable_seed
+from rankmerge.workers.tta.data import load_task_data
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Per-task accuracy of published outputs on named splits, with the suite's checkpoints and task models opened once.
 
-`rankmerge eval` (service.tta_job.evaluate_output) re-opens every input and re-scores the pretrained and individual
+`rankmerge eval` (rankmerge.service.tta_job.evaluate_output) re-opens every input and re-scores the pretrained and individual
 models on each call; a benchmark scores ~150 outputs, so it opens once and scores only the output each time — with the
 same `accuracy` and `evaluate` functions, so the numbers are the ones a user would get.
 """
@@ -11,12 +11,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 
-from service.suites import Suite
-from service.tta_job import accuracy, evaluate
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.plan import build_plan
-from workers.tta.adapters import build_task_models
-from workers.tta.data import load_task_data
+from rankmerge.service.suites import Suite
+from rankmerge.service.tta_job import accuracy, evaluate
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.plan import build_plan
+from rankmerge.workers.tta.adapters import build_task_models
+from rankmerge.workers.tta.data import load_task_data
 
 Scores = dict[str, float]  # task -> accuracy, plus "average"
 

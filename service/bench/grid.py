@@ -14,9 +14,9 @@ import itertools
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from workers.errors import MergeInputError
-from workers.methods.registry import spectral_methods
-from workers.tta.params import ADAPTIVE_METHODS, LEGACY_FACTORIZATIONS, AdaMergingParams
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.methods.registry import spectral_methods
+from rankmerge.workers.tta.params import ADAPTIVE_METHODS, LEGACY_FACTORIZATIONS, AdaMergingParams
 
 Kind = Literal["reference", "static", "adaptive"]
 

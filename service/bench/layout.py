@@ -15,11 +15,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workers.atomic_io import write_atomic
-from workers.errors import MergeInputError
+from rankmerge.workers.atomic_io import write_atomic
+from rankmerge.workers.errors import MergeInputError
 
 if TYPE_CHECKING:
-    from service.suites import Suite
+    from rankmerge.service.suites import Suite
 
 RECORD_SUFFIX = ".json"
 REPORT_FILES = ("table.json",)
@@ -64,7 +64,7 @@ def read_records(results: Path) -> dict[str, dict[str, Any]]:
 
 def open_suite(name: str, root: Path | None = None, seed: int = 0) -> "Suite":
     """Build the named suite, or reuse it when root already holds it complete (default root: the user cache)."""
-    from service.suites import SUITES, build_suite
+    from rankmerge.service.suites import SUITES, build_suite
 
     if name not in SUITES:
         raise MergeInputError(f"unknown suite {name!r}", f"use one of: {', '.join(SUITES)}")

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from service.bench.spectra import block_of  # noqa: E402
+from rankmerge.service.bench.spectra import block_of  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from service.bench.grid import BY_NAME, GROUPS
-from service.bench.layout import read_records, write_json
-from service.bench.plots import plot_masks, plot_ranks
-from service.bench.spectra import intrinsic_ranks
-from service.suites import Suite
-from workers.errors import MergeInputError
+from rankmerge.service.bench.grid import BY_NAME, GROUPS
+from rankmerge.service.bench.layout import read_records, write_json
+from rankmerge.service.bench.plots import plot_masks, plot_ranks
+from rankmerge.service.bench.spectra import intrinsic_ranks
+from rankmerge.service.suites import Suite
+from rankmerge.workers.errors import MergeInputError
 
 log = logging.getLogger(__name__)
 

@@ -24,14 +24,14 @@ import yaml
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from service.bench.data import ProtocolData, write_protocol_data
-from service.bench.evaluate import Scores, SuiteEvaluator
-from service.bench.grid import BenchMethod, TTASettings
-from service.bench.layout import record_path, run_dir, write_json
-from service.merge_job import run_merge_job
-from service.spec import job_from_dict
-from service.suites import Suite
-from service.tta_job import run_adaptive_job
+from rankmerge.service.bench.data import ProtocolData, write_protocol_data
+from rankmerge.service.bench.evaluate import Scores, SuiteEvaluator
+from rankmerge.service.bench.grid import BenchMethod, TTASettings
+from rankmerge.service.bench.layout import record_path, run_dir, write_json
+from rankmerge.service.merge_job import run_merge_job
+from rankmerge.service.spec import job_from_dict
+from rankmerge.service.suites import Suite
+from rankmerge.service.tta_job import run_adaptive_job
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def run_methods(suite_name: str, suite: Suite, results: Path, methods: list[Benc
     """Run each method (fresh run folder each time), write its record, log one line per finished method."""
     results.mkdir(parents=True, exist_ok=True)
     records = []
-    with torch_threads(threads), _quiet_repeats("workers.plan"), logging_redirect_tqdm():
+    with torch_threads(threads), _quiet_repeats("rankmerge.workers.plan"), logging_redirect_tqdm():
         data = write_protocol_data(suite, results / "data", seed)
         splits = {"val": {t: s["val"] for t, s in suite.data.items()}, "test": {t: s["test"] for t, s in suite.data.items()},
                   "heldout": data.report}

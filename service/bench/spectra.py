@@ -10,11 +10,11 @@ from contextlib import ExitStack
 
 import torch
 
-from service.suites import Suite
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.plan import build_plan
-from workers.roles import Role
-from workers.static_merge import load_inputs
+from rankmerge.service.suites import Suite
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.plan import build_plan
+from rankmerge.workers.roles import Role
+from rankmerge.workers.static_merge import load_inputs
 
 BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 

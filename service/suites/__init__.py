@@ -14,19 +14,19 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from service.suites.common import Suite
-from service.suites.digits import DigitsSuite, build_digits_suite
+from rankmerge.service.suites.common import Suite
+from rankmerge.service.suites.digits import DigitsSuite, build_digits_suite
 
 SUITES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "digits-smoke": ("service.suites.digits", "build_digits_suite", {"scale": "test"}),
-    "digits": ("service.suites.digits", "build_digits_suite", {"scale": "bench"}),
-    "text-smoke": ("service.suites.text", "build_text_suite", {"scale": "smoke"}),
-    "text": ("service.suites.text", "build_text_suite", {"scale": "full"}),
-    "vision-smoke": ("service.suites.vision", "build_vision_suite", {"suite": "vision-smoke"}),
-    "vision8": ("service.suites.vision", "build_vision_suite", {"suite": "vision8"}),
-    "vision14": ("service.suites.vision", "build_vision_suite", {"suite": "vision14"}),
-    "vision20": ("service.suites.vision", "build_vision_suite", {"suite": "vision20"}),
-    "shift5": ("service.suites.vision", "build_vision_suite", {"suite": "shift5"}),
+    "digits-smoke": ("rankmerge.service.suites.digits", "build_digits_suite", {"scale": "test"}),
+    "digits": ("rankmerge.service.suites.digits", "build_digits_suite", {"scale": "bench"}),
+    "text-smoke": ("rankmerge.service.suites.text", "build_text_suite", {"scale": "smoke"}),
+    "text": ("rankmerge.service.suites.text", "build_text_suite", {"scale": "full"}),
+    "vision-smoke": ("rankmerge.service.suites.vision", "build_vision_suite", {"suite": "vision-smoke"}),
+    "vision8": ("rankmerge.service.suites.vision", "build_vision_suite", {"suite": "vision8"}),
+    "vision14": ("rankmerge.service.suites.vision", "build_vision_suite", {"suite": "vision14"}),
+    "vision20": ("rankmerge.service.suites.vision", "build_vision_suite", {"suite": "vision20"}),
+    "shift5": ("rankmerge.service.suites.vision", "build_vision_suite", {"suite": "shift5"}),
 }
 
 

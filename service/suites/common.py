@@ -21,7 +21,7 @@ from torch.nn.functional import cross_entropy
 from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
-from workers.atomic_io import write_atomic
+from rankmerge.workers.atomic_io import write_atomic
 
 log = logging.getLogger(__name__)
 

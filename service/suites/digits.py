@@ -31,7 +31,7 @@ import torch
 from torch.nn.functional import cross_entropy
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
-from service.suites.common import (
+from rankmerge.service.suites.common import (
     Suite,
     accuracy,
     cls_features,

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.nn.functional import interpolate
 
-from workers.errors import MergeInputError
+from rankmerge.workers.errors import MergeInputError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's package puts it
 FASHION_PACKAGE = "dataset-fashion-mnist"

@@ -42,9 +42,9 @@ from torch.nn.functional import cross_entropy
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerBase
 
-from service.suites.common import Suite, build_once, fit_probe, seeded_split, suite_layout, train_minibatches
-from service.suites.text_sources import DEV_EXTRAS, LabelledTexts, collect
-from workers.errors import MergeInputError
+from rankmerge.service.suites.common import Suite, build_once, fit_probe, seeded_split, suite_layout, train_minibatches
+from rankmerge.service.suites.text_sources import DEV_EXTRAS, LabelledTexts, collect
+from rankmerge.workers.errors import MergeInputError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class Scale:
-    suite: str  # the name it is registered under in service.suites.SUITES
+    suite: str  # the name it is registered under in rankmerge.service.suites.SUITES
     tasks: tuple[TaskSpec, ...]
     max_length: int
     finetune_epochs: int

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.errors import MergeInputError
+from rankmerge.workers.errors import MergeInputError
 
 DEV_EXTRAS = "pip install -e '.[dev]'"
 

@@ -44,7 +44,7 @@ from torch.nn.functional import cross_entropy
 from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
-from service.suites.common import (
+from rankmerge.service.suites.common import (
     Suite,
     accuracy,
     build_once,
@@ -57,7 +57,7 @@ from service.suites.common import (
     train_minibatches,
     vit_config,
 )
-from service.suites.image_sources import (
+from rankmerge.service.suites.image_sources import (
     FASHION_DIR,
     FASHION_LABELS,
     FontFile,
@@ -67,7 +67,7 @@ from service.suites.image_sources import (
     load_sklearn_digits,
     resize,
 )
-from service.suites.vision_catalog import FONTS, PRETRAIN_CHARS, STYLES, SUITES, TASKS, DigitsTask, FashionTask, GlyphTask
+from rankmerge.service.suites.vision_catalog import FONTS, PRETRAIN_CHARS, STYLES, SUITES, TASKS, DigitsTask, FashionTask, GlyphTask
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from service.suites.image_sources import FASHION_LABELS, FontFile, FontGroup
+from rankmerge.service.suites.image_sources import FASHION_LABELS, FontFile, FontGroup
 
 STYLES = ("serif", "sans", "mono")
 DEJAVU = "fonts-dejavu-core fonts-dejavu-extra"

@@ -15,12 +15,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import Tensor
 
-from workers.errors import MergeInputError
-from workers.methods import elementwise as ew
-from workers.methods import spectral as sp
-from workers.methods.streaming_stats import StreamingKthSmallest
-from workers.methods.svd import SvdOptions
-from workers.roles import Role
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.methods import elementwise as ew
+from rankmerge.workers.methods import spectral as sp
+from rankmerge.workers.methods.streaming_stats import StreamingKthSmallest
+from rankmerge.workers.methods.svd import SvdOptions
+from rankmerge.workers.roles import Role
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from workers.methods.svd import EXACT, SvdOptions, thin_svd, top_svd
+from rankmerge.workers.methods.svd import EXACT, SvdOptions, thin_svd, top_svd
 
 SHARED = -1  # task_of_component value for components that belong to no single task (Iso-CTS common block)
 

@@ -16,11 +16,11 @@ from accelerate import init_empty_weights
 from torch import Tensor
 from torch.func import functional_call
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.errors import MergeInputError
-from workers.plan import MergePlan
-from workers.roles import Role
-from workers.tta.objectives import GroupSum, Objective, entropy, objective_loss
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.plan import MergePlan
+from rankmerge.workers.roles import Role
+from rankmerge.workers.tta.objectives import GroupSum, Objective, entropy, objective_loss
 
 # architecture class -> (output kind, input tensor names)
 ADAPTERS: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from workers.errors import MergeInputError
-from workers.methods.elementwise import stable_seed
-from workers.tta.objectives import TEACHER_INDEX, TEACHER_LOGITS
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.methods.elementwise import stable_seed
+from rankmerge.workers.tta.objectives import TEACHER_INDEX, TEACHER_LOGITS
 
 INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask")
 TARGET_KEYS = (TEACHER_LOGITS, TEACHER_INDEX)  # label-free targets computed before step 1 (workers/tta/teachers.py)

@@ -11,7 +11,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor
 
-from workers.methods.adaptive import (
+from rankmerge.workers.methods.adaptive import (
     MaskedTaskSum,
     TaskVectorSum,
     initial_logits,
@@ -20,7 +20,7 @@ from workers.methods.adaptive import (
     spectral_merge,
     straight_through_mask,
 )
-from workers.tta.state import ElementwiseSlot, Slot, SpectralSlot
+from rankmerge.workers.tta.state import ElementwiseSlot, Slot, SpectralSlot
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,13 @@ each shard): the parameters give the method the state starts from, the state lay
 
 from __future__ import annotations
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.methods.registry import MergeContext
-from workers.plan import MergePlan
-from workers.roles import Role, is_embedding
-from workers.tta.engine import AdaptiveMerger
-from workers.tta.params import AdaptiveParams
-from workers.tta.state import build_state
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.methods.registry import MergeContext
+from rankmerge.workers.plan import MergePlan
+from rankmerge.workers.roles import Role, is_embedding
+from rankmerge.workers.tta.engine import AdaptiveMerger
+from rankmerge.workers.tta.params import AdaptiveParams
+from rankmerge.workers.tta.state import build_state
 
 
 def static_keys(params: AdaptiveParams, plan: MergePlan, output_kind: str) -> frozenset[str]:

@@ -22,16 +22,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.forecast import Forecast, group_entries, process_age_seconds, timed, write_seconds_per_byte
-from workers.plan import MergePlan, current_rss_bytes
-from workers.safetensors_format import nbytes
-from workers.tta.adapters import TaskModels
-from workers.tta.data import model_inputs
-from workers.tta.engine import AdaptiveMerger
-from workers.tta.factory import make_merger
-from workers.tta.params import AdaptiveParams
-from workers.tta.state import ElementwiseSlot
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.forecast import Forecast, group_entries, process_age_seconds, timed, write_seconds_per_byte
+from rankmerge.workers.plan import MergePlan, current_rss_bytes
+from rankmerge.workers.safetensors_format import nbytes
+from rankmerge.workers.tta.adapters import TaskModels
+from rankmerge.workers.tta.data import model_inputs
+from rankmerge.workers.tta.engine import AdaptiveMerger
+from rankmerge.workers.tta.factory import make_merger
+from rankmerge.workers.tta.params import AdaptiveParams
+from rankmerge.workers.tta.state import ElementwiseSlot
 
 
 class PeakRss:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from workers.methods.elementwise import stable_seed
-from workers.tta.objectives import TEACHER_INDEX, TEACHER_LOGITS, marginal_entropy
+from rankmerge.workers.methods.elementwise import stable_seed
+from rankmerge.workers.tta.objectives import TEACHER_INDEX, TEACHER_LOGITS, marginal_entropy
 
 COLLAPSE = 0.5
 

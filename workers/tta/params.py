@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from workers.methods.registry import (
+from rankmerge.workers.methods.registry import (
     SVD_FIELDS,
     MergeContext,
     Params,
@@ -18,8 +18,8 @@ from workers.methods.registry import (
     parse_params,
     spectral_methods,
 )
-from workers.tta.engine import AdaptiveOptions
-from workers.tta.state import StateOptions
+from rankmerge.workers.tta.engine import AdaptiveOptions
+from rankmerge.workers.tta.state import StateOptions
 
 # The vocabulary AdaRank specs used before `base` named any spectral method: factorization -> (method, its scale
 # parameter, what the factorization fixed, the top-level parameters it read). Old specs parse to the same job.

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.errors import MergeInputError
-from workers.plan import MergePlan, build_plan
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.plan import MergePlan, build_plan
 
 
 @dataclass(frozen=True)

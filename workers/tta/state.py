@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.methods.adaptive import TaskVectorSum
-from workers.methods.registry import TaskVectorMethod
-from workers.plan import MergePlan, TensorPlan
-from workers.static_merge import load_inputs
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.methods.adaptive import TaskVectorSum
+from rankmerge.workers.methods.registry import TaskVectorMethod
+from rankmerge.workers.plan import MergePlan, TensorPlan
+from rankmerge.workers.static_merge import load_inputs
 
 
 @dataclass

@@ -22,13 +22,13 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from workers.atomic_io import write_atomic
-from workers.checkpoint_reader import ModelCheckpoint
-from workers.plan import MergePlan
-from workers.progress import progress
-from workers.tta.adapters import TaskModels
-from workers.tta.data import model_inputs, num_rows
-from workers.tta.objectives import TEACHER_INDEX, TEACHER_LOGITS
+from rankmerge.workers.atomic_io import write_atomic
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.plan import MergePlan
+from rankmerge.workers.progress import progress
+from rankmerge.workers.tta.adapters import TaskModels
+from rankmerge.workers.tta.data import model_inputs, num_rows
+from rankmerge.workers.tta.objectives import TEACHER_INDEX, TEACHER_LOGITS
 
 log = logging.getLogger(__name__)
 TOP_K = 64
