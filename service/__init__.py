@@ -6,7 +6,7 @@ _LAZY = {"load_task_model": "rankmerge.service.task_model", "export_task_model":
 
 
 def __getattr__(name: str) -> Any:
-    """`service.load_task_model` without importing torch and transformers for every CLI command."""
+    """`rankmerge.service.load_task_model` without importing torch and transformers for every CLI command."""
     if name in _LAZY:
         import importlib
 
