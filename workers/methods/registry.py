@@ -196,13 +196,18 @@ PerTask = float | dict[str, float]  # one value for every task, or {task: value}
 
 def per_task_values(name: str, value: PerTask, task_names: tuple[str, ...]) -> Tensor:
     """One value per task, in task order, from one number or a {task: value} mapping that names every task once."""
+    return torch.tensor(per_task_floats(name, value, task_names))
+
+
+def per_task_floats(name: str, value: PerTask, task_names: tuple[str, ...]) -> list[float]:
+    """`per_task_values` as exact Python floats: counts such as ⌊density·n⌋ must not see float32 rounding."""
     if not isinstance(value, dict):
-        return torch.full((len(task_names),), float(value))
+        return [float(value)] * len(task_names)
     missing, unknown = sorted(set(task_names) - set(value)), sorted(set(value) - set(task_names))
     if missing or unknown:
         raise MergeInputError(f"parameter {name!r} names tasks {sorted(value)} but the tasks are {list(task_names)}"
                               f" (missing {missing}, unknown {unknown})", f"give one {name} per task, or one number for all")
-    return torch.tensor([float(value[t]) for t in task_names])
+    return [float(value[t]) for t in task_names]
 
 
 def check_per_task(value: PerTask, low: float, high: float) -> PerTask:
@@ -404,7 +409,7 @@ class _MergekitTaskArithmetic(MergeMethod):
     def __init__(self, params: Params, ctx: MergeContext) -> None:
         super().__init__(params, ctx)
         self.weights = per_task_values("weight", params.weight, ctx.task_names)
-        self.densities = per_task_values("density", params.density, ctx.task_names).tolist()
+        self.densities = per_task_floats("density", params.density, ctx.task_names)
 
     def sparsify(self, tau: Tensor, task: int, key: str) -> Tensor:
         """Task `task`'s sparsified task vector on tensor `key` (before any rescale)."""
@@ -458,7 +463,7 @@ class BreadcrumbsMergekit(_MergekitTaskArithmetic):
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        self.gammas = per_task_values("gamma", params.gamma, ctx.task_names).tolist()
+        self.gammas = per_task_floats("gamma", params.gamma, ctx.task_names)
 
     def caveats(self):
         if min(self.gammas) > 0:
@@ -500,7 +505,7 @@ class Della(_MergekitTaskArithmetic):
 
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
-        self.epsilons = per_task_values("epsilon", params.epsilon, ctx.task_names).tolist()
+        self.epsilons = per_task_floats("epsilon", params.epsilon, ctx.task_names)
         for name, d, e in zip(ctx.task_names, self.densities, self.epsilons):
             if 0 < d < 1 and not (0 < d - e and d + e < 1):
                 raise MergeInputError(f"{self.name}: task {name!r} has density {d:g} ± epsilon {e:g} outside (0, 1)",
@@ -599,7 +604,7 @@ class NuSlerp(MergeMethod):
     def __init__(self, params, ctx):
         super().__init__(params, ctx)
         require_tasks(self.name, ctx, 2, 2)
-        w = per_task_values("weight", params.weight, ctx.task_names).tolist()
+        w = per_task_floats("weight", params.weight, ctx.task_names)
         self.t = w[1] / (w[0] + w[1]) if abs(w[0] + w[1]) >= 1e-6 else 0.5  # mergekit: 0.5 for a near-zero sum
 
     def merge(self, inputs):
