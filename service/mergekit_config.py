@@ -54,7 +54,7 @@ def _method(data: dict[str, Any]) -> str:
         raise _fail(f"field {unknown[0]!r} is not supported", f"rankmerge reads {', '.join(sorted(TOP_LEVEL))}")
     if method in NOT_EXACT:
         raise _fail(f"merge_method {method!r} would not give mergekit's result (its random drop masks and rescaling "
-                    "differ from rankmerge's)", "use a rankmerge spec with `method: dare` (see `rankmerge methods`)")
+                    "differ from rankmerge's)", "use a rankmerge spec with `method: dare` or `della` (see `rankmerge methods`)")
     if method not in EXACT:
         raise _fail(f"merge_method {method!r} is not one rankmerge reproduces", f"use one of: {', '.join(EXACT)}")
     return method
