@@ -238,7 +238,7 @@ class TaskArithmetic(TaskVectorMethod):
     def merge(self, inputs):
         if not isinstance(self.params.lambda_, dict):
             return ew.task_arithmetic(inputs.taus, self.params.lambda_), {}
-        return ew.weighted_sum(inputs.taus, self.lambdas), {}
+        return ew.weighted_sum(inputs.taus, self.lambdas.to(inputs.taus.device)), {}
 
 
 @register
@@ -274,7 +274,8 @@ class Consensus(MergeMethod):
 
     def merge(self, inputs):
         p = self.params
-        lambdas = torch.tensor(p.tall_lambda if isinstance(p.tall_lambda, list) else [p.tall_lambda] * len(inputs.taus))
+        lambdas = torch.tensor(p.tall_lambda if isinstance(p.tall_lambda, list) else [p.tall_lambda] * len(inputs.taus),
+                               device=inputs.taus.device)
         delta = ew.consensus(inputs.taus, lambdas, p.k, p.alpha)
         return delta, {}
 
@@ -405,7 +406,7 @@ class TiesMergekit(MergeMethod):
     def merge(self, inputs):
         trimmed = torch.stack([ew.keep_top_count(tau, d) for tau, d in zip(inputs.taus, self.densities)])
         kept = int(torch.count_nonzero(trimmed)) / trimmed.numel()
-        delta = ew.weighted_sign_consensus(trimmed, self.weights, self.params.normalize).mul_(self.params.lambda_)
+        delta = ew.weighted_sign_consensus(trimmed, self.weights.to(trimmed.device), self.params.normalize).mul_(self.params.lambda_)
         return delta, {"kept_fraction": round(kept, 6)}
 
 
