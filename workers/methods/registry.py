@@ -245,7 +245,7 @@ class TaskArithmetic(TaskVectorMethod):
     def merge(self, inputs):
         if not isinstance(self.params.lambda_, dict):
             return ew.task_arithmetic(inputs.taus, self.params.lambda_), {}
-        return ew.weighted_sum(inputs.taus, self.lambdas), {}
+        return ew.weighted_sum(inputs.taus, self.lambdas.to(inputs.taus.device)), {}
 
 
 @register
@@ -281,7 +281,8 @@ class Consensus(MergeMethod):
 
     def merge(self, inputs):
         p = self.params
-        lambdas = torch.tensor(p.tall_lambda if isinstance(p.tall_lambda, list) else [p.tall_lambda] * len(inputs.taus))
+        lambdas = torch.tensor(p.tall_lambda if isinstance(p.tall_lambda, list) else [p.tall_lambda] * len(inputs.taus),
+                               device=inputs.taus.device)
         delta = ew.consensus(inputs.taus, lambdas, p.k, p.alpha)
         return delta, {}
 
@@ -423,9 +424,9 @@ class _MergekitTaskArithmetic(MergeMethod):
         kept = torch.stack([self._kept(tau, t, inputs.key) for t, tau in enumerate(inputs.taus)])
         fraction = int(torch.count_nonzero(kept)) / kept.numel()
         if self.consensus:
-            delta = ew.weighted_sign_consensus(kept, self.weights, self.params.normalize)
+            delta = ew.weighted_sign_consensus(kept, self.weights.to(kept.device), self.params.normalize)
         else:
-            delta = spz.weighted_linear(kept, self.weights, self.params.normalize)
+            delta = spz.weighted_linear(kept, self.weights.to(kept.device), self.params.normalize)
         return delta.mul_(self.params.lambda_), {"kept_fraction": round(fraction, 6)}
 
 
