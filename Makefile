@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+# GPU machines: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128 (the CUDA build of the same torch pin);
+# empty: the default wheel from the package registry.
+TORCH_INDEX ?=
 
 .PHONY: setup demo test bench clean
 
@@ -12,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 

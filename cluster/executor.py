@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from rankmerge.workers.device import device_name
 from rankmerge.workers.entropy_worker import EntropyWorker, Partition
 from rankmerge.workers.spectral_shard import SpectralShard, assemble_state, slice_state
 from rankmerge.workers.tta.adapters import TaskModels
@@ -49,6 +50,8 @@ class AdaptiveWork:
     static_keys: frozenset[str] = frozenset()  # merged at λ0 and not adapted: no gradient is computed or sent for them
     objective: Objective = Objective()
     teachers: Path | None = None  # the teacher-target cache the driver wrote (workers/tta/teachers.py)
+    shard_device: str = "cpu"  # device settings (workers/device.py), resolved in the process that computes
+    worker_device: str = "cpu"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -58,6 +61,7 @@ class AdaptiveWork:
 class Executor(Protocol):
     build_seconds: float  # the slowest shard's read + task vectors + factorizations
     bytes_last_step: int  # through the object store in the last step (0 in-process)
+    device: str  # where the shards compute, for the report
 
     def step(self, indices: list[Tensor]) -> tuple[list[float], int]: ...
     def state(self) -> dict[str, Tensor]: ...
@@ -78,14 +82,17 @@ class LocalExecutor:
                  loaded: tuple[TaskModels, list[dict[str, Tensor]]] | None = None) -> None:
         columns = sorted(c for cols in work.columns for c in cols)
         self.work = work
-        self.shard = SpectralShard(work.sources, work.params, work.lr, columns, threads, work.static_keys)
+        self.shard = SpectralShard(work.sources, work.params, work.lr, columns, threads, work.static_keys, work.shard_device)
         self.worker = EntropyWorker(work.sources, work.data, work.max_length, [self.shard.keys], threads=threads, loaded=loaded,
-                                    compute_dtype=work.dtype, static=work.static_keys, objective=work.objective)
+                                    compute_dtype=work.dtype, static=work.static_keys, objective=work.objective,
+                                    device=work.worker_device)
+        self.device = device_name(self.shard.device)
         self.worker.join("127.0.0.1", 0)
         self.build_seconds = self.shard.build_seconds
         self.bytes_last_step = 0  # nothing leaves the process
 
     def step(self, indices: list[Tensor]) -> tuple[list[float], int]:
+        """Weights and gradients stay on the shared device: nothing goes through the host."""
         self.worker.load_weights(self.shard.materialize(self.work.dtype))
         (grads,), losses = self.worker.gradients(indices)
         return losses, self.shard.apply_gradients([grads])

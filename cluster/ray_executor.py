@@ -43,7 +43,7 @@ BF16 = np.dtype([("bfloat16", "<u2")])  # numpy has no bfloat16: its bits travel
 def as_numpy(tensors: dict[str, Tensor]) -> dict[str, np.ndarray]:
     out = {}
     for k, v in tensors.items():
-        v = v.detach().contiguous()
+        v = v.detach().cpu().contiguous()  # what crosses processes leaves the GPU here, and only here
         out[k] = v.view(torch.uint16).numpy().view(BF16) if v.dtype == torch.bfloat16 else v.numpy()
     return out
 
@@ -64,7 +64,8 @@ class ShardHost:
 
     def __init__(self, work: AdaptiveWork, index: int, threads: int | None) -> None:
         _quiet_plan_warnings()
-        self.shard = SpectralShard(work.sources, work.params, work.lr, work.columns[index], threads, work.static_keys)
+        self.shard = SpectralShard(work.sources, work.params, work.lr, work.columns[index], threads, work.static_keys,
+                                   work.shard_device)
 
     def pid(self) -> int:
         return self.shard.pid()
@@ -114,7 +115,7 @@ class WorkerHost:
         _quiet_plan_warnings()
         self.worker = EntropyWorker(work.sources, work.data, work.max_length, work.keys, rank, world, work.partition, threads,
                                     compute_dtype=work.dtype, static=work.static_keys, objective=work.objective,
-                                    teachers=work.teachers)
+                                    teachers=work.teachers, device=work.worker_device)
 
     def pid(self) -> int:
         return self.worker.pid()
@@ -153,6 +154,7 @@ class RayExecutor:
 
         self.ray = ray
         self.work, self.job_dir, self.num_workers = work, job_dir, workers
+        self.device = f"{work.shard_device} (shards), {work.worker_device} (workers)"
         self.shard_resources = {"num_cpus": cpus_per_shard, "num_gpus": gpus_per_shard}
         self.worker_resources = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
         self.shard_group = placement_group([_bundle(cpus_per_shard, gpus_per_shard)] * len(work.columns), strategy="PACK")

@@ -113,6 +113,8 @@ def job_data_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], Path, 
         data["out_dtype"] = args.out_dtype
     if args.max_shard_size:
         data["max_shard_size"] = args.max_shard_size
+    if args.device:
+        data["device"] = args.device
     return data, root, flags
 
 
@@ -185,6 +187,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise MergeInputError(f"{args.job} is a mergekit config", f"merge it with `rankmerge merge {args.job} --out DIR`")
     if args.overwrite:
         data["overwrite"] = True
+    if args.device:
+        data["device"] = args.device
     job = job_from_dict(data, Path(args.job).resolve().parent)
     check_inputs_exist(job, lambda field: path_origin(field, {}, args.job))
     _check_spec_copy(Path(args.job), job)
@@ -204,7 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = run_adaptive_job(job, resume=args.resume, executor=args.executor, address=args.address,
                               restart=args.restart, strict=args.strict)
     if report["history"]:
-        print(f"{job.method}: {steps_summary(report['history'], report.get('resumed_from_step'))}")
+        print(f"{job.method} on {report['device']}: {steps_summary(report['history'], report.get('resumed_from_step'))}")
     if report.get("guard"):
         print(format_guard(report))
     if report.get("accuracy"):
@@ -299,6 +303,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 VERBOSE_HELP = "log progress details"
+DEVICE_FLAG_HELP = "where the tensor math runs: auto (the GPU when one is visible), cpu, cuda or cuda:N (overrides the spec's `device`)"
 
 
 def _accept_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
@@ -327,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dry-run", action="store_true", help="print the plan and predicted memory; write nothing")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     merge.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle checkpoints (weights_only load)")
+    merge.add_argument("--device", help=DEVICE_FLAG_HELP)
     merge.set_defaults(func=cmd_merge)
 
     run = sub.add_parser("run", help="run a job spec in-process: static, or adaptive (AdaRank/AdaMerging) with checkpoints")
@@ -342,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", choices=["local", "ray"], default="local",
                      help="local: in this process; ray: shards and workers as Ray actors (spec `resources:` block)")
     run.add_argument("--address", help="Ray cluster address for --executor ray (default: start an embedded local Ray)")
+    run.add_argument("--device", help=DEVICE_FLAG_HELP)
     run.set_defaults(func=cmd_run)
 
     evaluate = sub.add_parser("eval", help="per-task accuracy of a job's output next to the pretrained and individual models")

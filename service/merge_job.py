@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.device import resolve_device
 from rankmerge.workers.checkpoint_writer import check_disk_space, check_output_free, check_output_parent, parse_size
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.forecast import Forecast, forecast
@@ -140,21 +141,23 @@ def describe_plan(prepared: PreparedMerge, predicted: Forecast | None = None) ->
 
 def run_merge_job(job: MergeJob, dry_run: bool = False) -> dict[str, Any] | str:
     """Dry run → the plan text; otherwise merge and return the report."""
+    device = resolve_device(job.device)  # an absent GPU is refused before anything is read
     with ExitStack() as stack:
         prepared = prepare(job, stack)
         if dry_run:
             return describe_plan(prepared, forecast_merge(prepared))
-        log.info("merging %d models with %s into %s", len(prepared.tasks), job.method, job.output)
+        log.info("merging %d models with %s into %s on %s", len(prepared.tasks), job.method, job.output, device)
         pub = publication(job, prepared.plan, prepared.base, prepared.tasks, prepared.method.params.model_dump(by_alias=True))
         return run_static_merge(pub, prepared.method,
-                                {"out_dtype": job.out_dtype, "predicted_peak_bytes": prepared.predicted_peak_bytes})
+                                {"out_dtype": job.out_dtype, "predicted_peak_bytes": prepared.predicted_peak_bytes}, device)
 
 
 def summarize_report(report: dict[str, Any]) -> str:
     merged = [t for t in report["tensors"] if t["role"] in (Role.SPECTRAL.value, Role.ELEMENTWISE.value)]
     return (
         f"merged {len(report['models'])} models with {report['method']} ({len(merged)} tensors merged, "
-        f"roles {report['roles']}) in {report['wall_seconds']:.2f} s, peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB"
+        f"roles {report['roles']}) on {report.get('device', 'cpu')} in {report['wall_seconds']:.2f} s, "
+        f"peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB"
     )
 
 

@@ -6,6 +6,8 @@ rankmerge jobs, for the methods whose result rankmerge reproduces exactly.
 - `task_arithmetic`: θ = θ_0 + λ Σ_i w_i τ_i over the models other than `base_model` (/ Σ_i w_i when `normalize`,
   default off; a sum below 1e-8 in magnitude divides by 1, as mergekit does). λ: the top-level `lambda`, default 1.
 - `ties`: rankmerge's `ties_mergekit` with each model's `weight` and `density` (`normalize` default on, `lambda`).
+- `breadcrumbs`, `breadcrumbs_ties`: rankmerge's methods of the same names (deterministic, mergekit's outlier and
+  magnitude cuts) with each model's `weight`, `density` and `gamma` (`normalize` and `rescale` default off, `lambda`).
 
 Per-model `parameters` override the top-level ones. Model paths are relative to the current directory (as mergekit
 reads them); `org/name` ids come from the local Hugging Face cache. The `dare_*` methods are refused: mergekit draws
@@ -25,11 +27,13 @@ from rankmerge.workers.errors import MergeInputError
 
 log = logging.getLogger(__name__)
 
-EXACT = ("linear", "task_arithmetic", "ties")
-NOT_EXACT = ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
-NORMALIZE_DEFAULT = {"linear": True, "task_arithmetic": False, "ties": True}
+EXACT = ("linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties")
+NOT_EXACT = ("dare_ties", "dare_linear", "della", "della_linear")
+BREADCRUMBS = ("breadcrumbs", "breadcrumbs_ties")
+NORMALIZE_DEFAULT = {"linear": True, "task_arithmetic": False, "ties": True, "breadcrumbs": False, "breadcrumbs_ties": False}
 TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
-MODEL_PARAMETERS = {"weight", "density"}
+MODEL_PARAMETERS = {"weight", "density", "gamma"}
+PER_MODEL_DEFAULTS = {"density": 1.0, "gamma": 0.01}  # mergekit's
 GLOBAL_PARAMETERS = MODEL_PARAMETERS | {"normalize", "int8_mask", "rescale", "lambda"}
 DTYPES = ("float32", "float16", "bfloat16")
 TINY_DIVISOR = 1e-8
@@ -50,7 +54,7 @@ def _method(data: dict[str, Any]) -> str:
         raise _fail(f"field {unknown[0]!r} is not supported", f"rankmerge reads {', '.join(sorted(TOP_LEVEL))}")
     if method in NOT_EXACT:
         raise _fail(f"merge_method {method!r} would not give mergekit's result (its random drop masks and rescaling "
-                    "differ from rankmerge's)", "use a rankmerge spec with `method: dare` (see `rankmerge methods`)")
+                    "differ from rankmerge's)", "use a rankmerge spec with `method: dare` or `della` (see `rankmerge methods`)")
     if method not in EXACT:
         raise _fail(f"merge_method {method!r} is not one rankmerge reproduces", f"use one of: {', '.join(EXACT)}")
     return method
@@ -136,9 +140,15 @@ def _check_tokenizer(data: dict[str, Any]) -> None:
         raise _fail(f"tokenizer_source {source!r} is not supported", "rankmerge copies the base's tokenizer: use `tokenizer_source: base` or drop it")
 
 
-def _method_params(method: str, weights: dict[str, float], densities: dict[str, float], shared: dict[str, Any],
+def _method_params(method: str, weights: dict[str, float], per_model: dict[str, dict[str, float]], shared: dict[str, Any],
                    scale: float) -> tuple[str, dict[str, Any]]:
-    """The rankmerge method and parameters for the per-task weights and densities (tasks other than the origin)."""
+    """The rankmerge method and parameters for the per-task weights, densities and gammas (tasks other than the origin)."""
+    densities = per_model["density"]
+    if method not in BREADCRUMBS and set(per_model["gamma"].values()) != {PER_MODEL_DEFAULTS["gamma"]}:
+        raise _fail(f"{method} has no `gamma`", "drop `gamma` (only breadcrumbs and breadcrumbs_ties take it)")
+    if method in BREADCRUMBS:
+        return method, {"weight": weights, "density": densities, "gamma": per_model["gamma"], "lambda": float(shared.get("lambda", 1.0)),
+                        "normalize": bool(shared.get("normalize", False)), "rescale": bool(shared.get("rescale", False))}
     if method == "ties":
         if shared.get("rescale"):
             raise _fail("ties with `rescale: true` rescales kept entries to the L1 norm", "drop `rescale` (rankmerge keeps mergekit's default, false)")
@@ -168,17 +178,19 @@ def job_data_from_mergekit(data: dict[str, Any], cwd: Path) -> tuple[dict[str, A
     taken: set[str] = set()
     tasks: dict[str, str] = {}
     task_weights: dict[str, float] = {}
-    densities: dict[str, float] = {}
+    per_model: dict[str, dict[str, float]] = {k: {} for k in PER_MODEL_DEFAULTS}
     written = {"base": origin}
     for (ref, own), weight in zip(models, weights):
         if ref == origin:
             continue  # its own task vector is zero: its weight only counts in the normalisation
         name = _task_name(ref, taken)
         tasks[name], written[f"models.{name}"] = _absolute(ref, cwd, f"model {ref}"), ref
-        task_weights[name], densities[name] = weight, float(own.get("density", shared.get("density", 1.0)))
+        task_weights[name] = weight
+        for key, default in PER_MODEL_DEFAULTS.items():
+            per_model[key][name] = float(own.get(key, shared.get(key, default)))
     if not tasks:
         raise _fail("no model besides the origin", "list at least one model other than base_model")
-    rankmerge_method, params = _method_params(method, task_weights, densities, shared, scale)
+    rankmerge_method, params = _method_params(method, task_weights, per_model, shared, scale)
     job = {"base": _absolute(origin, cwd, "base_model"), "models": tasks, "method": rankmerge_method, "params": params}
     dtype = _dtype(data)
     if dtype is not None:

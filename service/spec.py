@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rankmerge.service.model_ids import resolve_spec_models
 from rankmerge.workers.checkpoint_writer import parse_size
+from rankmerge.workers.device import DEVICE_HELP, check_setting
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.methods.registry import METHODS, nonfinite_bound_error, parse_params, validate_params
 from rankmerge.workers.tta.params import ADAPTIVE_METHODS, TTAConfig
@@ -56,6 +57,8 @@ class MergeJob(BaseModel):
     tta: TTAConfig | None = Field(None, description="test-time adaptation (adaptive methods only)")
     job_dir: Path | None = Field(None, description="checkpoints and job state; default: <output>.job beside the output")
     resources: Resources = Field(default_factory=Resources, description="actors and devices for `--executor ray`")
+    device: str = Field("auto", description=f"where the tensor math runs: {DEVICE_HELP}; not part of the job's identity "
+                                            "(a job resumes on another device)")
 
     @property
     def adaptive(self) -> bool:
@@ -71,7 +74,7 @@ class MergeJob(BaseModel):
 
     def spec_hash(self) -> str:
         """Identity of everything that determines the result (not where it is written or whether to overwrite)."""
-        data = self.model_dump(mode="json", exclude={"overwrite", "output", "job_dir", "max_shard_size", "resources"})
+        data = self.model_dump(mode="json", exclude={"overwrite", "output", "job_dir", "max_shard_size", "resources", "device"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @field_validator("models")
@@ -93,6 +96,11 @@ class MergeJob(BaseModel):
         if method not in METHODS and method not in ADAPTIVE_METHODS:
             raise ValueError(f"unknown method {method!r}; use one of: {', '.join([*METHODS, *ADAPTIVE_METHODS])}")
         return method
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        return check_setting(device)
 
     @field_validator("max_shard_size")
     @classmethod

@@ -29,6 +29,7 @@ from rankmerge.service.merge_job import open_inputs, publication
 from rankmerge.service.spec import MergeJob, parse_adaptive_params
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 from rankmerge.workers.checkpoint_writer import check_output_free
+from rankmerge.workers.device import resolve_device
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.plan import MergePlan, build_plan
 from rankmerge.workers.publish import publish, tensor_writer
@@ -106,16 +107,29 @@ def compute_dtype(setting: str, plan: MergePlan) -> str:
     return "bfloat16" if all(e.out_dtype == torch.bfloat16 for e in plan.merged) else "float32"
 
 
+def role_device(setting: str, gpus: float, role: str) -> str:
+    """A Ray actor's device setting: a GPU reserved for it (resources.gpus_per_<role> > 0) is used unless the spec says
+    `device: cpu`; a GPU asked for without one reserved is refused (Ray hides the GPUs from such an actor)."""
+    if gpus > 0:
+        return "cpu" if setting == "cpu" else "cuda"  # an actor sees only its own GPU(s): cuda:N means its first one
+    if setting.startswith("cuda"):
+        raise MergeInputError(f"device {setting!r} with --executor ray reserves no GPU for the {role}s",
+                              f"set resources.gpus_per_{role}: 1 (or device: auto)")
+    return "cpu"
+
+
 def adaptive_work(job: MergeJob, plan: MergePlan, shards: int, output_kind: str = "classification",
-                  teachers: Path | None = None) -> AdaptiveWork:
+                  teachers: Path | None = None, devices: tuple[str, str] = ("cpu", "cpu")) -> AdaptiveWork:
     """`output_kind`: the task models' output kind (workers/tta/adapters.py), which decides AdaRank's `vocab: auto`;
-    `teachers`: the job's teacher-target cache (workers read it; the in-process worker gets the driver's rows)."""
+    `teachers`: the job's teacher-target cache (workers read it; the in-process worker gets the driver's rows);
+    `devices`: the shards' and the workers' device settings."""
     columns = shard_columns(plan, shards)
     params = parse_adaptive_params(job.method, job.params)
     return AdaptiveWork(job.sources, params, job.tta.lr, dict(job.tta.data),
                         job.tta.max_length, columns, [[plan.merged[c].key for c in cols] for cols in columns],
                         len(plan.merged), job.resources.partition, compute_dtype(job.tta.compute_dtype, plan),
-                        static_keys(params, plan, output_kind), Objective(job.tta.objective, job.tta.temperature), teachers)
+                        static_keys(params, plan, output_kind), Objective(job.tta.objective, job.tta.temperature), teachers,
+                        *devices)
 
 
 def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, address: str | None,
@@ -123,13 +137,15 @@ def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, addre
                    teachers: Path | None = None) -> Executor:
     """`loaded`: the driver's task models and datasets, reused in-process by the local executor."""
     output_kind = loaded[0].output_kind if loaded is not None else "classification"
-    if executor == "local":
-        return LocalExecutor(adaptive_work(job, plan, 1, output_kind, teachers), loaded=loaded)
+    if executor == "local":  # shard and worker share one device: the job's, resolved here
+        device = str(resolve_device(job.device))
+        return LocalExecutor(adaptive_work(job, plan, 1, output_kind, teachers, (device, device)), loaded=loaded)
     from rankmerge.cluster.ray_executor import RayExecutor
     from rankmerge.cluster.ray_runtime import ensure_ray
 
     res = job.resources
-    work = adaptive_work(job, plan, res.shards, output_kind, teachers)
+    devices = (role_device(job.device, res.gpus_per_shard, "shard"), role_device(job.device, res.gpus_per_worker, "worker"))
+    work = adaptive_work(job, plan, res.shards, output_kind, teachers, devices)
     ensure_ray(address, res.shards * res.cpus_per_shard + res.workers * res.cpus_per_worker,
                plan.merged_numel * work.dtype.itemsize)
     return RayExecutor(work, job.resolved_job_dir, res.workers, res.cpus_per_shard, res.cpus_per_worker,
@@ -202,6 +218,8 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
     step is worse than step 0 by the label-free guard."""
     start_time = time.perf_counter()
     tta = job.tta
+    if executor == "local":
+        resolve_device(job.device)  # an absent GPU is refused before any heavy work
     with ExitStack() as stack:
         lease = stack.enter_context(take_driver_lease(job))  # one driver per job dir, before any heavy work
         job_dir, spec_hash = job.resolved_job_dir, job.spec_hash()
@@ -251,7 +269,7 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
         report = {
             "method": job.method, "params": parse_adaptive_params(job.method, job.params).model_dump(by_alias=True),
             "tta": tta.model_dump(mode="json"), "transductive": True, "steps": tta.steps, "objective": tta.objective,
-            "published_step": published, "executor": executor,
+            "published_step": published, "executor": executor, "device": runner.device,
             "guard": {**coordinator.track.state(), "degraded": degraded, "heldout_rows": [int(h.numel()) for h, _ in splits]}
             if guard is not None else None,
             "resources": job.resources.model_dump() if executor == "ray" else None, "recoveries": coordinator.recoveries,

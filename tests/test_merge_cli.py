@@ -15,7 +15,9 @@ from rankmerge.service.cli import main
 from rankmerge.workers.methods import elementwise as ew
 from rankmerge.workers.roles import ARCHITECTURES, Role, classify
 
-ALL_METHODS = ["weight_average", "task_arithmetic", "ties", "dare", "consensus", "tadrop", "star", "ta_svd", "cart", "tsv_m", "iso_c", "iso_cts"]
+ALL_METHODS = ["weight_average", "task_arithmetic", "ties", "dare", "consensus", "tadrop", "star", "ta_svd", "cart", "tsv_m", "iso_c", "iso_cts",
+               "ties_mergekit", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "magmax", "karcher", "model_stock"]
+FEW_MODEL_METHODS = {"slerp": 1, "nuslerp": 2}  # methods defined for a fixed number of fine-tuned models
 PREFIXES = {"vit": "vit.", "clip_vision": "vision_model.", "bert": "bert.", "roberta": "roberta.", "gpt2": "transformer.", "llama": ""}
 
 
@@ -95,6 +97,18 @@ def test_every_method_writes_a_loadable_model(kind, method, families, tmp_path):
     del model
 
 
+@pytest.mark.parametrize("method,count", list(FEW_MODEL_METHODS.items()))
+def test_two_model_methods_write_a_loadable_model(method, count, families, tmp_path):
+    base, tasks = families("vit")
+    out = tmp_path / "merged"
+    assert main(merge_args(base, dict(list(tasks.items())[:count]), method, out)) == 0
+    AutoModel.from_pretrained(out)
+    merged = load_state(out)
+    assert all(torch.isfinite(v).all() for v in merged.values() if v.is_floating_point())
+    assert any(not torch.equal(merged[k], v) for k, v in load_state(base).items() if v.is_floating_point())
+    assert main(merge_args(base, tasks, method, tmp_path / "refused")) != 0
+
+
 def test_streaming_ties_equals_whole_model_ties(families, tmp_path):
     """The global trim threshold found by streaming passes equals trimming the flattened whole model."""
     base, tasks = families("llama")
@@ -164,7 +178,7 @@ def test_schema_commands(capsys):
     assert {"k", "lambda", "merge", "scope"} == set(json.loads(capsys.readouterr().out)["properties"])
     assert main(["methods"]) == 0
     listing = capsys.readouterr().out
-    assert all(m in listing for m in ALL_METHODS)
+    assert all(m in listing for m in [*ALL_METHODS, *FEW_MODEL_METHODS])
 
 
 def test_console_script_runs(families, tmp_path):

@@ -1,5 +1,5 @@
 """mergekit configs through `rankmerge merge CONFIG --out DIR` equal mergekit's formulas (computed here in float64
-from the checkpoints): linear, task_arithmetic and ties with per-model weights (and densities) and mergekit's
+from the checkpoints): linear, task_arithmetic, ties and breadcrumbs(_ties) with per-model weights (and densities) and mergekit's
 normalisation rules; the methods rankmerge would not reproduce are one-line errors. Also rankmerge's own per-task
 `lambda: {task: value}`. (benchmarks/mergekit_configs.py runs the same configs through mergekit itself.)"""
 
@@ -97,6 +97,39 @@ def test_ties_with_per_model_weights_and_densities(family, tmp_path, monkeypatch
                                                       list(densities.values()), normalize, 0.9) for k in merged_keys(b, t)})
 
 
+def mergekit_breadcrumbs(delta, density, gamma):
+    """mergekit's outlier cut for one task vector: of |τ| sorted ascending (in float32), keep positions
+    n − ⌊dn⌋ − ⌊γn⌋ … n − ⌊γn⌋ − 1 (nothing when ⌊γn⌋ = 0, mergekit's empty slice)."""
+    flat = delta.float().reshape(-1)
+    n, top = flat.numel(), int(gamma * flat.numel())
+    order = flat.abs().argsort()
+    mask = torch.zeros(n, dtype=torch.float64)
+    if top > 0:
+        mask[order[max(0, n - int(density * n) - top): n - top]] = 1
+    return delta * mask.reshape(delta.shape)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_with_per_model_weights_densities_and_gammas(family, tmp_path, monkeypatch, method):
+    base, tasks, (b, t) = family
+    weights, gammas = {"task0": 0.6, "task1": 1.0, "task2": 0.3}, {"task0": 0.05, "task1": 0.1, "task2": 0.1}
+    config = {"merge_method": method, "base_model": str(base), "dtype": "float32",
+              "parameters": {"density": 0.5, "gamma": 0.1, "lambda": 0.9},
+              "models": [{"model": str(base)},
+                         {"model": str(tasks["task0"]), "parameters": {"weight": 0.6, "gamma": 0.05}},
+                         {"model": str(tasks["task1"]), "parameters": {"weight": 1.0}},
+                         {"model": str(tasks["task2"]), "parameters": {"weight": 0.3}}]}
+    assert run_config(tmp_path, monkeypatch, config) == 0
+    expected = {}
+    for k in merged_keys(b, t):
+        kept = [mergekit_breadcrumbs((t[n][k].float() - b[k].float()).double(), 0.5, gammas[n]) for n in weights]
+        if method == "breadcrumbs":
+            expected[k] = b[k] + 0.9 * sum(w * x for w, x in zip(weights.values(), kept))
+        else:  # sign consensus without normalisation: mergekit_ties on already-sparsified vectors, density 1
+            expected[k] = mergekit_ties(b[k], kept, list(weights.values()), [1.0] * 3, False, 0.9)
+    assert_merged(tmp_path / "out", expected)
+
+
 def test_linear_is_the_normalised_weighted_average_of_the_listed_models(family, tmp_path, monkeypatch):
     base, tasks, (b, t) = family
     weights = {"task0": 1.0, "task1": 2.0, "task2": 0.5}
@@ -125,6 +158,7 @@ def test_linear_with_the_base_listed_counts_its_weight(family, tmp_path, monkeyp
     ({"merge_method": "dare_ties"}, "merge_method 'dare_ties' would not give mergekit's result"),
     ({"merge_method": "ties", "parameters": {"weight": 0.5, "rescale": True}}, "ties with `rescale: true`"),
     ({"merge_method": "slerp"}, "merge_method 'slerp' is not one rankmerge reproduces"),
+    ({"parameters": {"weight": 0.5, "gamma": 0.1}}, "task_arithmetic has no `gamma`"),
     ({"base_model": None}, "task_arithmetic needs `base_model`"),
     ({"parameters": {"weight": [0.1, 0.5]}}, "parameter 'weight' is [0.1, 0.5]"),
     ({"parameters": {}}, "has no `weight`"),

@@ -257,3 +257,194 @@ def test_max_rank_caps_components_per_task(taus, method):
     m = make_method(method, {"max_rank": 2, "rho": 0.9} if method != "tsv_m" else {"max_rank": 1}, MergeContext(("a", "b", "c"), taus[0].numel()))
     _, info = m.merge(TensorInputs("w", Role.SPECTRAL, torch.zeros(12, 8), taus.clone()))
     assert info.get("rank_per_task", info.get("components")) == (2 if method != "tsv_m" else 3)
+
+
+# ---- mergekit and FusionBench parity methods: each against its formula, computed independently in float64 ---------
+from rankmerge.workers.errors import MergeInputError  # noqa: E402
+from rankmerge.workers.methods import interpolate as ip  # noqa: E402
+from rankmerge.workers.methods import sparsify as spz  # noqa: E402
+
+
+def _slerp64(t, a, b):
+    """Textbook slerp of the flattened tensors, lerp when nearly colinear (mergekit's threshold 0.9995)."""
+    a, b = a.double(), b.double()
+    cos = float((a / a.norm()).flatten() @ (b / b.norm()).flatten())
+    if abs(cos) > 0.9995:
+        return (1 - t) * a + t * b
+    th = math.acos(cos)
+    return (math.sin((1 - t) * th) * a + math.sin(t * th) * b) / math.sin(th)
+
+
+def test_slerp_matches_formula(taus):
+    base = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
+    one = taus[:1]
+    for t in (0.0, 0.3, 1.0):
+        expected = (_slerp64(t, base, base + one[0]) - base.double()).float()
+        torch.testing.assert_close(run("slerp", one, base=base, t=t), expected, atol=1e-5, rtol=1e-5)
+    colinear = base[None] * 1.0  # θ1 = 2 θ0: the lerp fallback
+    torch.testing.assert_close(run("slerp", colinear, base=base, t=0.25), 0.25 * base)
+    with pytest.raises(MergeInputError, match="exactly 1"):
+        run("slerp", taus, base=base)
+
+
+def _rows_slerp64(t, a, b):
+    """Slerp of every row (last dim) separately."""
+    return torch.stack([_slerp64_exact(t, x, y) for x, y in zip(a.double(), b.double())])
+
+
+def _slerp64_exact(t, a, b):
+    cos = float(a @ b / (a.norm() * b.norm()))
+    th = math.acos(max(-1.0, min(1.0, cos)))
+    return (math.sin((1 - t) * th) * a + math.sin(t * th) * b) / math.sin(th)
+
+
+def test_nuslerp_matches_formula(taus):
+    two, w = taus[:2], {"t0": 1.0, "t1": 3.0}
+    whole = _slerp64_exact(0.75, two[0].double().flatten(), two[1].double().flatten()).reshape(12, 8)
+    torch.testing.assert_close(run("nuslerp", two, weight=w), whole.float(), atol=1e-5, rtol=1e-5)
+    rows = _rows_slerp64(0.75, two[0], two[1])
+    torch.testing.assert_close(run("nuslerp", two, weight=w, nuslerp_flatten=False), rows.float(), atol=1e-5, rtol=1e-5)
+    cols = _rows_slerp64(0.75, two[0].T, two[1].T).T
+    got = run("nuslerp", two, weight=w, nuslerp_flatten=False, nuslerp_row_wise=True)
+    torch.testing.assert_close(got, cols.float(), atol=1e-5, rtol=1e-5)
+    base = torch.randn(12, 8, generator=torch.Generator().manual_seed(2))
+    models = _slerp64_exact(0.5, (base + two[0]).double().flatten(), (base + two[1]).double().flatten()).reshape(12, 8)
+    torch.testing.assert_close(run("nuslerp", two, base=base, use_base=False), (models - base.double()).float(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(MergeInputError, match="exactly 2"):
+        run("nuslerp", taus)
+
+
+def test_karcher_is_the_spherical_mean_times_mean_norm(taus):
+    base = torch.zeros(12, 8)
+    two = torch.stack([taus[0], 2.5 * taus[1]])  # two points: the mean direction is the great-circle midpoint
+    a, b = two.double().reshape(2, -1)
+    mid = _slerp64_exact(0.5, a / a.norm(), b / b.norm())
+    expected = (a.norm() + b.norm()) / 2 * mid / mid.norm()
+    torch.testing.assert_close(run("karcher", two, base=base, max_iter=50, tol=1e-9), expected.reshape(12, 8).float(), atol=1e-5, rtol=1e-4)
+    merged = run("karcher", taus, base=base, max_iter=100, tol=1e-9).double().flatten()
+    units = [t / t.norm() for t in taus.double().reshape(T, -1)]
+    assert float(merged.norm()) == pytest.approx(float(sum(t.norm() for t in taus.double().reshape(T, -1)) / T), rel=1e-5)
+    u = merged / merged.norm()  # first-order condition of the Karcher mean: the log maps sum to zero
+    logs = sum(math.acos(float(u @ x)) / math.sin(math.acos(float(u @ x))) * (x - float(u @ x) * u) for x in units)
+    assert float(logs.norm()) < 1e-4
+    shifted = run("karcher", taus, base=torch.ones(12, 8), include_base=True)
+    assert shifted.shape == (12, 8) and torch.isfinite(shifted).all()
+
+
+def test_model_stock_matches_formula(taus):
+    flat = taus.double().reshape(T, -1)
+    cos = sum(float(flat[i] @ flat[j] / (flat[i].norm() * flat[j].norm())) for i in range(T) for j in range(i + 1, T)) / 3
+    t = T * cos / (1 + (T - 1) * cos)
+    torch.testing.assert_close(run("model_stock", taus), (t * taus.double().mean(0)).float(), atol=1e-6, rtol=1e-5)
+    rows = taus.double()
+    expected = torch.zeros(12, 8, dtype=torch.float64)
+    for r in range(12):
+        c = sum(float(rows[i, r] @ rows[j, r] / (rows[i, r].norm() * rows[j, r].norm())) for i in range(T) for j in range(i + 1, T)) / 3
+        expected[r] = T * c / (1 + (T - 1) * c) * rows[:, r].mean(0)
+    torch.testing.assert_close(run("model_stock", taus, filter_wise=True), expected.float(), atol=1e-6, rtol=1e-5)
+    with pytest.raises(MergeInputError, match="at least 2"):
+        run("model_stock", taus[:1])
+
+
+def _breadcrumbs64(tau, density, gamma):
+    """Keep the entries ranked ⌊γn⌋ … ⌊γn⌋+⌊dn⌋−1 by decreasing magnitude."""
+    n = tau.numel()
+    order = sorted(range(n), key=lambda i: -abs(float(tau.flatten()[i])))
+    top = int(gamma * n)
+    keep = order[top:top + int(density * n)]
+    out = torch.zeros(n, dtype=torch.float64)
+    out[keep] = tau.double().flatten()[keep]
+    return out.reshape(tau.shape)
+
+
+def _consensus64(kept, w, normalize):
+    """Per entry: the weighted values agreeing with the sign of their sum (0 → +), summed, / their weights."""
+    flat = kept.reshape(len(kept), -1)
+    out = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for j in range(flat.shape[1]):
+        vals = [w[t] * float(flat[t, j]) for t in range(len(kept))]
+        sign = 1.0 if sum(vals) >= 0 else -1.0
+        agree = [t for t, v in enumerate(vals) if v * sign > 0]
+        total = sum(vals[t] for t in agree)
+        out[j] = total / (sum(w[t] for t in agree) or 1.0) if normalize else total
+    return out.reshape(kept.shape[1:])
+
+
+def test_breadcrumbs_matches_formula():
+    taus = torch.randn(T, 20, 10, generator=torch.Generator().manual_seed(4))  # 200 entries: ⌊0.02·200⌋ = 4 outliers
+    w = [0.5, 1.0, 2.0]
+    kept = torch.stack([_breadcrumbs64(t, 0.3, 0.02) for t in taus])
+    linear = sum(wi * k for wi, k in zip(w, kept))
+    weights = dict(zip(("t0", "t1", "t2"), w))
+    got = run("breadcrumbs", taus, weight=weights, density=0.3, gamma=0.02, **{"lambda": 0.8})
+    torch.testing.assert_close(got, (0.8 * linear).float(), atol=1e-6, rtol=1e-5)
+    got = run("breadcrumbs", taus, weight=weights, density=0.3, gamma=0.02, normalize=True)
+    torch.testing.assert_close(got, (linear / sum(w)).float(), atol=1e-6, rtol=1e-5)
+    got = run("breadcrumbs_ties", taus, weight=weights, density=0.3, gamma=0.02, normalize=True)
+    torch.testing.assert_close(got, _consensus64(kept, w, True).float(), atol=1e-6, rtol=1e-5)
+    rescaled = torch.stack([k * t.double().abs().sum() / k.abs().sum() for k, t in zip(kept, taus)])
+    got = run("breadcrumbs", taus, density=0.3, gamma=0.02, rescale=True)
+    torch.testing.assert_close(got, rescaled.sum(0).float(), atol=1e-5, rtol=1e-5)
+    assert not spz.magnitude_outliers(taus[0], 0.3, 0.001).any()  # ⌊γn⌋ = 0: mergekit's empty slice
+
+
+def test_della_keep_probabilities_and_seeded_drop():
+    tau = torch.tensor([[0.1, -3.0, 2.0, 0.5, -1.0]])
+    expected = torch.tensor([[0.3, 0.7, 0.6, 0.4, 0.5]])  # ranks 0..4 of |τ| → 0.5 − 0.2 + rank/4 · 0.4
+    torch.testing.assert_close(spz.della_keep_probabilities(tau, 0.5, 0.2), expected)
+    big = torch.randn(4, 4000, generator=torch.Generator().manual_seed(5))
+    dropped = spz.della_magprune(big, 0.5, 0.2, seed=9)
+    assert torch.equal(dropped, spz.della_magprune(big, 0.5, 0.2, seed=9))
+    assert not torch.equal(dropped, spz.della_magprune(big, 0.5, 0.2, seed=10))
+    order = big.abs().argsort(1)
+    small, large = [(dropped.gather(1, order[:, s]) != 0).double().mean() for s in (slice(0, 400), slice(3600, 4000))]
+    assert abs(float(small) - 0.31) < 0.04 and abs(float(large) - 0.69) < 0.04
+
+
+def test_della_is_rescaled_consensus_of_its_drop(taus):
+    names = ("t0", "t1", "t2")
+    drops = [spz.della_magprune(t, 0.4, 0.1, ew.stable_seed(3, n, "layers.0.w")) for n, t in zip(names, taus)]
+    kept = torch.stack([d.double() * t.double().abs().sum() / d.double().abs().sum() for d, t in zip(drops, taus)])
+    got = run("della", taus, density=0.4, epsilon=0.1, seed=3)
+    torch.testing.assert_close(got, _consensus64(kept, [1.0] * T, True).float(), atol=1e-5, rtol=1e-5)
+    got = run("della_linear", taus, density=0.4, epsilon=0.1, seed=3, **{"lambda": 0.5})
+    torch.testing.assert_close(got, (0.5 * kept.sum(0)).float(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(MergeInputError, match="outside"):
+        run("della", taus, density=0.9, epsilon=0.15)
+
+
+def test_sce_matches_formula(taus):
+    x = taus.double().reshape(T, -1)
+    var = x.var(0, unbiased=False)
+    keep = set(var.argsort(descending=True)[: int(x.shape[1] * 0.5)].tolist())
+    sel = torch.stack([torch.tensor([float(v) if j in keep else 0.0 for j, v in enumerate(row)]) for row in x]).double()
+    energy = [float((row ** 2).mean()) for row in sel]
+    w = [e / sum(energy) for e in energy]
+    out = torch.zeros(x.shape[1], dtype=torch.float64)
+    for j in range(x.shape[1]):
+        sign = 1.0 if float(sel[:, j].sum()) >= 0 else -1.0
+        agree = [t for t in range(T) if float(sel[t, j]) * sign > 0]
+        out[j] = sum(w[t] * float(sel[t, j]) for t in agree) / max(sum(w[t] for t in agree), 1e-6)
+    torch.testing.assert_close(run("sce", taus, select_topk=0.5), out.reshape(12, 8).float(), atol=1e-6, rtol=1e-5)
+
+
+def test_magmax_matches_formula_later_task_wins_ties(taus):
+    x = taus.double().reshape(T, -1)
+    expected = torch.tensor([max((float(x[t, j]) for t in range(T)), key=abs) for j in range(x.shape[1])])
+    torch.testing.assert_close(run("magmax", taus, scaling_factor=0.7), (0.7 * expected).reshape(12, 8).float())
+    tie = torch.tensor([[1.0, -2.0], [-1.0, 2.0]])
+    assert spz.magmax(tie).tolist() == [-1.0, 2.0]
+
+
+@pytest.mark.parametrize("method,params,message", [
+    ("slerp", {"t": 1.5}, "'t'"),
+    ("breadcrumbs", {"gamma": -0.1}, "gamma"),
+    ("della", {"epsilon": 0.7}, "epsilon"),
+    ("sce", {"select_topk": 2}, "select_topk"),
+    ("karcher", {"max_iter": 0}, "max_iter"),
+    ("magmax", {"lambda": 1.0}, "unknown parameter"),
+])
+def test_parity_methods_refuse_bad_parameters_in_one_line(method, params, message):
+    with pytest.raises(MergeInputError, match=message) as err:
+        make_method(method, params, MergeContext(("a",), 10))
+    assert "\n" not in str(err.value)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rankmerge.workers.device import resolve_device
 from rankmerge.workers.heap import map_large_blocks, return_freed_heap
 from rankmerge.workers.tta.adapters import TaskModels, build_task_models
 from rankmerge.workers.tta.data import load_task_data, model_inputs
@@ -64,11 +65,12 @@ class EntropyWorker:
                  rank: int = 0, world: int = 1, partition: Partition = "replicated", threads: int | None = None,
                  loaded: tuple[TaskModels, list[dict[str, Tensor]]] | None = None,
                  compute_dtype: torch.dtype = torch.float32, static: frozenset[str] = frozenset(),
-                 objective: Objective = Objective(), teachers: Path | None = None) -> None:
+                 objective: Objective = Objective(), teachers: Path | None = None, device: str = "auto") -> None:
         """`loaded`: task models and datasets (teacher targets attached) the caller already holds (the in-process
         executor's driver has them for evaluation), so they are not built and read a second time; replicated
         partition only. `static`: merged tensors that are not adapted: they get no gradient. `teachers`: the job's
-        teacher-target cache (workers/tta/teachers.py)."""
+        teacher-target cache (workers/tta/teachers.py). `device`: the job's setting (workers/device.py), resolved in
+        this process."""
         if threads:
             torch.set_num_threads(threads)
         map_large_blocks()
@@ -89,7 +91,9 @@ class EntropyWorker:
                     rows.update(targets)
         self.keys = list(self.models.names[0])  # plan.merged order
         self.learned = [k for k in self.keys if k not in static]
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = resolve_device(device)
+        if partition == "replicated":
+            self.models = self.models.on(self.device)  # heads, frozen parameters and buffers moved once, not per step
         self.engine = None
 
     def pid(self) -> int:
@@ -144,7 +148,8 @@ class EntropyWorker:
             losses = (losses_t / self.world).tolist()
         if not grads:
             return [{} for _ in self.routes], losses
-        return [{k: grads[k].to("cpu", self.compute_dtype) for k in route if k in grads} for route in self.routes], losses
+        # on this worker's device: in-process the shard shares it; the Ray host copies to the CPU to ship them
+        return [{k: grads[k].to(dtype=self.compute_dtype) for k in route if k in grads} for route in self.routes], losses
 
     def _replicated_gradients(self, batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[float]]:
         leaves = self.leaves

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -15,13 +16,14 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 PROGRESS_SECONDS = float(os.environ.get("RANKMERGE_PROGRESS_SECONDS", "30"))
+_CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\r")  # cursor moves of nested bars, carriage returns
 
 
 class _LogLines:
     """A file-like target for tqdm that turns each refresh into one log line (carriage returns dropped)."""
 
     def write(self, text: str) -> None:
-        line = text.replace("\r", "").strip()
+        line = _CONTROL.sub("", text).strip()
         if line:
             log.info("%s", line)
 

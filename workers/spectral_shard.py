@@ -21,6 +21,7 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor
 
+from rankmerge.workers.device import host, resolve_device
 from rankmerge.workers.heap import map_large_blocks
 from rankmerge.workers.tta.engine import AdaptiveMerger
 from rankmerge.workers.tta.factory import make_merger
@@ -34,15 +35,17 @@ ADAM_FIELDS = ("exp_avg", "exp_avg_sq")
 
 class SpectralShard:
     def __init__(self, sources: Sources, params: AdaptiveParams, lr: float, columns: list[int],
-                 threads: int | None = None, static: frozenset[str] = frozenset()) -> None:
+                 threads: int | None = None, static: frozenset[str] = frozenset(), device: str = "cpu") -> None:
+        """`device`: a setting (workers/device.py) resolved here, in the process that holds the state."""
         if threads:
             torch.set_num_threads(threads)
         map_large_blocks()
         self.columns = list(columns)
+        self.device = resolve_device(device)
         start = time.perf_counter()
         with ExitStack() as stack:
             base, tasks, plan = open_sources(sources, stack)
-            self.merger: AdaptiveMerger = make_merger(params, lr, plan, base, tasks, self.columns, static)
+            self.merger: AdaptiveMerger = make_merger(params, lr, plan, base, tasks, self.columns, static, self.device)
         self.build_seconds = time.perf_counter() - start  # read + task vectors + factorizations
         self.keys = [slot.key for slot in self.merger.slots]
         self._pending: dict[str, Tensor] | None = None
@@ -53,7 +56,8 @@ class SpectralShard:
 
     # ---- the step, split in two halves around the workers' forward/backward ----------------------------------
     def materialize(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        """Current merged weights in `dtype` (hard masks, current λ); the autograd graph is kept for apply_gradients."""
+        """Current merged weights in `dtype` on the shard's device (hard masks, current λ); the autograd graph is kept
+        for apply_gradients."""
         return dict(self.iter_materialize(dtype, shipped=False))
 
     def iter_materialize(self, dtype: torch.dtype, shipped: bool = True) -> Iterator[tuple[str, Tensor]]:
@@ -74,14 +78,15 @@ class SpectralShard:
     def apply_gradients(self, parts: list[dict[str, Tensor]]) -> int:
         """Backpropagate ∂L/∂W into masks and λ, step Adam; returns how many mask entries flipped.
 
-        `parts`: what each worker rank sent for this shard's tensors (see join_gradient). One tensor at a time, so
-        at most one full-size gradient is formed here at once.
+        `parts`: what each worker rank sent for this shard's tensors (see join_gradient), on any device (moved to the
+        shard's; in-process they are already there). One tensor at a time, so at most one full-size gradient is formed
+        here at once.
         """
         if self._pending is None:
             raise RuntimeError("apply_gradients without a materialize first")
         outputs = [(k, w) for k, w in self._pending.items() if w.requires_grad]
         for i, (key, weight) in enumerate(outputs):
-            grad = join_gradient([p[key] for p in parts if key in p], weight.shape).to(weight.dtype)
+            grad = join_gradient([p[key] for p in parts if key in p], weight.shape).to(weight.device, weight.dtype)
             torch.autograd.backward(weight, grad, retain_graph=i + 1 < len(outputs))  # λ may pass a shared clamp
         self.merger.optimizer.step()
         self._pending = None
@@ -95,7 +100,8 @@ class SpectralShard:
         return named
 
     def state(self) -> dict[str, Tensor]:
-        """λ columns, mask logits and Adam moments, named globally ('adam/<param>/<field>')."""
+        """λ columns, mask logits and Adam moments, named globally ('adam/<param>/<field>'), always on the CPU: a
+        checkpoint does not depend on the device it was written on."""
         out: dict[str, Tensor] = {}
         opt_state = self.merger.optimizer.state
         for name, param in self._named_params().items():
@@ -104,33 +110,34 @@ class SpectralShard:
             if moments:
                 for field in (*ADAM_FIELDS, "step"):
                     out[f"adam/{name}/{field}"] = moments[field].detach().clone().reshape(-1) if field == "step" else moments[field].detach().clone()
-        return out
+        return host(out)
 
     def load_state(self, tensors: dict[str, Tensor]) -> None:
-        """Restore from globally named state already cut to this shard's columns (see slice_state)."""
+        """Restore from globally named state already cut to this shard's columns (see slice_state), written on any
+        device: moments go to their parameter's device, Adam's step counter stays on the CPU where Adam keeps it."""
         opt = self.merger.optimizer
         with torch.no_grad():
             for name, param in self._named_params().items():
                 param.copy_(tensors[name])
                 if f"adam/{name}/exp_avg" in tensors:
-                    opt.state[param] = {"step": tensors[f"adam/{name}/step"].clone().reshape(()).float(),
-                                        **{f: tensors[f"adam/{name}/{f}"].clone() for f in ADAM_FIELDS}}
+                    opt.state[param] = {"step": tensors[f"adam/{name}/step"].to("cpu", copy=True).reshape(()).float(),
+                                        **{f: tensors[f"adam/{name}/{f}"].to(param.device, copy=True) for f in ADAM_FIELDS}}
                 else:
                     opt.state.pop(param, None)
         self._pending = None
 
-    # ---- results -----------------------------------------------------------------------------------------------------
+    # ---- results (on the CPU: they go to files, reports and the driver) ---------------------------------------------
     def final_weights(self) -> dict[str, Tensor]:
-        return self.merger.final_weights()
+        return host(self.merger.final_weights())
 
     def initial_weights(self) -> dict[str, Tensor]:
-        return self.merger.initial_weights()
+        return host(self.merger.initial_weights())
 
     def hard_masks(self) -> dict[str, Tensor]:
-        return self.merger.hard_masks()
+        return host(self.merger.hard_masks())
 
     def owners(self) -> dict[str, Tensor]:
-        return self.merger.owners()
+        return host(self.merger.owners())
 
     def learned_ranks(self) -> dict[str, list[int]]:
         return self.merger.learned_ranks()
@@ -142,7 +149,7 @@ class SpectralShard:
 def _free(weight: Tensor) -> None:
     """Drop a merged weight's memory but keep its autograd node and shape (no function that makes it saves its
     output): its data becomes one broadcast element. Not a storage resize: storages shared with numpy cannot shrink."""
-    weight.data = torch.zeros((), dtype=weight.dtype).expand(weight.shape)
+    weight.data = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
 
 
 def join_gradient(pieces: list[Tensor], shape: torch.Size) -> Tensor:

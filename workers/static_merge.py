@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 from rankmerge.workers.checkpoint_writer import StreamingCheckpointWriter
+from rankmerge.workers.device import device_name, to_device
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.methods.registry import MergeMethod, TensorInputs
 from rankmerge.workers.plan import MergePlan, TensorPlan
@@ -25,6 +26,7 @@ from rankmerge.workers.publish import Publication, publish
 from rankmerge.workers.roles import Role
 
 log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -33,13 +35,16 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
-                dtype: torch.dtype = torch.float32) -> TensorInputs:
+                dtype: torch.dtype = torch.float32, pin: bool = False) -> TensorInputs:
     """Read one tensor from every model and form task vectors (computed in fp32, stored in `dtype`), each written
-    straight into its slot: a 16-bit stack never exists in fp32 as a whole."""
+    straight into its slot: a 16-bit stack never exists in fp32 as a whole. `pin`: stage them in page-locked memory,
+    so their copy to a GPU runs asynchronously (the host math is the same)."""
     base_t = base.read(entry.key).float()
+    if pin:
+        base_t = base_t.pin_memory()
     if not all_finite(base_t):
         raise MergeInputError(f"the base has NaN/Inf values in {entry.key!r}", "use a healthy base checkpoint")
-    taus = torch.empty((len(tasks),) + entry.shape, dtype=dtype)
+    taus = torch.empty((len(tasks),) + entry.shape, dtype=dtype, pin_memory=pin)
     for t, (ck, src) in enumerate(zip(tasks, entry.sources)):
         torch.sub(ck.read(src), base_t, out=taus[t])
         if not all_finite(taus[t]):
@@ -48,6 +53,13 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheck
                 "that fine-tuned checkpoint is corrupt or diverged: re-export it or leave it out",
             )
     return TensorInputs(entry.key, entry.role, base_t, taus)
+
+
+def inputs_on(inputs: TensorInputs, device: torch.device) -> TensorInputs:
+    """The same inputs on `device` (themselves on the CPU: the host path is untouched)."""
+    if device.type == "cpu":
+        return inputs
+    return TensorInputs(inputs.key, inputs.role, to_device(inputs.base, device), to_device(inputs.taus, device))
 
 
 def _progress(total: int, desc: str) -> tqdm:
@@ -73,18 +85,21 @@ def _pipelined(entries: list[TensorPlan], load, budget: int = PREFETCH_BUDGET_BY
             del current  # else this frame keeps the consumed inputs alive while the next ones are read
 
 
-def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], desc: str) -> Iterator[TensorInputs]:
+def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], desc: str,
+                device: torch.device = CPU) -> Iterator[TensorInputs]:
     entries = plan.merged
+    pin = device.type == "cuda"
     with _progress(sum(e.numel for e in entries) * 4 * (len(tasks) + 1), desc) as bar:
-        for entry, inputs in _pipelined(entries, lambda e: load_inputs(e, base, tasks)):
-            yield inputs
+        for entry, inputs in _pipelined(entries, lambda e: load_inputs(e, base, tasks, pin=pin)):
+            yield inputs_on(inputs, device)
             bar.update(entry.numel * 4 * (len(tasks) + 1))
 
 
-def run_stat_passes(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> list[str]:
+def run_stat_passes(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
+                    device: torch.device = CPU) -> list[str]:
     names = []
     for stat_pass in method.stat_passes():
-        for inputs in iter_inputs(plan, base, tasks, stat_pass.description):
+        for inputs in iter_inputs(plan, base, tasks, stat_pass.description, device):
             stat_pass.observe(inputs)
         stat_pass.finish()
         names.append(stat_pass.description)
@@ -92,16 +107,19 @@ def run_stat_passes(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint,
 
 
 def merge_into(
-    writer: StreamingCheckpointWriter, plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint]
+    writer: StreamingCheckpointWriter, plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
+    device: torch.device = CPU,
 ) -> dict[str, dict[str, Any]]:
-    """Write every planned tensor: merged ones through the method, the rest copied from the base.
+    """Write every planned tensor: merged ones through the method (on `device`), the rest copied from the base.
 
     Three stages overlap: the next tensor is read while this one is merged, and the previous one is being written.
+    On a GPU the inputs are read into pinned memory and the merged tensor comes back to the host for the writer.
     """
+    pin = device.type == "cuda"
 
     def load(entry: TensorPlan):
         if entry.role in (Role.SPECTRAL, Role.ELEMENTWISE):
-            return load_inputs(entry, base, tasks)
+            return load_inputs(entry, base, tasks, pin=pin)
         return base.read(entry.key)
 
     def write(entry: TensorPlan, value: torch.Tensor) -> None:
@@ -114,9 +132,10 @@ def merge_into(
         pending = None
         for entry, loaded in _pipelined(plan.tensors, load):
             if isinstance(loaded, TensorInputs):
+                loaded = inputs_on(loaded, device)
                 delta, info = method.merge(loaded)
                 infos[entry.key] = {"delta_norm": round(float(torch.linalg.vector_norm(delta)), 6), **info}
-                value = delta.add_(loaded.base)
+                value = delta.add_(loaded.base).cpu()
             else:
                 value, infos[entry.key] = loaded, {}
             del loaded
@@ -129,10 +148,11 @@ def merge_into(
     return infos
 
 
-def run_static_merge(pub: Publication, method: MergeMethod, report: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_static_merge(pub: Publication, method: MergeMethod, report: Mapping[str, Any] | None = None,
+                     device: torch.device = CPU) -> dict[str, Any]:
     """Run the method's statistic passes, then merge straight into the published output (workers/publish.py);
-    `report`: the caller's own report fields. Returns the report."""
+    `report`: the caller's own report fields. Returns the report, which names the device."""
     started = time.perf_counter()
-    passes = run_stat_passes(pub.plan, method, pub.base, pub.tasks)
-    return publish(pub, lambda writer: merge_into(writer, pub.plan, method, pub.base, pub.tasks),
-                   {**(report or {}), "stat_passes": passes}, started)
+    passes = run_stat_passes(pub.plan, method, pub.base, pub.tasks, device)
+    return publish(pub, lambda writer: merge_into(writer, pub.plan, method, pub.base, pub.tasks, device),
+                   {**(report or {}), "stat_passes": passes, "device": device_name(device)}, started)

@@ -102,6 +102,9 @@ def write_plots(suite: Suite, records: dict[str, dict[str, Any]], results: Path)
     tasks = list(suite.task_dirs)
     plots = []
     for record, output, report in runs:
+        if not (output / "adaptive" / "owners.safetensors").is_file():  # written before owners were exported
+            log.warning("%s has no adaptive/owners.safetensors: no mask plot (re-run the method to get one)", output)
+            continue
         plots.append(plot_masks(output / "adaptive", tasks, results / f"masks_{record['method']}.png", record["label"]))
     learned = {record["label"] + (" (task blocks; shared block not shown)" if _has_shared_row(report, tasks) else ""):
                report["learned_ranks"] for record, _, report in runs}

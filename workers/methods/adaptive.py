@@ -47,7 +47,7 @@ def spectral_merge(origin: Tensor, U: Tensor, Vh: Tensor, coef: Tensor) -> Tenso
 
 def masked_task_matrices(U: Tensor, s: Tensor, Vh: Tensor, owner: Tensor, hard: Tensor, rows: int) -> Tensor:
     """M_j = U_j diag(b_j ⊙ s_j) Vh_j for every λ row j: the masked task vectors (a pure function of the hard mask)."""
-    out = torch.zeros((rows, U.shape[0], Vh.shape[1]), dtype=torch.float32)
+    out = torch.zeros((rows, U.shape[0], Vh.shape[1]), dtype=torch.float32, device=U.device)
     for j in range(rows):
         refresh_masked_matrix(out, j, U, s, Vh, owner, hard)
     return out

@@ -38,7 +38,7 @@ def kth_smallest_threshold(values: Tensor, keep_fraction: float) -> Tensor:
     """In-memory trim threshold of one flat vector: keep entries with |τ| >= this value (ties kept)."""
     k = trim_rank(values.numel(), keep_fraction)
     if k <= 0:
-        return torch.tensor(0.0)
+        return torch.tensor(0.0, device=values.device)
     return values.abs().reshape(-1).float().kthvalue(k).values
 
 
@@ -90,7 +90,7 @@ def keep_top_count(tau: Tensor, density: float) -> Tensor:
     if density <= 0 or tau.numel() == 0:
         return torch.zeros_like(tau)
     count = max(1, int(density * tau.numel()))
-    mask = torch.zeros(tau.numel(), dtype=tau.dtype)
+    mask = torch.zeros(tau.numel(), dtype=tau.dtype, device=tau.device)
     mask[torch.argsort(tau.abs().reshape(-1).float(), descending=True)[:count]] = 1
     return tau * mask.reshape_as(tau)
 
@@ -123,7 +123,7 @@ def dare_drop(tau: Tensor, p: float, seed: int, rescale: bool = True) -> Tensor:
     if p == 0:
         return tau.clone()
     gen = torch.Generator().manual_seed(seed)
-    keep = torch.rand(tau.shape, generator=gen) >= p
+    keep = (torch.rand(tau.shape, generator=gen) >= p).to(tau.device)  # drawn on the host: the same mask on any device
     out = tau * keep
     return out.div_(1.0 - p) if rescale else out
 
@@ -159,7 +159,7 @@ def concentration(taus: Tensor, top_fraction: float = 0.01) -> float:
 def drop_rates(concentrations: Tensor, p_mean: float, beta: float, p_min: float, p_max: float) -> Tensor:
     """p_k = clip(p̄ − β·(z_k − median z), p_min, p_max), z the standardised concentration across tensors."""
     c = concentrations.double()
-    std = c.std(unbiased=False) if c.numel() > 1 else torch.tensor(0.0, dtype=c.dtype)
+    std = c.std(unbiased=False) if c.numel() > 1 else torch.tensor(0.0, dtype=c.dtype, device=c.device)
     z = (c - c.mean()) / std if float(std) > 0 else torch.zeros_like(c)
     return (p_mean - beta * (z - z.median())).clamp(p_min, p_max).float()
 

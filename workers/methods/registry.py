@@ -17,6 +17,8 @@ from torch import Tensor
 
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.methods import elementwise as ew
+from rankmerge.workers.methods import interpolate as ip
+from rankmerge.workers.methods import sparsify as spz
 from rankmerge.workers.methods import spectral as sp
 from rankmerge.workers.methods.streaming_stats import StreamingKthSmallest
 from rankmerge.workers.methods.svd import SvdOptions
@@ -194,13 +196,18 @@ PerTask = float | dict[str, float]  # one value for every task, or {task: value}
 
 def per_task_values(name: str, value: PerTask, task_names: tuple[str, ...]) -> Tensor:
     """One value per task, in task order, from one number or a {task: value} mapping that names every task once."""
+    return torch.tensor(per_task_floats(name, value, task_names))
+
+
+def per_task_floats(name: str, value: PerTask, task_names: tuple[str, ...]) -> list[float]:
+    """`per_task_values` as exact Python floats: counts such as ⌊density·n⌋ must not see float32 rounding."""
     if not isinstance(value, dict):
-        return torch.full((len(task_names),), float(value))
+        return [float(value)] * len(task_names)
     missing, unknown = sorted(set(task_names) - set(value)), sorted(set(value) - set(task_names))
     if missing or unknown:
         raise MergeInputError(f"parameter {name!r} names tasks {sorted(value)} but the tasks are {list(task_names)}"
                               f" (missing {missing}, unknown {unknown})", f"give one {name} per task, or one number for all")
-    return torch.tensor([float(value[t]) for t in task_names])
+    return [float(value[t]) for t in task_names]
 
 
 def check_per_task(value: PerTask, low: float, high: float) -> PerTask:
@@ -238,7 +245,7 @@ class TaskArithmetic(TaskVectorMethod):
     def merge(self, inputs):
         if not isinstance(self.params.lambda_, dict):
             return ew.task_arithmetic(inputs.taus, self.params.lambda_), {}
-        return ew.weighted_sum(inputs.taus, self.lambdas), {}
+        return ew.weighted_sum(inputs.taus, self.lambdas.to(inputs.taus.device)), {}
 
 
 @register
@@ -274,7 +281,8 @@ class Consensus(MergeMethod):
 
     def merge(self, inputs):
         p = self.params
-        lambdas = torch.tensor(p.tall_lambda if isinstance(p.tall_lambda, list) else [p.tall_lambda] * len(inputs.taus))
+        lambdas = torch.tensor(p.tall_lambda if isinstance(p.tall_lambda, list) else [p.tall_lambda] * len(inputs.taus),
+                               device=inputs.taus.device)
         delta = ew.consensus(inputs.taus, lambdas, p.k, p.alpha)
         return delta, {}
 
@@ -374,17 +382,19 @@ class Ties(MergeMethod):
         return delta, {"kept_fraction": round(kept, 6)}
 
 
-@register
-class TiesMergekit(MergeMethod):
-    name = "ties_mergekit"
+class _MergekitTaskArithmetic(MergeMethod):
+    """mergekit's generalized task arithmetic: sparsify each task vector (its own density), optionally rescale it to
+    its L1 norm (`rescale`), weight it, then mix: with `consensus`, only the tasks agreeing with the sign of the
+    weighted sum (a zero sum elects +), divided by their summed weights under `normalize` (1 where none agree);
+    without, the weighted sum divided by Σ w_t under `normalize` (a sum below 1e-8 divides by 1). × λ."""
+
     task_copies = 3.0
-    summary = ("TIES as mergekit computes it: per-task weight and density, exactly ⌊density·n⌋ entries kept per tensor, "
-               "signs of the weighted sum (0 counts as +), weighted mean over the agreeing tasks")
+    consensus: ClassVar[bool] = True
 
     class Params(Params):
         weight: PerTask = Field(1.0, description="each task vector's weight: one number or {task: w_t}")
         density: PerTask = Field(1.0, description="fraction of each tensor's entries kept per task: one number or {task: d_t}")
-        normalize: bool = Field(True, description="divide by the summed weights of the tasks that agree with the elected sign")
+        normalize: bool = Field(True, description="divide by the summed weights (of the agreeing tasks, with sign consensus)")
         lambda_: float = Field(1.0, alias="lambda", ge=-LAMBDA_BOUND, le=LAMBDA_BOUND, description="scale of the merged update")
 
         @field_validator("weight")
@@ -400,13 +410,245 @@ class TiesMergekit(MergeMethod):
     def __init__(self, params: Params, ctx: MergeContext) -> None:
         super().__init__(params, ctx)
         self.weights = per_task_values("weight", params.weight, ctx.task_names)
-        self.densities = per_task_values("density", params.density, ctx.task_names).tolist()
+        self.densities = per_task_floats("density", params.density, ctx.task_names)
+
+    def sparsify(self, tau: Tensor, task: int, key: str) -> Tensor:
+        """Task `task`'s sparsified task vector on tensor `key` (before any rescale)."""
+        raise NotImplementedError
+
+    def _kept(self, tau: Tensor, task: int, key: str) -> Tensor:
+        sparse = self.sparsify(tau, task, key)
+        return spz.rescale_l1(tau, sparse) if getattr(self.params, "rescale", False) else sparse
 
     def merge(self, inputs):
-        trimmed = torch.stack([ew.keep_top_count(tau, d) for tau, d in zip(inputs.taus, self.densities)])
-        kept = int(torch.count_nonzero(trimmed)) / trimmed.numel()
-        delta = ew.weighted_sign_consensus(trimmed, self.weights, self.params.normalize).mul_(self.params.lambda_)
-        return delta, {"kept_fraction": round(kept, 6)}
+        kept = torch.stack([self._kept(tau, t, inputs.key) for t, tau in enumerate(inputs.taus)])
+        fraction = int(torch.count_nonzero(kept)) / kept.numel()
+        if self.consensus:
+            delta = ew.weighted_sign_consensus(kept, self.weights.to(kept.device), self.params.normalize)
+        else:
+            delta = spz.weighted_linear(kept, self.weights.to(kept.device), self.params.normalize)
+        return delta.mul_(self.params.lambda_), {"kept_fraction": round(fraction, 6)}
+
+
+@register
+class TiesMergekit(_MergekitTaskArithmetic):
+    name = "ties_mergekit"
+    summary = ("TIES as mergekit computes it: per-task weight and density, exactly ⌊density·n⌋ entries kept per tensor, "
+               "signs of the weighted sum (0 counts as +), weighted mean over the agreeing tasks")
+
+    def sparsify(self, tau, task, key):
+        return ew.keep_top_count(tau, self.densities[task])
+
+
+class _BreadcrumbsParams(_MergekitTaskArithmetic.Params):
+    gamma: PerTask = Field(0.01, description="fraction of each tensor's largest-magnitude entries dropped per task "
+                           "(one number or {task: γ_t}); ⌊γ·n⌋ = 0 drops the tensor's task vector whole, as in mergekit")
+    normalize: bool = Field(False, description="divide by the summed weights (of the agreeing tasks, with sign consensus)")
+    rescale: bool = Field(False, description="rescale each sparsified task vector to its original L1 norm")
+
+    @field_validator("gamma")
+    @classmethod
+    def _gammas(cls, value: PerTask) -> PerTask:
+        return check_per_task(value, 0.0, 1.0)
+
+
+@register
+class BreadcrumbsMergekit(_MergekitTaskArithmetic):
+    """Model Breadcrumbs as mergekit's `breadcrumbs`: outliers and small entries dropped, weighted sum (no consensus)."""
+
+    name = "breadcrumbs"
+    consensus = False
+    summary = ("Model Breadcrumbs (mergekit): per task drop the ⌊γn⌋ largest entries and the smallest, keeping "
+               "⌊density·n⌋; weighted sum × λ")
+    Params = _BreadcrumbsParams
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        self.gammas = per_task_floats("gamma", params.gamma, ctx.task_names)
+
+    def caveats(self):
+        if min(self.gammas) > 0:
+            return []
+        return [f"{self.name} with gamma 0 drops every sparsified task vector (mergekit keeps an empty slice when "
+                "⌊γ·n⌋ = 0) — give gamma > 0, or use ties_mergekit for a plain magnitude trim"]
+
+    def sparsify(self, tau, task, key):
+        return spz.magnitude_outliers(tau, self.densities[task], self.gammas[task])
+
+
+@register
+class BreadcrumbsTies(BreadcrumbsMergekit):
+    name = "breadcrumbs_ties"
+    consensus = True
+    summary = "Model Breadcrumbs sparsification with TIES sign consensus (mergekit `breadcrumbs_ties`) × λ"
+
+
+class _DellaParams(_MergekitTaskArithmetic.Params):
+    epsilon: PerTask = Field(0.15, description="keep probabilities span density ± ε by magnitude rank (one number or "
+                             "{task: ε_t}); density ± ε must lie in (0, 1)")
+    rescale: bool = Field(True, description="rescale each sparsified task vector to its original L1 norm")
+    seed: int = Field(0, ge=0, description="seed of the random drop masks (one stream per task and tensor)")
+
+    @field_validator("epsilon")
+    @classmethod
+    def _epsilons(cls, value: PerTask) -> PerTask:
+        return check_per_task(value, 0.0, 0.5)
+
+
+@register
+class Della(_MergekitTaskArithmetic):
+    """DELLA as mergekit's `della`: MagPrune random drop (seeded here), L1 rescale, TIES sign consensus."""
+
+    name = "della"
+    summary = ("DELLA (mergekit): random drop with keep probability density ± ε by magnitude rank per row, L1 "
+               "rescale, sign consensus, weighted mean × λ (seeded)")
+    Params = _DellaParams
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        self.epsilons = per_task_floats("epsilon", params.epsilon, ctx.task_names)
+        for name, d, e in zip(ctx.task_names, self.densities, self.epsilons):
+            if 0 < d < 1 and not (0 < d - e and d + e < 1):
+                raise MergeInputError(f"{self.name}: task {name!r} has density {d:g} ± epsilon {e:g} outside (0, 1)",
+                                      "lower epsilon, or move density away from 0 and 1")
+
+    def sparsify(self, tau, task, key):
+        seed = ew.stable_seed(self.params.seed, self.ctx.task_names[task], key)
+        return spz.della_magprune(tau, self.densities[task], self.epsilons[task], seed)
+
+
+class _DellaLinearParams(_DellaParams):
+    normalize: bool = Field(False, description="divide the weighted sum by Σ w_t")
+
+
+@register
+class DellaLinear(Della):
+    name = "della_linear"
+    consensus = False
+    summary = "DELLA's MagPrune drop and L1 rescale, then a weighted sum × λ (mergekit `della_linear`, seeded)"
+    Params = _DellaLinearParams
+
+
+@register
+class Sce(MergeMethod):
+    name = "sce"
+    task_copies = 3.0
+    summary = ("SCE (mergekit): keep the highest-variance entries across tasks, weight tasks by mean τ², erase "
+               "sign conflicts, weighted mean")
+
+    class Params(Params):
+        select_topk: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the nonzero-variance entries kept")
+
+    def merge(self, inputs):
+        return spz.sce(inputs.taus, self.params.select_topk), {}
+
+
+@register
+class MagMax(MergeMethod):
+    name = "magmax"
+    summary = "MagMax (FusionBench): per entry the task value of largest magnitude (later task on ties), × scaling_factor"
+
+    class Params(Params):
+        scaling_factor: float = Field(0.5, ge=-LAMBDA_BOUND, le=LAMBDA_BOUND, description="scale of the selected task vector")
+
+    def merge(self, inputs):
+        return spz.magmax(inputs.taus).mul_(self.params.scaling_factor), {}
+
+
+# ---- interpolation of whole weights (mergekit's slerp, nuslerp, karcher, model_stock) -------------------------------
+def require_tasks(method: str, ctx: MergeContext, low: int, high: int | None = None) -> None:
+    """A method defined for a fixed number of fine-tuned models refuses others before any tensor is read."""
+    count = len(ctx.task_names)
+    if count >= low and (high is None or count <= high):
+        return
+    wanted = f"exactly {low}" if high == low else f"at least {low}"
+    raise MergeInputError(f"{method} merges {wanted} fine-tuned model{'s' if low > 1 else ''} with the base; got {count}",
+                          f"give {wanted} --model")
+
+
+@register
+class Slerp(MergeMethod):
+    name = "slerp"
+    task_copies = 1.0
+    summary = "SLERP (mergekit): spherical interpolation from the base (t=0) to the one fine-tuned model (t=1), per tensor"
+
+    class Params(Params):
+        t: float = Field(0.5, ge=0.0, le=1.0, description="interpolation position: 0 the base, 1 the fine-tuned model")
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        require_tasks(self.name, ctx, 1, 1)
+
+    def merge(self, inputs):
+        return ip.slerp(self.params.t, inputs.base, inputs.base + inputs.taus[0]).sub_(inputs.base), {}
+
+
+@register
+class NuSlerp(MergeMethod):
+    name = "nuslerp"
+    task_copies = 2.0
+    summary = ("NuSLERP (mergekit): slerp between two fine-tuned models' task vectors (or weights), t = w_2/(w_1+w_2); "
+               "whole tensor, per row or per column")
+
+    class Params(Params):
+        weight: PerTask = Field(1.0, description="relative weight of each of the two models: one number or {task: w_t}")
+        nuslerp_flatten: bool = Field(True, description="one angle for the whole tensor (else one per row or column)")
+        nuslerp_row_wise: bool = Field(False, description="without flatten: per column (vectors along dim 0), not per row")
+        use_base: bool = Field(True, description="interpolate task vectors about the base (mergekit with base_model); "
+                               "false: the two models' weights (mergekit without base_model)")
+
+        @field_validator("weight")
+        @classmethod
+        def _weights(cls, value: PerTask) -> PerTask:
+            return check_per_task(value, -LAMBDA_BOUND, LAMBDA_BOUND)
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        require_tasks(self.name, ctx, 2, 2)
+        w = per_task_floats("weight", params.weight, ctx.task_names)
+        self.t = w[1] / (w[0] + w[1]) if abs(w[0] + w[1]) >= 1e-6 else 0.5  # mergekit: 0.5 for a near-zero sum
+
+    def merge(self, inputs):
+        p = self.params
+        if p.use_base:
+            return ip.nuslerp(self.t, inputs.taus[0], inputs.taus[1], p.nuslerp_row_wise, p.nuslerp_flatten), {}
+        models = inputs.taus.add_(inputs.base)
+        return ip.nuslerp(self.t, models[0], models[1], p.nuslerp_row_wise, p.nuslerp_flatten).sub_(inputs.base), {}
+
+
+@register
+class Karcher(MergeMethod):
+    name = "karcher"
+    task_copies = 2.0
+    summary = "Karcher mean (mergekit): Riemannian mean of the models' directions on the sphere × their mean norm"
+
+    class Params(Params):
+        max_iter: int = Field(10, ge=1, le=1000, description="most Riemannian gradient steps per tensor")
+        tol: float = Field(1e-5, gt=0.0, le=1.0, description="stop when the step is shorter than this; also skips tiny norms and angles")
+        include_base: bool = Field(False, description="average the base with the fine-tuned models (mergekit lists base_model among them)")
+
+    def merge(self, inputs):
+        models = inputs.taus.add_(inputs.base)
+        if self.params.include_base:
+            models = torch.cat([inputs.base[None], models])
+        return ip.karcher_mean(models, self.params.max_iter, self.params.tol).sub_(inputs.base), {}
+
+
+@register
+class ModelStock(MergeMethod):
+    name = "model_stock"
+    task_copies = 1.0
+    summary = "Model Stock (mergekit): θ0 + t·mean τ_t, t from the mean pairwise cosine of the task vectors"
+
+    class Params(Params):
+        filter_wise: bool = Field(False, description="one ratio per row (along the last dim) instead of per tensor")
+
+    def __init__(self, params, ctx):
+        super().__init__(params, ctx)
+        require_tasks(self.name, ctx, 2)
+
+    def merge(self, inputs):
+        return ip.model_stock(inputs.taus, self.params.filter_wise), {}
 
 
 # ---- distribution-aware per-tensor drop (our design in the spirit of TADrop) ---------------------------------------

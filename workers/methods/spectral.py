@@ -54,9 +54,9 @@ class SpectralFactorization:
         return [int(mask[self.task_of_component == t].sum()) for t in range(num_tasks)]
 
 
-def _top_mask(num_tasks: int, rank: int, keep: int) -> Tensor:
+def _top_mask(num_tasks: int, rank: int, keep: int, device: torch.device | None = None) -> Tensor:
     """Per task block of `rank` components, mark the first `keep` (components are in descending order)."""
-    block = torch.arange(rank) < keep
+    block = torch.arange(rank, device=device) < keep
     return block.repeat(num_tasks)
 
 
@@ -72,8 +72,8 @@ def per_task_factorization(taus: Tensor, keep: int | None = None, cap: int | Non
         U=torch.cat([f[0] for f in factors], dim=1),
         s=torch.cat([f[1] for f in factors]),
         Vh=torch.cat([f[2] for f in factors], dim=0),
-        task_of_component=torch.arange(num_tasks).repeat_interleave(rank),
-        initial_mask=_top_mask(num_tasks, rank, rank if keep is None else min(keep, rank)),
+        task_of_component=torch.arange(num_tasks, device=taus.device).repeat_interleave(rank),
+        initial_mask=_top_mask(num_tasks, rank, rank if keep is None else min(keep, rank), taus.device),
     )
 
 
@@ -98,7 +98,8 @@ def tsv_factorization(taus: Tensor, svd: SvdOptions = EXACT, cap: int | None = N
     if k == 0:
         m, n = taus.shape[1:]
         return SpectralFactorization(
-            torch.zeros(m, 0), torch.zeros(0), torch.zeros(0, n), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool)
+            *(torch.zeros(shape, dtype=dtype, device=taus.device) for shape, dtype in
+              (((m, 0), torch.float32), (0, torch.float32), ((0, n), torch.float32), (0, torch.long), (0, torch.bool)))
         )
     factors = [top_svd(t, k, svd) for t in taus]
     u_hat = torch.cat([f[0] for f in factors], dim=1)
@@ -108,8 +109,8 @@ def tsv_factorization(taus: Tensor, svd: SvdOptions = EXACT, cap: int | None = N
         U=polar(u_hat),
         s=s_hat,
         Vh=polar(vh_hat),
-        task_of_component=torch.arange(num_tasks).repeat_interleave(k),
-        initial_mask=torch.ones(num_tasks * k, dtype=torch.bool),
+        task_of_component=torch.arange(num_tasks, device=taus.device).repeat_interleave(k),
+        initial_mask=torch.ones(num_tasks * k, dtype=torch.bool, device=taus.device),
     )
 
 
@@ -120,8 +121,8 @@ def iso_c_factorization(taus: Tensor) -> SpectralFactorization:
         U=u,
         s=torch.full_like(s, float(s.mean())),
         Vh=vh,
-        task_of_component=torch.full((s.numel(),), SHARED, dtype=torch.long),
-        initial_mask=torch.ones(s.numel(), dtype=torch.bool),
+        task_of_component=torch.full((s.numel(),), SHARED, dtype=torch.long, device=s.device),
+        initial_mask=torch.ones(s.numel(), dtype=torch.bool, device=s.device),
     )
 
 
@@ -147,18 +148,18 @@ def iso_cts_factorization(taus: Tensor, common_fraction: float = 0.8, svd: SvdOp
             us.append(ut)
             ss.append(st)
             vhs.append(vht)
-            owners.append(torch.full((per_task,), t, dtype=torch.long))
+            owners.append(torch.full((per_task,), t, dtype=torch.long, device=taus.device))
     us.append(u_c)
     ss.append(s_c)
     vhs.append(vh_c)
-    owners.append(torch.full((k_common,), SHARED, dtype=torch.long))
+    owners.append(torch.full((k_common,), SHARED, dtype=torch.long, device=taus.device))
     s_all = torch.cat(ss)
     return SpectralFactorization(
         U=polar(torch.cat(us, dim=1)),
         s=torch.full_like(s_all, float(s_all.mean())),
         Vh=polar(torch.cat(vhs, dim=0)),
         task_of_component=torch.cat(owners),
-        initial_mask=torch.ones(s_all.numel(), dtype=torch.bool),
+        initial_mask=torch.ones(s_all.numel(), dtype=torch.bool, device=s_all.device),
     )
 
 

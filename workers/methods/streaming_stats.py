@@ -30,7 +30,7 @@ class StreamingKthSmallest:
         self.rank_in_bucket: list[int] = []
 
     def observe_high(self, stream: int, magnitudes: Tensor) -> None:
-        self.high[stream] += torch.bincount(_bits(magnitudes) >> 16, minlength=HIGH_BUCKETS)
+        self.high[stream] += torch.bincount(_bits(magnitudes) >> 16, minlength=HIGH_BUCKETS).cpu()
 
     def finish_high(self) -> None:
         for hist, rank in zip(self.high, self.ranks):
@@ -52,7 +52,7 @@ class StreamingKthSmallest:
         bits = _bits(magnitudes)
         members = bits[(bits >> 16) == self.bucket[stream]]
         if members.numel():
-            self.low[stream] += torch.bincount(members & 0xFFFF, minlength=LOW_BUCKETS)
+            self.low[stream] += torch.bincount(members & 0xFFFF, minlength=LOW_BUCKETS).cpu()
 
     def thresholds(self) -> Tensor:
         out = []

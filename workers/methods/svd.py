@@ -48,7 +48,7 @@ def randomized_svd(a: Tensor, k: int, oversample: int = 10, power_iters: int = 2
     if wide:
         a = a.T  # tall: the sketch lives in the short dimension
     width = min(k + oversample, a.shape[1])
-    sketch = torch.randn(a.shape[1], width, generator=torch.Generator().manual_seed(seed))
+    sketch = torch.randn(a.shape[1], width, generator=torch.Generator().manual_seed(seed)).to(a.device)  # host-drawn: device-independent
     q, _ = torch.linalg.qr(a @ sketch)
     for _ in range(power_iters):
         z, _ = torch.linalg.qr(a.T @ q)

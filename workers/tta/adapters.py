@@ -8,7 +8,8 @@ One instance is built with empty (meta) parameters and real buffers; every forwa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import torch
 import transformers
@@ -50,10 +51,21 @@ class TaskModels:
 
     def logits(self, weights: dict[str, Tensor], task: int, batch: dict[str, Tensor]) -> Tensor:
         params = {self.names[task][k]: w for k, w in weights.items()}
-        dtype = next(iter(params.values())).dtype  # heads and frozen parameters follow the merged weights' dtype
-        params.update({n: v.to(dtype) for n, v in self.heads[task].items()})
-        params.update({n: v.to(dtype) for n, v in self.fixed.items()})
+        first = next(iter(params.values()))  # heads and frozen parameters follow the merged weights' dtype and device
+        params.update({n: v.to(first.device, first.dtype) for n, v in self.heads[task].items()})
+        params.update({n: v.to(first.device, first.dtype) for n, v in self.fixed.items()})
         return functional_call(self.model, params, args=(), kwargs=self.model_kwargs(batch)).logits
+
+    def on(self, device: torch.device) -> "TaskModels":
+        """These models with heads, frozen parameters and buffers on `device` (a copy: the caller's stay where they
+        are); the meta parameters hold no data and stay as they are."""
+        if device.type == "cpu":
+            return self
+        model = copy.deepcopy(self.model)
+        for module in model.modules():
+            module._buffers.update({n: b.to(device) for n, b in module._buffers.items() if b is not None})
+        return replace(self, model=model, heads=[{n: v.to(device) for n, v in h.items()} for h in self.heads],
+                       fixed={n: v.to(device) for n, v in self.fixed.items()})
 
     def model_kwargs(self, batch: dict[str, Tensor]) -> dict[str, Tensor | bool]:
         """The model's inputs; images of another size than the checkpoint's get interpolated position embeddings

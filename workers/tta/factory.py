@@ -3,6 +3,8 @@ each shard): the parameters give the method the state starts from, the state lay
 
 from __future__ import annotations
 
+import torch
+
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 from rankmerge.workers.methods.registry import MergeContext
 from rankmerge.workers.plan import MergePlan
@@ -25,8 +27,8 @@ def static_keys(params: AdaptiveParams, plan: MergePlan, output_kind: str) -> fr
 
 def make_merger(params: AdaptiveParams, lr: float, plan: MergePlan, base: ModelCheckpoint,
                 tasks: list[ModelCheckpoint], columns: list[int] | None = None,
-                static: frozenset[str] = frozenset()) -> AdaptiveMerger:
-    """`static`: keys merged once at λ0 and not adapted (see static_keys)."""
+                static: frozenset[str] = frozenset(), device: torch.device = torch.device("cpu")) -> AdaptiveMerger:
+    """`static`: keys merged once at λ0 and not adapted (see static_keys); `device`: where the state lives."""
     method = params.method(MergeContext(tuple(t.name for t in tasks), plan.merged_numel))
-    slots, lam = build_state(plan, base, tasks, method, params.state_options(columns, static))
+    slots, lam = build_state(plan, base, tasks, method, params.state_options(columns, static), device)
     return AdaptiveMerger(slots, lam, params.adaptive_options(lr))

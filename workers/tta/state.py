@@ -21,7 +21,7 @@ from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 from rankmerge.workers.methods.adaptive import TaskVectorSum
 from rankmerge.workers.methods.registry import TaskVectorMethod
 from rankmerge.workers.plan import MergePlan, TensorPlan
-from rankmerge.workers.static_merge import load_inputs
+from rankmerge.workers.static_merge import inputs_on, load_inputs
 
 
 @dataclass
@@ -61,24 +61,25 @@ class StateOptions:
 
 
 def build_state(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], method: TaskVectorMethod,
-                options: StateOptions) -> tuple[list[Slot], Tensor]:
-    """Read every merged tensor once and build its slot; returns (slots, λ init of shape [T+1, K]), one λ column per
-    slot."""
+                options: StateOptions, device: torch.device = torch.device("cpu")) -> tuple[list[Slot], Tensor]:
+    """Read every merged tensor once and build its slot on `device` (factorizations run there); returns (slots, λ init
+    of shape [T+1, K] on `device`), one λ column per slot."""
     entries = plan.merged if options.columns is None else [plan.merged[c] for c in options.columns]
     lam = torch.empty(len(tasks) + 1, len(entries))
     slots: list[Slot] = []
     for k, entry in enumerate(tqdm(entries, desc=f"factorize ({method.name})", leave=False, disable=None)):
-        slot, lam[:, k] = build_slot(entry, base, tasks, method, options)
+        slot, lam[:, k] = build_slot(entry, base, tasks, method, options, device)
         slots.append(slot)
-    return slots, lam
+    return slots, lam.to(device)
 
 
 def build_slot(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], method: TaskVectorMethod,
-               options: StateOptions) -> tuple[Slot, float]:
-    """One tensor's slot and its initial λ."""
+               options: StateOptions, device: torch.device = torch.device("cpu")) -> tuple[Slot, float]:
+    """One tensor's slot (on `device`) and its initial λ."""
     factorized = method.factorized_role(entry.role)
     # elementwise stacks are read straight into the factor dtype (a shifted origin is computed in fp32 first)
-    inputs = load_inputs(entry, base, tasks, torch.float32 if factorized or method.centered else options.factor_dtype)
+    dtype = torch.float32 if factorized or method.centered else options.factor_dtype
+    inputs = inputs_on(load_inputs(entry, base, tasks, dtype, pin=device.type == "cuda"), device)
     origin, taus = inputs.base, inputs.taus
     shift = method.origin_shift(taus)
     if shift is None:  # the origin is the base itself: exact in the checkpoint's own (maybe 16-bit) dtype
@@ -88,7 +89,7 @@ def build_slot(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckp
     if not factorized:
         weight = method.task_weight(len(tasks))
         if entry.key in options.static:
-            merged = TaskVectorSum.apply(origin, torch.full((len(tasks),), weight), taus)  # one task at a time, in fp32
+            merged = TaskVectorSum.apply(origin, torch.full((len(tasks),), weight, device=device), taus)  # one task at a time, in fp32
             return ElementwiseSlot(entry.key, merged, taus.new_empty((0, *taus.shape[1:]))), weight
         return ElementwiseSlot(entry.key, origin, taus.to(options.factor_dtype)), weight
     fac = method.factorize(taus, options.cap(min(entry.shape)))

@@ -1,0 +1,179 @@
+"""The `device` setting: explicit CPU equals the default bit for bit, shard state lives on the configured device,
+checkpoints are device-independent, an absent GPU is a one-line error. `gpu`-marked tests compare CUDA with the CPU
+(run by benchmarks/gpu_check.sh; skipped where torch sees no GPU)."""
+
+import json
+from contextlib import ExitStack
+
+import pytest
+import torch
+import yaml
+
+from rankmerge.service.cli import main
+from rankmerge.service.merge_job import open_inputs
+from rankmerge.service.spec import job_from_dict
+from rankmerge.service.tta_job import start_executor
+from rankmerge.workers.tta.state import ElementwiseSlot, SpectralSlot
+
+from conftest import make_adaptive_spec as make_job
+
+HAS_CUDA = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="torch sees no CUDA GPU")
+
+
+def merge(families, out, method, *extra):
+    base, tasks = families("vit")
+    args = ["merge", "--base", str(base), "--method", method, "--out", str(out)]
+    for name, path in tasks.items():
+        args += ["--model", f"{name}={path}"]
+    assert main(args + list(extra)) == 0
+    return (out / "model.safetensors").read_bytes(), json.loads((out / "merge_report.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "ties", "dare"])
+def test_explicit_cpu_static_merge_equals_the_default_bitwise(families, tmp_path, capsys, method):
+    default, _ = merge(families, tmp_path / "default", method)
+    explicit, report = merge(families, tmp_path / "cpu", method, "--device", "cpu")
+    assert explicit == default
+    assert report["device"] == "cpu"
+    assert "on cpu in" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_gpu_asked_for_without_one_is_a_one_line_error(families, tmp_path, capsys, device):
+    base, tasks = families("vit")
+    args = ["merge", "--base", str(base), "--method", "tsv_m", "--out", str(tmp_path / "out"), "--device", device]
+    assert main(args + [f"--model={n}={p}" for n, p in tasks.items()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and " — " in err and device in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_malformed_device_is_a_spec_error(families, tmp_path, capsys):
+    base, tasks = families("vit")
+    args = ["merge", "--base", str(base), "--method", "tsv_m", "--out", str(tmp_path / "out"), "--device", "gpu0"]
+    assert main(args + [f"--model={n}={p}" for n, p in tasks.items()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'device'" in err and "cuda[:N]" in err and "\n" not in err
+
+
+def test_the_device_is_not_part_of_the_job_identity(families, tmp_path):
+    data = make_job(families, tmp_path)
+    hashes = {job_from_dict({**data, "device": d}, tmp_path).spec_hash() for d in ("auto", "cpu", "cuda:3")}
+    assert len(hashes) == 1
+
+
+def test_explicit_cpu_adaptive_run_equals_the_default(families, tmp_path):
+    outputs = []
+    for name, extra in (("default", []), ("cpu", ["--device", "cpu"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        spec = folder / "job.yaml"
+        spec.write_text(yaml.safe_dump(make_job(families, folder, steps=3)))
+        assert main(["run", str(spec), *extra]) == 0
+        outputs.append((folder / "out" / "model.safetensors").read_bytes())
+        assert json.loads((folder / "out" / "merge_report.json").read_text())["device"] == "cpu"
+    assert outputs[0] == outputs[1]
+
+
+def executor(families, tmp_path, device: str, stack: ExitStack, method: str = "adarank", params: dict | None = None):
+    """An in-process executor over the tiny ViT family, entropy objective (no teacher targets needed)."""
+    tmp_path.mkdir(exist_ok=True)
+    spec = make_job(families, tmp_path, method=method, params=params, objective="entropy")
+    job = job_from_dict({**spec, "device": device}, tmp_path)
+    _, tasks, plan = open_inputs(job, stack)
+    runner = start_executor(job, plan, "local", None)
+    stack.callback(runner.close)
+    return runner, len(tasks)
+
+
+def batch(num_tasks: int, step: int) -> list[torch.Tensor]:
+    return [torch.arange(6) + 6 * (step % 3) for _ in range(num_tasks)]
+
+
+def state_tensors(runner) -> dict[str, torch.Tensor]:
+    """Every tensor a shard holds: slots, λ, mask logits, Adam moments."""
+    merger = runner.shard.merger
+    out = {"lambda": merger.lam, **{f"mask/{k}": v for k, v in merger.logits.items()}}
+    for slot in merger.slots:
+        fields = ("origin", "U", "s", "Vh", "owner", "initial_mask") if isinstance(slot, SpectralSlot) else ("origin", "taus")
+        out.update({f"{slot.key}/{f}": getattr(slot, f) for f in fields})
+    for param, moments in merger.optimizer.state.items():
+        out.update({f"adam/{id(param)}/{f}": moments[f] for f in ("exp_avg", "exp_avg_sq")})
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
+def test_every_shard_state_tensor_is_on_the_configured_device(families, tmp_path, device):
+    with ExitStack() as stack:
+        runner, num_tasks = executor(families, tmp_path, device, stack)
+        runner.step(batch(num_tasks, 0))
+        tensors = state_tensors(runner)
+        assert any(k.startswith("adam/") for k in tensors) and any(k.endswith("/U") for k in tensors)
+        wrong = {k: str(v.device) for k, v in tensors.items() if v.device.type != device}
+        assert not wrong
+        float_state = {k: v.dtype for k, v in tensors.items() if k == "lambda" or k.startswith(("mask/", "adam/"))}
+        assert set(float_state.values()) == {torch.float32}
+        assert all(isinstance(s, (SpectralSlot, ElementwiseSlot)) for s in runner.shard.merger.slots)
+        checkpoint = runner.state()
+        assert {v.device.type for v in checkpoint.values()} == {"cpu"}  # checkpoints never depend on the device
+        assert {v.device.type for v in runner.hard_masks().values()} == {"cpu"}
+        assert runner.device.startswith(device)
+
+
+def run_steps(runner, num_tasks: int, steps: range) -> None:
+    for step in steps:
+        runner.step(batch(num_tasks, step))
+
+
+def test_a_checkpoint_resumes_under_another_device_setting(families, tmp_path):
+    """Written with `device: cpu`, restored with `device: auto` (the CPU here): the continued run is the uninterrupted one."""
+    with ExitStack() as stack:
+        first, num_tasks = executor(families, tmp_path / "a", "cpu", stack)
+        run_steps(first, num_tasks, range(2))
+        checkpoint = first.state()
+        run_steps(first, num_tasks, range(2, 4))
+        second, _ = executor(families, tmp_path / "b", "auto", stack)
+        second.load_state(checkpoint)
+        run_steps(second, num_tasks, range(2, 4))
+        if HAS_CUDA:  # `auto` picked the GPU: equal within floating-point tolerance
+            for key, value in first.state().items():
+                torch.testing.assert_close(second.state()[key], value, atol=1e-4, rtol=1e-4)
+            return
+        a, b = first.state(), second.state()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- CUDA against the CPU (benchmarks/gpu_check.sh runs these on a GPU machine) -----------------------------------------
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("method", ["tsv_m", "task_arithmetic", "ties"])
+def test_cuda_static_merge_matches_cpu(families, tmp_path, method):
+    from safetensors.torch import load_file
+
+    merge(families, tmp_path / "cpu", method, "--device", "cpu")
+    _, report = merge(families, tmp_path / "cuda", method, "--device", "cuda")
+    assert report["device"].startswith("cuda")
+    cpu, cuda = load_file(str(tmp_path / "cpu" / "model.safetensors")), load_file(str(tmp_path / "cuda" / "model.safetensors"))
+    assert cpu.keys() == cuda.keys()
+    for key in cpu:
+        torch.testing.assert_close(cuda[key], cpu[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("method, params", [("adarank", None), ("adamerging", None)])
+def test_cuda_adaptive_steps_match_cpu(families, tmp_path, method, params):
+    with ExitStack() as stack:
+        cpu, num_tasks = executor(families, tmp_path / "cpu", "cpu", stack, method, params)
+        cuda, _ = executor(families, tmp_path / "cuda", "cuda", stack, method, params)
+        run_steps(cpu, num_tasks, range(4))
+        run_steps(cuda, num_tasks, range(4))
+        a, b = cpu.state(), cuda.state()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4)
+        on_cpu, on_cuda = next(cpu.weights_by_shard("final")), next(cuda.weights_by_shard("final"))
+        for key, weight in on_cpu.items():
+            torch.testing.assert_close(on_cuda[key], weight, atol=1e-4, rtol=1e-4)

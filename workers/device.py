@@ -1,0 +1,61 @@
+"""Where the tensor math runs: `auto` (the GPU when this process sees one), `cpu` or `cuda[:N]`.
+
+The setting is resolved in the process that computes (a Ray actor sees only the GPUs Ray gave it), and everything
+that leaves a computation for a file, a report or another process goes back to the host first, so outputs and
+checkpoints never depend on the device they were made on.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from rankmerge.workers.errors import MergeInputError
+
+DEVICE_SETTING = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DEVICE_HELP = "auto (the GPU when one is visible, else the CPU), cpu, or cuda[:N]"
+
+
+def check_setting(setting: str) -> str:
+    """The spec's syntax check (availability is checked where the work runs: see resolve_device)."""
+    if not DEVICE_SETTING.match(setting):
+        raise ValueError(f"device {setting!r} is not one of {DEVICE_HELP}")
+    return setting
+
+
+def resolve_device(setting: str) -> torch.device:
+    """The device this process computes on; a GPU that is asked for but absent is a user mistake, not a crash."""
+    check_setting(setting)
+    if setting == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(setting)
+    if device.type == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        raise MergeInputError(f"device {setting!r} was asked for but torch sees no CUDA GPU here "
+                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})",
+                              "use device: cpu (or auto), or install the CUDA build of torch (README: GPU machines)")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise MergeInputError(f"device {setting!r} was asked for but only {torch.cuda.device_count()} GPU(s) are visible",
+                              f"use one of cuda:0 … cuda:{torch.cuda.device_count() - 1}, or device: auto")
+    return torch.device("cuda", index)
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """Host → device; the copy is asynchronous when the host tensor is pinned (see load_inputs' `pin`)."""
+    return tensor.to(device, non_blocking=tensor.is_pinned())
+
+
+def host(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detached host copies (the tensors themselves when already on the CPU) for files, reports and other processes."""
+    return {k: v.detach().cpu() for k, v in tensors.items()}
+
+
+def device_name(device: torch.device) -> str:
+    """`cpu`, or `cuda:0 (NVIDIA H100 …)`: what the report and the summary line say was used."""
+    if device.type != "cuda":
+        return str(device)
+    return f"{device} ({torch.cuda.get_device_name(device)})"

@@ -1,0 +1,98 @@
+"""Merges that interpolate whole weights on a sphere or towards a centre (mergekit's slerp, nuslerp, karcher and
+model_stock). Pure torch on one tensor at a time: no I/O, no Ray.
+
+Each function returns the merged *weights* (not a delta); the registry subtracts the base. The semantics (thresholds,
+normalisation, fallbacks) are mergekit 0.1.5's, restated here; every docstring names the rule it follows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+SLERP_DOT_THRESHOLD = 0.9995  # mergekit: |cos| above this counts as colinear and falls back to lerp
+SLERP_EPS = 1e-8  # mergekit: a vector whose norm is at most this is not normalised
+
+
+def slerp(t: float, v0: Tensor, v1: Tensor) -> Tensor:
+    """Spherical interpolation of two whole tensors (mergekit `slerp`): the angle comes from the flattened tensors,
+    each normalised unless its norm is ≤ 1e-8; |cos| > 0.9995 falls back to (1−t)·v0 + t·v1. The interpolation
+    weights sin((1−t)θ)/sin θ and sin(tθ)/sin θ apply to the *unnormalised* tensors, so norms are interpolated too."""
+    n0, n1 = torch.linalg.vector_norm(v0), torch.linalg.vector_norm(v1)
+    u0 = v0 / n0 if n0 > SLERP_EPS else v0
+    u1 = v1 / n1 if n1 > SLERP_EPS else v1
+    dot = float((u0 * u1).sum())
+    if abs(dot) > SLERP_DOT_THRESHOLD:
+        return torch.lerp(v0, v1, t)
+    theta = math.acos(dot)
+    return (math.sin((1 - t) * theta) * v0 + math.sin(t * theta) * v1) / math.sin(theta)
+
+
+def nuslerp(t: float, v0: Tensor, v1: Tensor, row_wise: bool = False, flatten: bool = True) -> Tensor:
+    """mergekit `nuslerp`: slerp over the whole flattened tensor (`flatten`, its default), else per row (vectors along
+    the last dim) or, with `row_wise`, per column (along dim 0). Norms are clamped to ≥ 1e-7 before normalising; a
+    row with |sin θ| < 1e-8 takes the lerp. Like `slerp`, the weights apply to the unnormalised vectors."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    theta = torch.acos((u0 * u1).sum(-1, keepdim=True).clamp(-1, 1))
+    sin = torch.sin(theta)
+    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin
+    out = torch.where(sin.abs() < 1e-8, torch.lerp(v0, v1, t), spherical)
+    if row_wise and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+def karcher_mean(tensors: Tensor, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+    """mergekit `karcher` with its equal weights 1/N: the Riemannian mean of the unit directions times the mean norm.
+
+    Directions of tensors with norm ≤ tol are left out (their zero norm still counts in the mean norm). Start: the
+    normalised mean direction (the first direction if that mean is shorter than tol). Each step moves along the mean
+    log map Σ a_i θ_i/sin θ_i (u_i − cos θ_i u) (tasks with θ_i < tol skipped) by its length; stop when it is < tol.
+    """
+    flat = tensors.reshape(len(tensors), -1)
+    norms = torch.linalg.vector_norm(flat, dim=1)
+    valid = norms > tol
+    if not bool(valid.any()):
+        return torch.zeros_like(tensors[0])
+    units = flat[valid] / norms[valid, None]
+    alphas = torch.full((len(units),), 1.0 / len(units), dtype=flat.dtype)
+    u = alphas @ units
+    u = units[0].clone() if float(torch.linalg.vector_norm(u)) < tol else u / torch.linalg.vector_norm(u)
+    for _ in range(max_iter):
+        cos = (units @ u).clamp(-1.0, 1.0)
+        theta = torch.arccos(cos)
+        moving = theta >= tol
+        coef = torch.where(moving, alphas * theta / torch.sin(theta), torch.zeros_like(theta))
+        step = coef @ (units - cos[:, None] * u)
+        length = torch.linalg.vector_norm(step)
+        if float(length) < tol:
+            break
+        u = torch.cos(length) * u + torch.sin(length) * step / length
+        u_norm = torch.linalg.vector_norm(u)
+        if float(u_norm) > tol:
+            u = u / u_norm
+    return (norms.mean() * u).reshape(tensors.shape[1:])
+
+
+def model_stock(taus: Tensor, filter_wise: bool = False) -> Tensor:
+    """Model Stock as a delta, t · mean_t τ_t (mergekit `model_stock`): t = N cos θ / (1 + (N−1) cos θ), cos θ the
+    mean over task pairs of the cosine between task vectors (norm product clamped to ≥ 1e-6, cosine to [−1, 1]) —
+    of the whole flattened tensor, or per row (vectors along the last dim; a 1-D tensor is one row) with
+    `filter_wise`. A mean cosine of −1/(N−1) divides by zero, as in mergekit."""
+    n = len(taus)
+    width = taus.shape[-1] if filter_wise and taus.dim() > 1 else -1
+    rows = taus.reshape(n, 1, -1) if width == -1 else taus.reshape(n, -1, width)
+    norms = torch.linalg.vector_norm(rows, dim=-1)
+    cosines = [((rows[i] * rows[j]).sum(-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+               for i in range(n) for j in range(i + 1, n)]
+    cos = torch.stack(cosines).mean(0)
+    ratio = n * cos / (1 + (n - 1) * cos)
+    return (ratio[:, None] * rows.mean(0)).reshape(taus.shape[1:])
