@@ -1,4 +1,4 @@
-"""Every merge method against its formula (ALGORITHMS.md) on small random tensors, plus the project invariants."""
+"""Every merge method against its formula (docs/METHODS.md) on small random tensors, plus the project invariants."""
 
 import math
 

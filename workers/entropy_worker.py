@@ -6,7 +6,7 @@ task's head, and backpropagates Σ_t loss_t (workers/tta/objectives.py: distill,
 weights. The group's gradients are the mean over members, i.e. the
 gradient of the full-batch mean, so any group size gives the same objective as one process.
 
-Two ways to hold the model (ALGORITHMS §10, DESIGN "Adaptive path"):
+Two ways to hold the model (docs/METHODS.md §4, "Execution"):
 - replicated: one meta-weight module per worker driven by `torch.func.functional_call` (ViT/BERT scale); gradients
   are reduced to rank 0 with one collective per tensor.
 - zero3: a real module under DeepSpeed ZeRO-3 (LLM scale), each rank holding 1/N of every parameter. Merged weights

@@ -1,7 +1,7 @@
 """The benchmark's method list, grouped like the AdaRank paper's Table 1, with each static method's validation grid
 and each suite's fixed test-time-adaptation settings.
 
-Why grids and not the registry defaults: the papers choose static hyper-parameters on a validation split (ALGORITHMS.md
+Why grids and not the registry defaults: the papers choose static hyper-parameters on a validation split (docs/METHODS.md
 "honest evaluation"); the grids are small so a CPU run stays in minutes. Adaptive methods get no grid at all: they start
 from the paper's defaults (each spectral method's `adaptive_defaults`, workers/methods/registry.py) and report the
 final step, with lr/steps/batch fixed per suite below — written once, never tuned on test accuracy. Every spectral
@@ -90,7 +90,7 @@ METHODS: tuple[BenchMethod, ...] = (
     BenchMethod("task_arithmetic", "Task Arithmetic", DATA_FREE, "static", "task_arithmetic", grid={"lambda": LAMBDAS}),
     BenchMethod("ties", "TIES-Merging", DATA_FREE, "static", "ties", grid={"k": (0.1, 0.2, 0.4), "lambda": COARSE_LAMBDAS}),
     BenchMethod("dare", "DARE (TA)", DATA_FREE, "static", "dare", {"seed": 0}, {"p": DROP_RATES, "lambda": COARSE_LAMBDAS},
-                seeds=(1, 2)),  # ALGORITHMS.md §7.2: the drop seed matters, report the mean over seeds
+                seeds=(1, 2)),  # docs/METHODS.md §2: the drop seed matters, report the mean over seeds
     BenchMethod("consensus", "Consensus TA", DATA_FREE, "static", "consensus", {"k": 2},
                 {"tall_lambda": (0.2, 0.4, 0.6), "alpha": COARSE_LAMBDAS}),
     BenchMethod("tadrop_ta", "TA + dist.-aware drop", DATA_FREE, "static", "tadrop", {"host": "ta"},
@@ -140,7 +140,7 @@ class TTASettings:
 
 # digits-smoke: the settings of the digits AdaRank test; digits: the paper's lr (1e-3) with steps for a CPU budget.
 #
-# The others are fixed from cost alone, before any test number of the suite was seen (ALGORITHMS.md §1). The paper runs
+# The others are fixed from cost alone, before any test number of the suite was seen (docs/METHODS.md §1). The paper runs
 # 10 000 steps at lr 1e-3 (lr·steps = 10). Adam moves each mask logit by ~lr per step and a logit starts 0.1 from the
 # threshold, so an entry flips after ~0.1/lr steps of consistently signed gradient: a CPU budget allows fewer steps at a
 # proportionally larger lr, with lr·steps ~1 where the budget allows (every entry can flip, and λ, which also moves ~lr

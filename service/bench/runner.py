@@ -3,7 +3,7 @@
 Every merge is a real job (a MergeJob spec, kept beside its output, run by run_merge_job / run_adaptive_job), so each
 number in the table belongs to a safetensors output a user could load or re-create with `rankmerge run <spec>`.
 
-Honesty (ALGORITHMS.md "honest evaluation"): a static method's grid is scored on the val split only; the test split is
+Honesty (docs/METHODS.md §1, "honest evaluation"): a static method's grid is scored on the val split only; the test split is
 read for the one chosen output, after the choice. Adaptive methods adapt on label-free copies of the inputs and report
 their final step. The held-out protocol adapts on one seeded half of each task's test inputs and reports on the other.
 """

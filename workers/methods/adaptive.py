@@ -1,7 +1,7 @@
 """Pure math of adaptive merging (AdaRank, AdaMerging): straight-through binary masks, the merged-weight GEMM with a
 memory-lean closed-form backward, and the entropy objective. No I/O, no Ray, no model code.
 
-ALGORITHMS.md §1 and §10: W = θ_o + (U ⊙ cᵀ) Vh with c = λ[owner] · b · s, b = STE(σ(L/τ_m) > 0.5).
+docs/METHODS.md §4: W = θ_o + (U ⊙ cᵀ) Vh with c = λ[owner] · b · s, b = STE(σ(L/τ_m) > 0.5).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Elementwise merge math on stacked task vectors `taus` of shape [T, ...]. Pure torch: no I/O, no Ray.
 
 Every function returns a *delta* to add to the origin (the base, unless a method says otherwise).
-Formulas follow the project's ALGORITHMS.md, sections 3 and 7.
+Formulas: docs/METHODS.md §2.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A `SpectralFactorization` of one tensor's task vectors is (U, s, Vh, task_of_component, initial_mask). TA-SVD, CART,
 TSV-M and Iso-CTS differ only in how they build it; a static spectral merge materialises it with its initial mask, and
 AdaRank learns the mask over any of them (the `SpectralMethod` interface of workers/methods/registry.py). Formulas
-follow ALGORITHMS.md sections 4-6 and 7.5.
+follow docs/METHODS.md §3.
 """
 
 from __future__ import annotations
