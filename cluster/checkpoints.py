@@ -33,7 +33,7 @@ from rankmerge.cluster.lease import Lease
 from rankmerge.workers.atomic_io import fsync_path, write_atomic, write_synced
 from rankmerge.workers.checkpoint_writer import SPACE_ERRNOS
 from rankmerge.workers.errors import MergeInputError
-from rankmerge.workers.fingerprint import HasFiles, input_fingerprint
+from rankmerge.workers.fingerprint import HasFiles, input_fingerprint, sha256_file
 
 log = logging.getLogger(__name__)
 STATE = "state.safetensors"
@@ -47,14 +47,6 @@ def job_identity(spec_hash: str, checkpoints: Iterable[HasFiles], data: Iterable
     return f"{spec_hash}+{input_fingerprint([*files, *data])}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---- step checkpoints -------------------------------------------------------------------------------------------------
 def _meta_digest(record: dict[str, Any]) -> str:
     """sha256 of the metadata itself (its own checksum left out), in a canonical form."""
@@ -65,7 +57,7 @@ def _meta_digest(record: dict[str, Any]) -> str:
 
 def _write_step(tmp: Path, step: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / STATE)
-    record = {**meta, "step": step, "sha256": {STATE: _sha256(tmp / STATE)}}
+    record = {**meta, "step": step, "sha256": {STATE: sha256_file(tmp / STATE)}}
     record["sha256"][META] = _meta_digest(record)
     write_synced(tmp / META, json.dumps(record, indent=1))
     for f in (tmp / STATE, tmp):
@@ -149,7 +141,7 @@ def _read_meta(step_dir: Path) -> dict[str, Any]:
         raise ValueError("meta.json checksum mismatch")
     if meta.get("step") != _step_of(step_dir):
         raise ValueError(f"meta.json names step {meta.get('step')}")
-    if _sha256(step_dir / STATE) != meta["sha256"].get(STATE):
+    if sha256_file(step_dir / STATE) != meta["sha256"].get(STATE):
         raise ValueError("checksum mismatch")
     return meta
 

@@ -20,6 +20,15 @@ class HasFiles(Protocol):
     files: list[Path]
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of a whole file, read in 1 MiB chunks (checkpoint state, the teacher cache)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _sample_offsets(size: int) -> list[int]:
     """Evenly spaced chunk starts from the first to the last SAMPLE_BYTES of a file."""
     last = max(size - SAMPLE_BYTES, 0)

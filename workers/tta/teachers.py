@@ -24,6 +24,7 @@ from torch import Tensor
 
 from rankmerge.workers.atomic_io import write_atomic
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.fingerprint import sha256_file
 from rankmerge.workers.plan import MergePlan
 from rankmerge.workers.progress import progress
 from rankmerge.workers.tta.adapters import TaskModels
@@ -60,14 +61,6 @@ def teacher_targets(models: TaskModels, plan: MergePlan, tasks: list[ModelCheckp
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_teachers(job_dir: Path, names: list[str], targets: list[dict[str, Tensor]], identity: str) -> Path:
     """Write the cache atomically with its identity; the checksum sidecar goes last, so a crash in between leaves a
     cache that fails its check and is recomputed."""
@@ -84,7 +77,7 @@ def load_teachers(job_dir: Path, names: list[str], identity: str) -> list[dict[s
     path = job_dir / CACHE
     try:
         record = json.loads((job_dir / f"{CACHE}.sha256").read_text())
-        if not isinstance(record, dict) or record.get("identity") != identity or record.get("sha256") != _sha256(path):
+        if not isinstance(record, dict) or record.get("identity") != identity or record.get("sha256") != sha256_file(path):
             log.warning("teacher cache in %s does not match this job or is damaged: recomputing it", job_dir)
             return None
         return read_teachers(path, names)
