@@ -33,7 +33,7 @@ from rankmerge.workers.device import resolve_device
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.plan import MergePlan, build_plan
 from rankmerge.workers.publish import publish, tensor_writer
-from rankmerge.workers.tta.adapters import TaskModels, build_task_models
+from rankmerge.workers.tta.adapters import TaskModels, build_task_models, label_count
 from rankmerge.workers.tta.data import TARGET_KEYS, IndexStream, load_task_data, model_inputs, num_rows
 from rankmerge.workers.tta.engine import AdaptiveMerger
 from rankmerge.workers.tta.factory import make_merger, static_keys
@@ -158,6 +158,7 @@ def dry_run_adaptive_job(job: MergeJob) -> str:
     with ExitStack() as stack:
         base, tasks, plan = open_inputs(job, stack)
         datasets = [load_task_data(tta.data[ck.name], ck.name, job.base, tta.max_length) for ck in tasks]
+        check_adaptation_data(job, tasks, datasets)
         models = build_task_models(plan, base, tasks)
         params = parse_adaptive_params(job.method, job.params)
         dtype = getattr(torch, compute_dtype(tta.compute_dtype, plan))
@@ -172,6 +173,26 @@ def dry_run_adaptive_job(job: MergeJob) -> str:
         predicted.summary(),
         f"output: {job.output} (nothing written: dry run)",
     ])
+
+
+def check_adaptation_data(job: MergeJob, tasks: list[ModelCheckpoint], datasets: list[dict[str, torch.Tensor]]) -> None:
+    """What the readers cannot see alone: too few rows for a batch, labels the task's head does not have, images of
+    another size than the model's (adapted on interpolated position embeddings: allowed, but said)."""
+    for ck, data in zip(tasks, datasets):
+        rows = num_rows(data)
+        if rows < job.tta.batch_size:
+            raise MergeInputError(f"data for task {ck.name!r} has {rows} rows, fewer than tta.batch_size {job.tta.batch_size}",
+                                  f"lower tta.batch_size to at most {rows}, or give more examples")
+        classes = label_count(ck.config) if "labels" in data else 0
+        low, high = (int(data["labels"].min()), int(data["labels"].max())) if classes else (0, 0)
+        if low < 0 or high >= max(classes, 1):
+            raise MergeInputError(f"data for task {ck.name!r} has labels in [{low}, {high}] but its model's head has "
+                                  f"{classes} classes", "give labels 0..classes-1 in the head's order (or drop the labels: they only score)")
+        size = (ck.config.get("vision_config") or ck.config).get("image_size")
+        pixels = data.get("pixel_values")
+        if pixels is not None and size and tuple(pixels.shape[-2:]) != (size, size):
+            log.warning("task %r: images are %s, the model was trained on %dx%d; adapting with interpolated position "
+                        "embeddings", ck.name, "x".join(map(str, pixels.shape[-2:])), size, size)
 
 
 def prepare_teachers(job: MergeJob, plan: MergePlan, models: TaskModels, tasks: list[ModelCheckpoint],
@@ -232,6 +253,7 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
             shutil.rmtree(job_dir / "checkpoints")
         base, tasks, plan = open_inputs(job, stack)
         datasets = [load_task_data(tta.data[ck.name], ck.name, job.base, tta.max_length) for ck in tasks]
+        check_adaptation_data(job, tasks, datasets)
         spec_hash = job_identity(spec_hash, [base, *tasks], tta.data.values())  # --resume refuses replaced input files
         models = build_task_models(plan, base, tasks)  # checks the adapter before any actor starts
         splits = [holdout_split(num_rows(d), tta.holdout, tta.holdout_max_rows, tta.seed, ck.name) for ck, d in zip(tasks, datasets)]

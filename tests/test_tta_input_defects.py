@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
@@ -125,3 +126,41 @@ def test_missing_data_file_is_one_line(spec, tmp_path, capsys):
     code, err = run_job(capsys, tmp_path, spec)
     assert_user_error(code, err, "tta.data.task0", "nowhere.safetensors does not exist")
     assert_nothing_started(tmp_path)
+
+
+def test_labels_outside_the_heads_classes(spec, tmp_path, capsys):
+    classes = len(yaml.safe_load(open(os.path.join(spec["models"]["task1"], "config.json")))["id2label"])
+    _edit_data(spec, "task1", lambda t: t["labels"].__setitem__(0, classes))
+    code, err = run_job(capsys, tmp_path, spec)
+    assert_user_error(code, err, "'task1'", f"{classes} classes", "labels")
+    assert_nothing_started(tmp_path)
+
+
+def test_fewer_rows_than_the_batch(spec, tmp_path, capsys):
+    spec["tta"]["batch_size"] = 30  # the data has 24 rows per task
+    code, err = run_job(capsys, tmp_path, spec)
+    assert_user_error(code, err, "24 rows", "batch_size 30", "lower tta.batch_size")
+    assert_nothing_started(tmp_path)
+
+
+def test_images_of_another_size_are_adapted_with_a_warning(spec, tmp_path, capsys, caplog):
+    for task in spec["tta"]["data"]:
+        _edit_data(spec, task, lambda t: t.__setitem__("pixel_values", torch.nn.functional.pad(t["pixel_values"], (0, 4, 0, 4))))
+    spec["tta"]["steps"] = 1
+    code, _ = run_job(capsys, tmp_path, spec)
+    assert code == 0
+    assert any("interpolated position embeddings" in r.getMessage() for r in caplog.records)
+
+
+def test_image_folder_without_an_image_processor_names_the_cause(spec, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("L", (8, 8), color=i * 20).save(folder / f"{i}.png")
+    (tmp_path / "base" / "preprocessor_config.json").unlink(missing_ok=True)
+    spec["tta"]["data"]["task0"] = str(folder)
+    code, err = run_job(capsys, tmp_path, spec)
+    assert_user_error(code, err, "'task0'", "image folder", "no image processor", "save the base model's image processor")
+    assert "re-export" not in err

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from rankmerge.workers.device import resolve_device
 from rankmerge.workers.heap import map_large_blocks, return_freed_heap
-from rankmerge.workers.tta.adapters import TaskModels, build_task_models
+from rankmerge.workers.tta.adapters import TaskModels, build_task_models, label_count
 from rankmerge.workers.tta.data import load_task_data, model_inputs
 from rankmerge.workers.tta.objectives import Objective
 from rankmerge.workers.tta.teachers import read_teachers
@@ -84,7 +84,7 @@ class EntropyWorker:
             with ExitStack() as stack:
                 base, tasks, plan = open_sources(sources, stack)
                 self.models = build_task_models(plan, base, tasks)
-                self.label_counts = [len(ck.config.get("id2label") or {}) or int(ck.config.get("num_labels", 0)) for ck in tasks]
+                self.label_counts = [label_count(ck.config) for ck in tasks]
             self.data = [load_task_data(data[name], name, sources.base, max_length) for name in sources.models]
             if teachers is not None:
                 for rows, targets in zip(self.data, read_teachers(teachers, list(sources.models))):

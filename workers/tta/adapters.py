@@ -95,6 +95,11 @@ class TaskModels:
         return objective_loss(objective, logits, batch, self.valid(batch), group_sum, world)
 
 
+def label_count(config: dict) -> int:
+    """Classes of a task model's head from its config.json (0 where it declares none: causal LMs)."""
+    return len(config.get("id2label") or {}) or int(config.get("num_labels") or 0)
+
+
 def build_task_models(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> TaskModels:
     archs = {tuple(ck.config.get("architectures") or ()) for ck in tasks}
     if len(archs) != 1 or len(next(iter(archs))) != 1:

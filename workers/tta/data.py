@@ -10,8 +10,10 @@ A task's data is one of:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zipfile
 
@@ -24,6 +26,8 @@ from torch import Tensor
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.methods.elementwise import stable_seed
 from rankmerge.workers.tta.objectives import TEACHER_INDEX, TEACHER_LOGITS
+
+log = logging.getLogger(__name__)
 
 INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask")
 TARGET_KEYS = (TEACHER_LOGITS, TEACHER_INDEX)  # label-free targets computed before step 1 (workers/tta/teachers.py)
@@ -92,16 +96,31 @@ def _jsonl(path: Path, task: str, base_dir: Path | None, max_length: int) -> dic
             labels.append(int(record["label"]))
     if not texts:
         raise MergeInputError(f"data for task {task!r}: {path.name} has no examples (no text lines)", "give at least one example per task")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir) if base_dir is not None else None
-    if tokenizer is None:
-        raise MergeInputError(f"data for task {task!r} is text but the base has no tokenizer", "save the tokenizer into the base directory")
+    tokenizer = _from_base(AutoTokenizer, base_dir, task, "text", "tokenizer (tokenizer.json / tokenizer_config.json)")
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise MergeInputError(f"data for task {task!r}: the base's tokenizer has neither a pad nor an eos token",
+                                  "set tokenizer.pad_token and save the tokenizer into the base directory")
+        log.warning("task %r: the base's tokenizer has no pad token; padding with its eos token %r, as transformers "
+                    "pipelines do", task, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     if labels and len(labels) == len(texts):
         out["labels"] = torch.tensor(labels)
     return out
+
+
+def _from_base(auto_class: Any, base_dir: Path | None, task: str, kind: str, what: str) -> Any:
+    """The base's tokenizer or image processor; missing, it is named as the cause (the data file is fine)."""
+    try:
+        if base_dir is None:
+            raise OSError("no base directory")
+        return auto_class.from_pretrained(base_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise MergeInputError(f"data for task {task!r} is {kind}, but the base directory has no {what} "
+                                f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})",
+                                f"save the base model's {what.split(' (')[0]} into {base_dir} (save_pretrained)") from None
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
@@ -117,7 +136,7 @@ def _image_folder(path: Path, task: str, base_dir: Path | None) -> dict[str, Ten
         files = [(f, -1) for f in sorted(path.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise MergeInputError(f"data for task {task!r}: no images in {path}", f"put {', '.join(IMAGE_SUFFIXES)} files there")
-    processor = AutoImageProcessor.from_pretrained(base_dir)
+    processor = _from_base(AutoImageProcessor, base_dir, task, "an image folder", "image processor (preprocessor_config.json)")
     images = []
     for f, _ in files:
         with Image.open(f) as image:
