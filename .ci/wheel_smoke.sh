@@ -6,7 +6,6 @@
 # wheel itself is installed into it. Usage: .ci/wheel_smoke.sh   (VENV=path of the project venv, default .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPO=$(pwd -P)
 VENV=${VENV:-.venv}
 PY=$(cd "$VENV" && pwd -P)/bin/python
 WORK=$(mktemp -d)
@@ -36,13 +35,11 @@ echo "built $(basename "$WHEEL"): only rankmerge/ at the top level"
 BASE_PY=$("$PY" -c 'import sys; print(sys._base_executable)')
 "$BASE_PY" -m venv "$WORK/venv"
 SITE=$("$WORK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-"$PY" - "$REPO" > "$SITE/project-venv.pth" <<'EOF'
-import os, sys
-repo = os.path.realpath(sys.argv[1])
-for path in sys.path:
-    real = os.path.realpath(path) if path else ""
-    if path.endswith(("site-packages", "dist-packages")) and not (real + os.sep).startswith(repo + os.sep):
-        print(path)
+# (site directories only: the checkout's own folders are never among them, and a .pth file listed this way does not
+# run the project venv's .pth files, so its editable install of this checkout stays out)
+"$PY" - > "$SITE/project-venv.pth" <<'EOF'
+import sys
+print("\n".join(path for path in sys.path if path.endswith(("site-packages", "dist-packages"))))
 EOF
 "$WORK/venv/bin/python" -m pip install -q --no-deps --no-index "$WHEEL"
 
