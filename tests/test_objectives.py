@@ -82,3 +82,18 @@ def test_guard_tally_counts_agreement_and_spread():
     one_class = GuardTally()
     one_class.add(torch.tensor([[9.0, -9.0]] * 4), torch.tensor([0, 0, 0, 0]))
     assert one_class.signals()["spread"] < 0.01 < signals["spread"]
+
+
+def test_teacher_cache_is_reused_only_when_intact_and_of_this_job(tmp_path):
+    from rankmerge.workers.tta.teachers import CACHE, load_teachers, save_teachers
+
+    targets = [{"teacher_logits": torch.randn(4, 3)}, {"teacher_logits": torch.randn(5, 2)}]
+    save_teachers(tmp_path, ["a", "b"], targets, "job-1")
+    loaded = load_teachers(tmp_path, ["a", "b"], "job-1")
+    assert all(torch.equal(x["teacher_logits"], y["teacher_logits"]) for x, y in zip(loaded, targets))
+    assert load_teachers(tmp_path, ["a", "b"], "job-2") is None  # another job (spec or input files changed)
+    data = bytearray((tmp_path / CACHE).read_bytes())
+    data[-1] ^= 1
+    (tmp_path / CACHE).write_bytes(bytes(data))
+    assert load_teachers(tmp_path, ["a", "b"], "job-1") is None  # damaged: recomputed, never trusted
+    assert load_teachers(tmp_path / "nowhere", ["a"], "job-1") is None

@@ -19,12 +19,11 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, load_file, save
 from torch import Tensor
 
 from rankmerge.workers.atomic_io import write_atomic
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
-from rankmerge.workers.fingerprint import sha256_file
 from rankmerge.workers.plan import MergePlan
 from rankmerge.workers.progress import progress
 from rankmerge.workers.tta.adapters import TaskModels
@@ -73,19 +72,23 @@ def save_teachers(job_dir: Path, names: list[str], targets: list[dict[str, Tenso
 
 
 def load_teachers(job_dir: Path, names: list[str], identity: str) -> list[dict[str, Tensor]] | None:
-    """The cached targets when they belong to this job and are intact; None otherwise (then recompute)."""
-    path = job_dir / CACHE
+    """The cached targets when they belong to this job and are intact; None otherwise (then recompute). The file is
+    read once: checked and parsed from the same bytes."""
     try:
         record = json.loads((job_dir / f"{CACHE}.sha256").read_text())
-        if not isinstance(record, dict) or record.get("identity") != identity or record.get("sha256") != sha256_file(path):
-            log.warning("teacher cache in %s does not match this job or is damaged: recomputing it", job_dir)
-            return None
-        return read_teachers(path, names)
-    except (OSError, ValueError, KeyError):
+        data = (job_dir / CACHE).read_bytes()
+    except (OSError, ValueError):
+        return None  # no cache yet, or an unreadable sidecar
+    if not isinstance(record, dict) or record.get("identity") != identity or record.get("sha256") != hashlib.sha256(data).hexdigest():
+        log.warning("teacher cache in %s does not match this job or is damaged: recomputing it", job_dir)
         return None
+    return _per_task(load(data), names)
 
 
 def read_teachers(path: Path, names: list[str]) -> list[dict[str, Tensor]]:
     """The cache split per task, in `names` order (workers read the file the driver verified and wrote)."""
-    flat = load_file(str(path))
+    return _per_task(load_file(str(path)), names)
+
+
+def _per_task(flat: dict[str, Tensor], names: list[str]) -> list[dict[str, Tensor]]:
     return [{key.split("/", 1)[1]: v for key, v in flat.items() if key.split("/", 1)[0] == name} for name in names]
