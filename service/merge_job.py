@@ -20,6 +20,7 @@ from rankmerge.workers.safetensors_format import nbytes
 from rankmerge.workers.roles import Role
 from rankmerge.workers.static_merge import run_static_merge
 from rankmerge.workers.tta.sources import open_sources
+from rankmerge.workers.zero_shot import prepare_heads
 
 from rankmerge.service.spec import MergeJob
 
@@ -83,10 +84,17 @@ def _check_base_config(job: MergeJob) -> None:
                               "copy the pretrained model's config.json into the base folder")
 
 
+def prepare_zero_shot_heads(job: MergeJob) -> None:
+    """The spec's zero-shot heads, computed into the job directory once (reused when already there)."""
+    if job.heads:
+        prepare_heads(job.heads, job.models, job.clip_model, job.resolved_job_dir)
+
+
 def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[ModelCheckpoint], MergePlan]:
     """Everything cheap, in order: output location, headers, config, key/shape/dtype agreement, disk space."""
     _check_output_location(job)
     _check_base_config(job)
+    prepare_zero_shot_heads(job)
     base, tasks, plan = open_sources(job.sources, stack)
     check_disk_space(job.output, sum(nbytes(shape, dtype) for _, dtype, shape in plan.layout()))
     return base, tasks, plan

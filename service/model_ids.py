@@ -57,10 +57,12 @@ def resolve_model_ref(text: str, root: Path, field: str) -> str:
 
 
 def resolve_spec_models(data: dict[str, Any], root: Path) -> dict[str, Any]:
-    """A raw job spec with its `base` and `models` ids resolved (other fields and non-string values untouched)."""
+    """A raw job spec with its `base`, `zero_shot_model` and `models` ids resolved (other fields and non-string values untouched)."""
     data = dict(data)
     if isinstance(data.get("base"), str):
         data["base"] = resolve_model_ref(data["base"], root, "base")
+    if isinstance(data.get("zero_shot_model"), str):
+        data["zero_shot_model"] = resolve_model_ref(data["zero_shot_model"], root, "zero_shot_model")
     if isinstance(data.get("models"), dict):
         data["models"] = {name: resolve_model_ref(path, root, f"models.{name}") if isinstance(path, str) else path
                           for name, path in data["models"].items()}

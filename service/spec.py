@@ -18,6 +18,7 @@ from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.methods.registry import METHODS, nonfinite_bound_error, parse_params, validate_params
 from rankmerge.workers.tta.params import ADAPTIVE_METHODS, TTAConfig
 from rankmerge.workers.tta.sources import Sources
+from rankmerge.workers.zero_shot import CACHE_DIR, TaskHead
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_TASK_NAME = 100  # names become file names (heads/<task>.safetensors): stay well inside the usual 255-byte limit
@@ -57,6 +58,10 @@ class MergeJob(BaseModel):
     tta: TTAConfig | None = Field(None, description="test-time adaptation (adaptive methods only)")
     job_dir: Path | None = Field(None, description="checkpoints and job state; default: <output>.job beside the output")
     resources: Resources = Field(default_factory=Resources, description="actors and devices for `--executor ray`")
+    heads: dict[str, TaskHead] = Field(default_factory=dict, description="task name -> a head computed for it instead of "
+                                       "its model's own: `zero_shot` (CLIP image encoders without a classifier)")
+    zero_shot_model: Path | None = Field(None, description="the full pretrained CLIPModel (folder or cached Hub id) the "
+                                                           "zero-shot heads are computed from; default: base")
     device: str = Field("auto", description=f"where the tensor math runs: {DEVICE_HELP}; not part of the job's identity "
                                             "(a job resumes on another device)")
 
@@ -70,7 +75,13 @@ class MergeJob(BaseModel):
 
     @property
     def sources(self) -> Sources:
-        return Sources(self.base, dict(self.models), self.allow_pickle, self.out_dtype)
+        heads = {task: self.resolved_job_dir / CACHE_DIR / f"{task}.safetensors" for task in self.heads}
+        return Sources(self.base, dict(self.models), self.allow_pickle, self.out_dtype, heads)
+
+    @property
+    def clip_model(self) -> Path:
+        """Where the zero-shot heads come from."""
+        return self.zero_shot_model if self.zero_shot_model is not None else self.base
 
     def spec_hash(self) -> str:
         """Identity of everything that determines the result (not where it is written or whether to overwrite)."""
@@ -114,6 +125,9 @@ class MergeJob(BaseModel):
 
     @model_validator(mode="after")
     def _params(self) -> "MergeJob":
+        unknown = sorted(set(self.heads) - set(self.models))
+        if unknown:
+            raise ValueError(f"heads names tasks that are not in models: {unknown}")
         if self.method in ADAPTIVE_METHODS:
             if self.tta is None:
                 raise ValueError(f"method {self.method} adapts at test time and needs a `tta:` block with data per task")
@@ -136,14 +150,29 @@ class MergeJob(BaseModel):
         update = {"base": fix(self.base), "output": fix(self.output), "models": {k: fix(v) for k, v in self.models.items()}}
         if self.job_dir is not None:
             update["job_dir"] = fix(self.job_dir)
+        if self.zero_shot_model is not None:
+            update["zero_shot_model"] = fix(self.zero_shot_model)
+        update["heads"] = {task: _resolved_head(head, fix) for task, head in self.heads.items()}
         if self.tta is not None:
             update["tta"] = self.tta.model_copy(update={"data": {k: fix(v) for k, v in self.tta.data.items()}})
         return self.model_copy(update=update)
 
 
+def _resolved_head(head: TaskHead, fix: Callable[[Path], Path]) -> TaskHead:
+    """A class-name file, relative to the spec's folder, made absolute."""
+    names = head.zero_shot.classnames
+    if not isinstance(names, Path):
+        return head
+    return head.model_copy(update={"zero_shot": head.zero_shot.model_copy(update={"classnames": fix(names)})})
+
+
 def input_paths(job: MergeJob) -> list[tuple[str, Path]]:
     """Every input the job reads, named by its spec field: base, models.<task>, tta.data.<task>."""
     paths = [("base", job.base), *((f"models.{name}", path) for name, path in job.models.items())]
+    if job.zero_shot_model is not None:
+        paths.append(("zero_shot_model", job.zero_shot_model))
+    paths += [(f"heads.{name}.zero_shot.classnames", head.zero_shot.classnames) for name, head in job.heads.items()
+              if isinstance(head.zero_shot.classnames, Path)]
     if job.tta is not None:
         paths += [(f"tta.data.{name}", path) for name, path in job.tta.data.items()]
     return paths

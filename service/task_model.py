@@ -24,6 +24,7 @@ from rankmerge.workers.checkpoint_writer import SKIPPED_SIDE_FILES, WEIGHT_SUFFI
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.roles import rules_for
 from rankmerge.workers.publish import HEAD_CONFIG_KEY
+from rankmerge.workers.tta.adapters import model_class
 
 __all__ = ["load_task_model", "export_task_model", "task_names"]
 
@@ -82,9 +83,10 @@ def _task_config(output: Path, task: str, head: dict[str, torch.Tensor], metadat
 
 
 def _model_class(config: dict, task: str) -> type[PreTrainedModel]:
-    """The task model's class, only ever a transformers model class (a config cannot make us import anything else)."""
+    """The task model's class, only ever a transformers model class or this package's own (a config cannot make us
+    import anything else)."""
     archs = config.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if len(archs) == 1 else None
+    cls = model_class(archs[0]) if len(archs) == 1 else None
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
         raise MergeInputError(f"task {task!r}: config names architectures {archs}, not one transformers model class",
                               "set `architectures` in the task model's config.json to its class and merge again")

@@ -25,7 +25,7 @@ from rankmerge.cluster.coordinator import Coordinator, Guard, LoopConfig
 from rankmerge.cluster.executor import AdaptiveWork, Executor, LocalExecutor
 from rankmerge.cluster.sharding import shard_columns
 from rankmerge.service.driver import take_driver_lease
-from rankmerge.service.merge_job import open_inputs, publication
+from rankmerge.service.merge_job import open_inputs, prepare_zero_shot_heads, publication
 from rankmerge.service.spec import MergeJob, parse_adaptive_params
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 from rankmerge.workers.checkpoint_writer import check_output_free
@@ -40,6 +40,7 @@ from rankmerge.workers.tta.factory import make_merger, static_keys
 from rankmerge.workers.tta.forecast import forecast_adaptive
 from rankmerge.workers.tta.guard import GuardTally, holdout_split, reference_labels
 from rankmerge.workers.tta.objectives import Objective
+from rankmerge.workers.tta.sources import open_tasks
 from rankmerge.workers.tta.teachers import CACHE, load_teachers, save_teachers, teacher_targets
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,9 @@ def evaluate(models: TaskModels, plan: MergePlan, base: ModelCheckpoint, tasks: 
 def evaluate_output(job: MergeJob, data: dict[str, Any], batch: int = 256, max_length: int = 128) -> dict[str, Any]:
     """`rankmerge eval`: accuracy of a published output (static or adaptive) next to pretrained and individual models."""
     with ExitStack() as stack:
+        prepare_zero_shot_heads(job)
         base = stack.enter_context(ModelCheckpoint(job.base, "base", job.allow_pickle))
-        tasks = [stack.enter_context(ModelCheckpoint(path, name, job.allow_pickle)) for name, path in job.models.items()]
+        tasks = open_tasks(job.sources, stack)
         merged_ck = stack.enter_context(ModelCheckpoint(job.output, "output"))
         plan = build_plan(base, {t.name: t for t in tasks})
         missing = sorted(set(job.models) - set(data))

@@ -27,6 +27,7 @@ from rankmerge.workers.tta.objectives import GroupSum, Objective, entropy, objec
 ADAPTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ViTForImageClassification": ("classification", ("pixel_values",)),
     "CLIPForImageClassification": ("classification", ("pixel_values",)),
+    "CLIPZeroShotClassifier": ("classification", ("pixel_values",)),  # a CLIP encoder with a zero-shot head (ours)
     "BertForSequenceClassification": ("classification", ("input_ids", "attention_mask")),
     "RobertaForSequenceClassification": ("classification", ("input_ids", "attention_mask")),
     "GPT2ForSequenceClassification": ("classification", ("input_ids", "attention_mask")),
@@ -100,6 +101,13 @@ def label_count(config: dict) -> int:
     return len(config.get("id2label") or {}) or int(config.get("num_labels") or 0)
 
 
+def model_class(arch: str) -> type | None:
+    """A task-model class by name: a transformers class, or this package's own (workers/zero_shot.py)."""
+    from rankmerge.workers.zero_shot import MODEL_CLASSES
+
+    return MODEL_CLASSES.get(arch) or getattr(transformers, arch, None)
+
+
 def build_task_models(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> TaskModels:
     archs = {tuple(ck.config.get("architectures") or ()) for ck in tasks}
     if len(archs) != 1 or len(next(iter(archs))) != 1:
@@ -110,7 +118,7 @@ def build_task_models(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelC
     output_kind, input_names = ADAPTERS[arch]
     config = transformers.AutoConfig.for_model(**tasks[0].config)
     with init_empty_weights(include_buffers=False):
-        model = getattr(transformers, arch)(config)
+        model = model_class(arch)(config)
     model.eval()
     param_names = {n for n, _ in model.named_parameters()}
     to_module = checkpoint_to_module_names(model)

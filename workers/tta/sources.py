@@ -20,12 +20,21 @@ class Sources:
     models: dict[str, Path] = field(default_factory=dict)  # task name -> fine-tuned checkpoint, in task order
     allow_pickle: bool = False
     out_dtype: str | None = None
+    heads: dict[str, Path] = field(default_factory=dict)  # task name -> its computed zero-shot head (workers/zero_shot.py)
+
+
+def open_tasks(sources: Sources, stack: ExitStack) -> list[ModelCheckpoint]:
+    """The task checkpoints in order (closed with the stack); a task with a zero-shot head is read with it."""
+    from rankmerge.workers.zero_shot import ZeroShotTask
+
+    tasks = [stack.enter_context(ModelCheckpoint(path, name, sources.allow_pickle)) for name, path in sources.models.items()]
+    return [ZeroShotTask(ck, sources.heads[ck.name]) if ck.name in sources.heads else ck for ck in tasks]
 
 
 def open_sources(sources: Sources, stack: ExitStack) -> tuple[ModelCheckpoint, list[ModelCheckpoint], MergePlan]:
     """Open base and task checkpoints (closed with the stack) and build the merge plan from their headers."""
     base = stack.enter_context(ModelCheckpoint(sources.base, "base", sources.allow_pickle))
-    tasks = [stack.enter_context(ModelCheckpoint(path, name, sources.allow_pickle)) for name, path in sources.models.items()]
+    tasks = open_tasks(sources, stack)
     out_dtype = getattr(torch, sources.out_dtype) if sources.out_dtype else None
     plan = build_plan(base, {t.name: t for t in tasks}, out_dtype)
     if not plan.merged:

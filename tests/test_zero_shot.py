@@ -1,0 +1,201 @@
+"""Zero-shot heads for bare CLIP image encoders: the head equals the CLIP formula; static merges, AdaRank, AdaMerging,
+`rankmerge eval` and the task-model loader run through it; a resume reuses the job's cached heads."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, CLIPVisionModel
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from rankmerge.service.cli import main
+from rankmerge.service.tiny_models import TINY, perturb_
+from rankmerge.workers.zero_shot import ZeroShot, compute_head
+
+CLASSES = ["cat", "dog", "car"]
+
+
+def tiny_tokenizer(folder):
+    """A real CLIP BPE tokenizer over single bytes (no merges): every prompt tokenises, no hub needed."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+@pytest.fixture(scope="module")
+def clip_family(tmp_path_factory):
+    """A tiny pretrained CLIPModel (with tokenizer and image processor) and three bare CLIPVisionModel fine-tunes."""
+    root = tmp_path_factory.mktemp("clip")
+    tokenizer = tiny_tokenizer(root / "vocab")
+    vision = TINY["clip_vision"]().to_dict()
+    text = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 48,
+            "vocab_size": len(tokenizer), "max_position_embeddings": 77, "projection_dim": 16,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.eos_token_id}
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    base = root / "clip"
+    clip.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}).save_pretrained(base)
+    tasks = {}
+    for t in range(3):
+        encoder = CLIPVisionModel(clip.config.vision_config)
+        encoder.load_state_dict(clip.vision_model.state_dict())
+        perturb_(encoder, seed=t + 1, scale=0.05)
+        tasks[f"task{t}"] = root / f"task{t}"
+        encoder.save_pretrained(tasks[f"task{t}"])
+    return base, tasks
+
+
+def reference_logits(clip_dir, encoder_dir, pixels, templates):
+    """The formula, straight from transformers' CLIPModel: the fine-tuned vision tower in the pretrained CLIP, per class
+    the mean over templates of the normalised text features, normalised; image features normalised; × exp(logit_scale)."""
+    clip = CLIPModel.from_pretrained(clip_dir).eval()
+    clip.vision_model.load_state_dict(CLIPVisionModel.from_pretrained(encoder_dir).state_dict())
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+    with torch.no_grad():
+        rows = []
+        for name in CLASSES:
+            tokens = tokenizer([t.replace("{c}", name) for t in templates], padding=True, return_tensors="pt")
+            text = clip.get_text_features(**tokens)
+            text = getattr(text, "pooler_output", text)
+            text = text / text.norm(dim=-1, keepdim=True)
+            rows.append(text.mean(0) / text.mean(0).norm())
+        image = clip.get_image_features(pixel_values=pixels)
+        image = getattr(image, "pooler_output", image)
+        image = image / image.norm(dim=-1, keepdim=True)
+        return clip.logit_scale.exp() * image @ torch.stack(rows).t()
+
+
+def test_zero_shot_head_equals_the_clip_formula(clip_family, tmp_path):
+    """One template: exactly CLIPModel's own logits_per_image; several: the normalise-mean-normalise order."""
+    from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+    from rankmerge.workers.tta.sources import Sources, open_tasks
+    from rankmerge.workers.zero_shot import CLIPZeroShotClassifier, TaskHead, prepare_heads
+    from contextlib import ExitStack
+
+    base, tasks = clip_family
+    pixels = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    clip = CLIPModel.from_pretrained(base).eval()
+    clip.vision_model.load_state_dict(CLIPVisionModel.from_pretrained(tasks["task0"]).state_dict())
+    tokens = CLIPTokenizer.from_pretrained(base)([f"a photo of a {c}." for c in CLASSES], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        own = clip(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels).logits_per_image
+    for templates, expected in ((["a photo of a {c}."], own),
+                                (["a photo of a {c}.", "a blurry {c}", "itap of the {c}!"], None)):
+        expected = reference_logits(base, tasks["task0"], pixels, templates) if expected is None else expected
+        heads = {"task0": TaskHead(zero_shot=ZeroShot(classnames=CLASSES, templates=templates))}
+        files = prepare_heads(heads, {"task0": tasks["task0"]}, base, tmp_path / f"job{len(templates)}")
+        with ExitStack() as stack:
+            (task,) = open_tasks(Sources(base, {"task0": tasks["task0"]}, heads=files), stack)
+            assert task.config["id2label"] == {"0": "cat", "1": "dog", "2": "car"}
+            model = CLIPZeroShotClassifier(CLIPVisionModel.config_class(**task.config))
+            with ModelCheckpoint(tasks["task0"], "task0") as encoder:
+                state = {k.removeprefix("vision_model."): encoder.read(k) for k in encoder.keys()}
+            state.update({k: task.read(k) for k in task.head})
+            model.load_state_dict(state, strict=False)
+            got = model.eval()(pixel_values=pixels).logits
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_builtin_datasets_name_their_classes_and_templates():
+    assert ZeroShot(dataset="eurosat").resolved_classnames()[0] == "annual crop land"
+    assert len(ZeroShot(dataset="sun397").resolved_classnames()) == 397
+    assert len(ZeroShot(dataset="stanford_cars").resolved_classnames()) == 196
+    assert all("{c}" in t for t in ZeroShot(dataset="gtsrb").resolved_templates())
+    assert ZeroShot(classnames=["a", "b"]).resolved_templates() == ["a photo of a {c}."]
+    with pytest.raises(ValueError, match="unknown dataset"):
+        ZeroShot(dataset="imagenet-x")
+    with pytest.raises(ValueError, match=r"\{c\}"):
+        ZeroShot(classnames=["a"], templates=["no slot"])
+
+
+def zero_shot_spec(clip_family, tmp_path, method, **tta):
+    base, tasks = clip_family
+    data = {}
+    for i, name in enumerate(tasks):
+        gen = torch.Generator().manual_seed(10 + i)
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"pixel_values": torch.randn(24, 3, 8, 8, generator=gen), "labels": torch.randint(0, 3, (24,), generator=gen)}, path)
+        data[name] = str(path)
+    (tmp_path / "names.txt").write_text("\n".join(CLASSES) + "\n")
+    heads = {"task0": {"zero_shot": {"classnames": CLASSES}}, "task1": {"zero_shot": {"classnames": "names.txt"}},
+             "task2": {"zero_shot": {"classnames": CLASSES, "templates": ["a photo of a {c}.", "a {c}"]}}}
+    return {"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "heads": heads, "method": method,
+            "params": {}, "output": str(tmp_path / "out"),
+            "tta": {"data": data, "steps": 4, "batch_size": 6, "checkpoint_every": 2, "lr": 0.05, **tta}}
+
+
+@pytest.mark.parametrize("method,objective", [("adarank", "entropy"), ("adamerging", "distill")])
+def test_adaptive_merge_and_eval_run_through_zero_shot_heads(clip_family, tmp_path, capsys, method, objective):
+    from rankmerge.service.task_model import load_task_model
+
+    spec = zero_shot_spec(clip_family, tmp_path, method, objective=objective)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "merge_report.json").read_text())
+    assert set(report["accuracy"]) == {"task0", "task1", "task2", "average"}
+    assert report["heads"]["task0"] == ["classifier.weight", "classifier.visual_projection.weight"]
+    with safe_open(str(out / "heads" / "task2.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()["config"])
+    assert config["architectures"] == ["CLIPZeroShotClassifier"] and config["id2label"]["2"] == "car"
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "job.yaml")]) == 0
+    table = capsys.readouterr().out
+    assert "task1" in table and "merged" in table
+    # the loader gives a ready model whose logits are the formula on the merged encoder
+    model = load_task_model(out, "task2")
+    assert model.config.id2label[1] == "dog"
+    merged_encoder = tmp_path / "merged_encoder"
+    CLIPVisionModel.from_pretrained(out).save_pretrained(merged_encoder)
+    pixels = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = model(pixel_values=pixels).logits
+    expected = reference_logits(clip_family[0], merged_encoder, pixels, ["a photo of a {c}.", "a {c}"])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_static_merge_publishes_zero_shot_heads(clip_family, tmp_path):
+    spec = zero_shot_spec(clip_family, tmp_path, "task_arithmetic")
+    spec.pop("tta")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "heads").iterdir()) == [f"task{i}.safetensors" for i in range(3)]
+
+
+def test_resume_reuses_the_cached_heads(clip_family, tmp_path, caplog):
+    from rankmerge.workers.zero_shot import TaskHead, prepare_heads
+
+    spec = zero_shot_spec(clip_family, tmp_path, "adarank", objective="entropy")
+    spec["overwrite"] = True
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 0
+    cache = tmp_path / "out.job" / "zero_shot" / "task0.safetensors"
+    before = cache.stat()
+    caplog.set_level("INFO", logger="rankmerge.workers.zero_shot")
+    assert main(["run", str(tmp_path / "job.yaml"), "--resume"]) == 0
+    after = cache.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert "reusing" in caplog.text
+    # other templates are another head: recomputed, not the cached one
+    base, tasks = clip_family
+    other = {"task0": TaskHead(zero_shot=ZeroShot(classnames=CLASSES, templates=["a {c}"]))}
+    prepare_heads(other, {"task0": tasks["task0"]}, base, tmp_path / "out.job")
+    assert cache.stat().st_mtime_ns != before.st_mtime_ns
+
+
+def test_zero_shot_heads_need_the_full_clip_model(clip_family, tmp_path, capsys):
+    spec = zero_shot_spec(clip_family, tmp_path, "task_arithmetic")
+    spec.pop("tta")
+    spec["zero_shot_model"] = spec["models"]["task0"]  # a bare encoder: no text tower
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "full pretrained CLIP model" in err[0] and not (tmp_path / "out").exists()

@@ -1,0 +1,248 @@
+"""Zero-shot heads: score a bare CLIP image encoder (a `CLIPVisionModel` fine-tune with no classifier) on a task
+through the pretrained CLIP model's text tower, as the CLIP merging papers and FusionBench evaluate it.
+
+Per class c, T_c = normalise(mean_templates(normalise(text_projection(text_model(prompt))))); the image feature is
+f = normalise(visual_projection(pooled image output)), with the PRETRAINED visual projection (fine-tunes leave it
+untouched); logits = exp(logit_scale) · f · Tᵀ. The head is computed once per job from the full `CLIPModel`, cached in
+the job directory under an identity (the CLIP model's content, class names, templates) and reused on resume. A task
+with a zero-shot head is seen everywhere else as a `CLIPZeroShotClassifier` checkpoint (`ZeroShotTask`): the plan,
+the adapters, the teachers, the evaluation and the publisher treat its head like any other task head, and the
+published `heads/<task>.safetensors` carries its config with `id2label`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from rankmerge.workers.atomic_io import write_atomic
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.clip_tasks import CLASSNAMES, TEMPLATES
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.fingerprint import input_fingerprint
+
+log = logging.getLogger(__name__)
+CACHE_DIR = "zero_shot"  # <job_dir>/zero_shot/<task>.safetensors
+DEFAULT_TEMPLATES = ("a photo of a {c}.",)  # a task given by class names alone (FusionBench's default template)
+WEIGHT, PROJECTION = "classifier.weight", "classifier.visual_projection.weight"
+
+
+class ZeroShot(BaseModel):
+    """A task's head named instead of carried: a built-in dataset, or class names (a list or a file, one per line)
+    with templates (`default`, the dataset's own, or a list with `{c}` for the class name)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str | None = Field(None, description="built-in class names and templates: " + ", ".join(CLASSNAMES))
+    classnames: list[str] | Path | None = Field(None, description="class names in label order, or a text file of them")
+    templates: Literal["default"] | list[str] = Field("default", description="default: the dataset's own templates "
+                                                                             "(else 'a photo of a {c}.'); or a list with {c}")
+
+    @model_validator(mode="after")
+    def _names(self) -> "ZeroShot":
+        if self.dataset is None and self.classnames is None:
+            raise ValueError("give `dataset` (one of: " + ", ".join(CLASSNAMES) + ") or `classnames`")
+        if self.dataset is not None and self.dataset not in CLASSNAMES:
+            raise ValueError(f"unknown dataset {self.dataset!r}; built in: {', '.join(CLASSNAMES)} (or give `classnames`)")
+        if isinstance(self.templates, list) and (not self.templates or any("{c}" not in t for t in self.templates)):
+            raise ValueError("every template must contain {c} (where the class name goes)")
+        return self
+
+    def resolved_classnames(self) -> list[str]:
+        if isinstance(self.classnames, Path):
+            names = [line.strip() for line in self.classnames.read_text().splitlines() if line.strip()]
+            if not names:
+                raise MergeInputError(f"class-name file {self.classnames} is empty", "write one class name per line, in label order")
+            return names
+        return list(self.classnames if self.classnames is not None else CLASSNAMES[self.dataset])
+
+    def resolved_templates(self) -> list[str]:
+        if isinstance(self.templates, list):
+            return list(self.templates)
+        return list(TEMPLATES[self.dataset] if self.dataset is not None else DEFAULT_TEMPLATES)
+
+
+class TaskHead(BaseModel):
+    """`heads.<task>` in a job spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    zero_shot: ZeroShot
+
+
+# ---- the math -----------------------------------------------------------------------------------------------------
+def class_embeddings(text_embeds: Tensor) -> Tensor:
+    """[C, K, D] projected text embeddings (K templates per class) -> [C, D]: each normalised, averaged over the
+    templates, normalised again (FusionBench's HFCLIPClassifier order)."""
+    unit = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    mean = unit.mean(dim=1)
+    return mean / mean.norm(dim=-1, keepdim=True)
+
+
+def zero_shot_logits(image_embeds: Tensor, weight: Tensor) -> Tensor:
+    """Projected image features [B, D] and the head's weight [C, D] (class embeddings × exp(logit_scale)) -> logits."""
+    return (image_embeds / image_embeds.norm(dim=-1, keepdim=True)) @ weight.t()
+
+
+# ---- the task model -----------------------------------------------------------------------------------------------
+class ZeroShotHead(nn.Module):
+    """The pretrained visual projection and the class embeddings scaled by exp(logit_scale)."""
+
+    def __init__(self, hidden_size: int, projection_dim: int, num_labels: int) -> None:
+        super().__init__()
+        self.visual_projection = nn.Linear(hidden_size, projection_dim, bias=False)
+        self.weight = nn.Parameter(torch.zeros(num_labels, projection_dim))
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return zero_shot_logits(self.visual_projection(pooled), self.weight)
+
+
+class CLIPZeroShotClassifier(CLIPVisionModel):
+    """A CLIP image encoder with a zero-shot head: a transformers model (save_pretrained / from_pretrained work), whose
+    checkpoint is the encoder's plus `classifier.*`."""
+
+    def __init__(self, config: CLIPVisionConfig) -> None:
+        super().__init__(config)
+        self.classifier = ZeroShotHead(config.hidden_size, config.projection_dim, config.num_labels)
+        self.post_init()
+
+    def forward(self, pixel_values: Tensor | None = None, interpolate_pos_encoding: bool = False,
+                labels: Tensor | None = None, **kwargs: Any) -> ImageClassifierOutput:
+        pooled = super().forward(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).pooler_output
+        logits = self.classifier(pooled)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+MODEL_CLASSES: dict[str, type[CLIPVisionModel]] = {"CLIPZeroShotClassifier": CLIPZeroShotClassifier}
+
+
+def task_config(encoder_config: dict, clip_config: dict, classnames: list[str]) -> dict:
+    """The zero-shot task model's config.json: the fine-tuned encoder's vision config, the CLIP model's projection
+    size, the class names as labels."""
+    vision = dict(encoder_config.get("vision_config") or encoder_config)
+    vision.update(model_type="clip_vision_model", architectures=["CLIPZeroShotClassifier"],
+                  projection_dim=int(clip_config.get("projection_dim") or vision.get("projection_dim") or 512),
+                  id2label={str(i): name for i, name in enumerate(classnames)},
+                  label2id={name: i for i, name in enumerate(classnames)})
+    return vision
+
+
+# ---- computing and caching the head -------------------------------------------------------------------------------
+@torch.no_grad()
+def compute_head(clip_dir: Path, classnames: list[str], templates: list[str], batch: int = 256) -> dict[str, Tensor]:
+    """The head's tensors from a full pretrained `CLIPModel` folder (weights, config, tokenizer)."""
+    from transformers import AutoTokenizer
+
+    model = _load_clip(clip_dir).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(clip_dir)
+    except (OSError, ValueError) as exc:
+        raise MergeInputError(f"zero-shot heads: {clip_dir} has no tokenizer ({str(exc).splitlines()[0][:100]})",
+                              "save the CLIP model's tokenizer beside it (save_pretrained), or use the Hub folder") from None
+    prompts = [t.replace("{c}", name) for name in classnames for t in templates]
+    embeds = []
+    for start in range(0, len(prompts), batch):
+        tokens = tokenizer(prompts[start : start + batch], padding=True, truncation=True, return_tensors="pt")
+        pooled = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+        embeds.append(model.text_projection(pooled).float())
+    classes = class_embeddings(torch.cat(embeds).reshape(len(classnames), len(templates), -1))
+    return {WEIGHT: (model.logit_scale.float().exp() * classes).contiguous(),
+            PROJECTION: model.visual_projection.weight.float().contiguous()}
+
+
+def _load_clip(clip_dir: Path):
+    from transformers import CLIPModel
+
+    config = clip_dir / "config.json"
+    kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if kind != "clip":
+        raise MergeInputError(f"zero-shot heads need the full pretrained CLIP model (text tower, projections, logit "
+                              f"scale), but {clip_dir} is {kind or 'not a model folder'!s}",
+                              "set zero_shot_model to the CLIPModel folder or id, e.g. openai/clip-vit-base-patch32")
+    return CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
+
+
+def head_identity(clip_dir: Path, encoder_config: dict, zero_shot: ZeroShot) -> str:
+    """What a cached head was computed from: the CLIP model's weights, class names, templates, encoder config."""
+    clip = ModelCheckpoint(clip_dir, "zero_shot_model")
+    try:
+        weights = input_fingerprint(clip.files)
+    finally:
+        clip.close()
+    record = [weights, zero_shot.resolved_classnames(), zero_shot.resolved_templates(), encoder_config]
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata ({} when the file is absent or unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (OSError, SafetensorError):
+        return {}
+
+
+def prepare_heads(heads: dict[str, TaskHead], models: dict[str, Path], clip_dir: Path, job_dir: Path) -> dict[str, Path]:
+    """Compute each named head once per job (a resume reuses the cached file of the same identity); task -> file."""
+    out: dict[str, Path] = {}
+    clip_config = json.loads((clip_dir / "config.json").read_text()) if (clip_dir / "config.json").is_file() else {}
+    for task, head in heads.items():
+        encoder = ModelCheckpoint(models[task], task)
+        encoder.close()
+        path = job_dir / CACHE_DIR / f"{task}.safetensors"
+        identity = head_identity(clip_dir, encoder.config, head.zero_shot)
+        if _metadata(path).get("identity") == identity:
+            log.info("zero-shot head of %r: reusing %s", task, path)
+        else:
+            names = head.zero_shot.resolved_classnames()
+            tensors = compute_head(clip_dir, names, head.zero_shot.resolved_templates())
+            config = task_config(encoder.config, clip_config, names)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, save(tensors, metadata={"identity": identity, "config": json.dumps(config, sort_keys=True)}))
+            log.info("zero-shot head of %r: %d classes from %s", task, len(names), clip_dir)
+        out[task] = path
+    return out
+
+
+# ---- a task checkpoint seen with its zero-shot head ---------------------------------------------------------------
+class ZeroShotTask:
+    """A fine-tuned encoder's checkpoint plus its cached zero-shot head, read as one `CLIPZeroShotClassifier`
+    checkpoint: the head's keys and config join the encoder's; everything else is the encoder's."""
+
+    def __init__(self, encoder: ModelCheckpoint, head_file: Path) -> None:
+        try:
+            self.head = load_file(str(head_file))
+            self.config = json.loads(_metadata(head_file)["config"])
+        except (OSError, ValueError, KeyError, SafetensorError):
+            raise MergeInputError(f"zero-shot head {head_file} is missing or damaged", "run the job again (it is recomputed)") from None
+        self.encoder = encoder
+        self.name, self.path, self.files = encoder.name, encoder.path, encoder.files
+        self.shapes = {**encoder.shapes, **{k: tuple(v.shape) for k, v in self.head.items()}}
+        self.dtypes = {**encoder.dtypes, **{k: v.dtype for k, v in self.head.items()}}
+
+    def keys(self) -> list[str]:
+        return [*self.encoder.keys(), *self.head]
+
+    def read(self, key: str) -> Tensor:
+        return self.head[key] if key in self.head else self.encoder.read(key)
+
+    def close(self) -> None:
+        self.encoder.close()
+
+    def __enter__(self) -> "ZeroShotTask":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
