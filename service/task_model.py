@@ -117,7 +117,8 @@ def _module_state(model: PreTrainedModel, weights: dict[str, torch.Tensor], head
 
 def _placer(model: PreTrainedModel) -> Callable[[str], str | None]:
     """Where a checkpoint tensor goes in the task model: transformers' own load-time renaming (base-model prefix
-    included), else the wrapper prefixes the merge planner strips from task models (e.g. CLIP's `vision_model.`)."""
+    included), else the wrapper prefixes the merge planner strips from task models (e.g. CLIP's `vision_model.`), added
+    or, for a model without the wrapper (transformers 5's CLIPVisionModel), removed."""
     from rankmerge.workers.tta.adapters import checkpoint_to_module_names
 
     to_module = checkpoint_to_module_names(model)
@@ -125,7 +126,8 @@ def _placer(model: PreTrainedModel) -> Callable[[str], str | None]:
     expected = set(model.state_dict())
 
     def place(key: str) -> str | None:
-        return next((c for c in (to_module(key), key, *(p + key for p in prefixes)) if c in expected), None)
+        candidates = (to_module(key), key, *(p + key for p in prefixes), *(key.removeprefix(p) for p in prefixes))
+        return next((c for c in candidates if c in expected), None)
 
     return place
 

@@ -135,6 +135,7 @@ def build_plan(base: ModelCheckpoint, tasks: dict[str, ModelCheckpoint], out_dty
         heads[name] = [HeadTensor(k, ck.shapes[k]) for k in head_keys]
 
     tensors: list[TensorPlan] = []
+    base_only: list[str] = []
     tied_to: dict[str, list[str]] = {}
     for key in base.keys():
         source = tied_source(rules, key, base_keys, base.config)
@@ -146,7 +147,7 @@ def build_plan(base: ModelCheckpoint, tasks: dict[str, ModelCheckpoint], out_dty
         shape, dtype = base.shapes[key], base.dtypes[key]
         role = classify(rules, key, shape, dtype)
         if role in (Role.SPECTRAL, Role.ELEMENTWISE) and all(key not in alignments[n] for n in tasks):
-            log.warning("%s is in the base only (no task model has it): copied from the base", key)
+            base_only.append(key)
             role = Role.FROZEN
         sources = []
         for name, ck in tasks.items():
@@ -168,6 +169,9 @@ def build_plan(base: ModelCheckpoint, tasks: dict[str, ModelCheckpoint], out_dty
             sources.append(src)
         target_dtype = out_dtype if (out_dtype is not None and dtype.is_floating_point) else dtype
         tensors.append(TensorPlan(key, role, shape, target_dtype, tuple(sources), tuple(tied_to.get(key, ()))))
+    if base_only:  # one line: a full CLIPModel base under bare image encoders has a whole text tower of them
+        log.warning("%d tensor(s) are in the base only (no task model has them), copied from the base: %s", len(base_only),
+                    ", ".join(base_only[:3]) + (", …" if len(base_only) > 3 else ""))
     return MergePlan(rules, tuple(tasks), tensors, heads)
 
 
