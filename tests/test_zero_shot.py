@@ -116,7 +116,21 @@ def test_builtin_datasets_name_their_classes_and_templates():
         ZeroShot(classnames=["a"], templates=["no slot"])
 
 
+def image_dataset(rows: int, seed: int):
+    """A real `datasets.Dataset` of random RGB images with a ClassLabel column."""
+    import datasets
+    from PIL import Image
+
+    datasets.disable_progress_bars()
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (rows, 8, 8, 3), generator=gen, dtype=torch.uint8).numpy()
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    return datasets.Dataset.from_dict({"image": [Image.fromarray(p) for p in pixels],
+                                       "label": torch.randint(0, 3, (rows,), generator=gen).tolist()}, features=features)
+
+
 def zero_shot_spec(clip_family, tmp_path, method, **tta):
+    """task1's data is a Hugging Face dataset saved to disk; the others are tensors."""
     base, tasks = clip_family
     data = {}
     for i, name in enumerate(tasks):
@@ -124,6 +138,8 @@ def zero_shot_spec(clip_family, tmp_path, method, **tta):
         path = tmp_path / f"{name}.safetensors"
         save_file({"pixel_values": torch.randn(24, 3, 8, 8, generator=gen), "labels": torch.randint(0, 3, (24,), generator=gen)}, path)
         data[name] = str(path)
+    image_dataset(24, seed=1).save_to_disk(tmp_path / "task1_hf")
+    data["task1"] = str(tmp_path / "task1_hf")
     (tmp_path / "names.txt").write_text("\n".join(CLASSES) + "\n")
     heads = {"task0": {"zero_shot": {"classnames": CLASSES}}, "task1": {"zero_shot": {"classnames": "names.txt"}},
              "task2": {"zero_shot": {"classnames": CLASSES, "templates": ["a photo of a {c}.", "a {c}"]}}}
@@ -199,3 +215,34 @@ def test_zero_shot_heads_need_the_full_clip_model(clip_family, tmp_path, capsys)
     assert main(["run", str(tmp_path / "job.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "full pretrained CLIP model" in err[0] and not (tmp_path / "out").exists()
+
+
+def test_hugging_face_datasets_saved_to_disk_and_in_the_hub_cache(clip_family, tmp_path, monkeypatch):
+    """save_to_disk (a dict of splits: `test` is used) and the Hub's parquet layout read the same rows; labels come from
+    the ClassLabel column; pixels are the base's image processor on the images."""
+    import datasets
+    from huggingface_hub import constants
+
+    from rankmerge.service.model_ids import resolve_spec_models
+    from rankmerge.workers.tta.data import load_task_data
+
+    base, _ = clip_family
+    test, train = image_dataset(10, seed=2), image_dataset(4, seed=3)
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "saved")
+    snapshot = tmp_path / "hub" / "datasets--org--shapes" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    (snapshot / "data").mkdir(parents=True)
+    train.to_parquet(str(snapshot / "data" / "train-00000-of-00001.parquet"))
+    test.to_parquet(str(snapshot / "data" / "test-00000-of-00001.parquet"))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = resolve_spec_models({"tta": {"data": {"shapes": "org/shapes"}}}, tmp_path)
+    assert spec["tta"]["data"]["shapes"] == str(snapshot)
+
+    expected = CLIPImageProcessor.from_pretrained(base)(images=[r["image"] for r in test], return_tensors="pt")["pixel_values"]
+    for path in (tmp_path / "saved", snapshot):
+        got = load_task_data(path, "shapes", base)
+        assert torch.equal(got["labels"], torch.tensor(test["label"]))
+        torch.testing.assert_close(got["pixel_values"], expected)
+    with pytest.raises(Exception, match="org/other.*hf download org/other --repo-type dataset"):
+        resolve_spec_models({"tta": {"data": {"x": "org/other"}}}, tmp_path)

@@ -5,7 +5,9 @@ A task's data is one of:
   `input_ids` + `attention_mask` (text); an optional `labels` row is used only to evaluate (npz: allow_pickle=False);
 - a `.jsonl` file of {"text": ..., optional "label": int}, tokenised with the base model's tokenizer;
 - a folder of images (optionally one subfolder per class, sorted names = label ids), preprocessed with the base
-  model's image processor.
+  model's image processor;
+- a Hugging Face dataset (image and label columns) as `save_to_disk` wrote it, or as parquet files (a dataset in the
+  Hub cache); of several splits, `test`. Needs the `datasets` package (the `hf` extra).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zipfile
@@ -46,7 +49,9 @@ def load_task_data(path: str | Path, task: str, base_dir: Path | None = None, ma
 
 def _read(path: Path, task: str, base_dir: Path | None, max_length: int) -> dict[str, Tensor]:
     try:
-        if path.is_dir():
+        if path.is_dir() and is_hf_dataset(path):
+            tensors = _hf_dataset(path, task, base_dir)
+        elif path.is_dir():
             tensors = _image_folder(path, task, base_dir)
         elif path.suffix == ".safetensors":
             tensors = load_file(str(path))
@@ -137,14 +142,78 @@ def _image_folder(path: Path, task: str, base_dir: Path | None) -> dict[str, Ten
     if not files:
         raise MergeInputError(f"data for task {task!r}: no images in {path}", f"put {', '.join(IMAGE_SUFFIXES)} files there")
     processor = _from_base(AutoImageProcessor, base_dir, task, "an image folder", "image processor (preprocessor_config.json)")
-    images = []
-    for f, _ in files:
+
+    def load(f: Path) -> Any:
         with Image.open(f) as image:
-            images.append(image.copy())
-    out = {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]}
+            return image.copy()
+
+    out = {"pixel_values": _pixels(processor, [f for f, _ in files], load)}
     if classes:
         out["labels"] = torch.tensor([c for _, c in files])
     return out
+
+
+def _pixels(processor: Any, rows: Sequence[Any], image: Callable[[Any], Any], chunk: int = 256) -> Tensor:
+    """Preprocess images a chunk at a time (`image(row)` opens one), so only one chunk of decoded images is held."""
+    parts = [processor(images=[image(r) for r in rows[i : i + chunk]], return_tensors="pt")["pixel_values"]
+             for i in range(0, len(rows), chunk)]
+    return torch.cat(parts)
+
+
+HF_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+
+
+def is_hf_dataset(path: Path) -> bool:
+    """A `save_to_disk` folder (a dataset or a dict of splits), or a folder of parquet files (the Hub's layout)."""
+    return any((path / name).is_file() for name in HF_DATASET_FILES) or next(path.rglob("*.parquet"), None) is not None
+
+
+def _hf_dataset(path: Path, task: str, base_dir: Path | None) -> dict[str, Tensor]:
+    """Images through the base's image processor; a ClassLabel (or `label`) column becomes `labels` (scoring only)."""
+    from transformers import AutoImageProcessor
+
+    dataset = _hf_split(path, task)
+    image_col = _column(dataset, task, path, "Image", ("image", "img"), "an image")
+    label_col = _column(dataset, task, path, "ClassLabel", ("label", "labels"), None)
+    processor = _from_base(AutoImageProcessor, base_dir, task, "a Hugging Face image dataset",
+                           "image processor (preprocessor_config.json)")
+    out = {"pixel_values": _pixels(processor, range(len(dataset)), lambda i: dataset[i][image_col].convert("RGB"))}
+    if label_col is not None:
+        out["labels"] = torch.tensor(dataset[label_col], dtype=torch.int64)
+    return out
+
+
+def _hf_split(path: Path, task: str) -> Any:
+    """The dataset at `path`: itself, or its `test` split (the only split when there is one)."""
+    try:
+        import datasets
+    except ImportError:
+        raise MergeInputError(f"data for task {task!r} is a Hugging Face dataset, and reading it needs the `datasets` "
+                              "package", "pip install 'rankmerge[hf]'") from None
+    files: dict[str, list[str]] = {}
+    if any((path / name).is_file() for name in HF_DATASET_FILES):
+        loaded = datasets.load_from_disk(str(path))
+        splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"": loaded}
+    else:  # parquet files named <split>-NNNNN-of-NNNNN.parquet, or under a <split>/ folder, as on the Hub
+        for f in sorted(path.rglob("*.parquet")):
+            inside = f.parent != path and f.parent.name != "data"
+            files.setdefault(f.parent.name if inside else f.name.split("-")[0].removesuffix(".parquet"), []).append(str(f))
+        splits = dict.fromkeys(files)
+    name = "test" if "test" in splits else (next(iter(splits)) if len(splits) == 1 else None)
+    if name is None:
+        raise MergeInputError(f"data for task {task!r}: {path} holds the splits {sorted(splits)} and none is `test`",
+                              f"point tta.data.{task} at the split to use (its own folder)")
+    return splits[name] if splits[name] is not None else datasets.Dataset.from_parquet(files[name])
+
+
+def _column(dataset: Any, task: str, path: Path, feature: str, names: tuple[str, ...], needed: str | None) -> str | None:
+    """The column of feature type `feature` (else the first of `names`); a needed one missing is a one-line error."""
+    typed = [c for c, f in dataset.features.items() if type(f).__name__ == feature]
+    found = typed[0] if typed else next((c for c in names if c in dataset.column_names), None)
+    if found is None and needed:
+        raise MergeInputError(f"data for task {task!r}: {path} has no {needed} column (columns: "
+                              f"{', '.join(dataset.column_names)})", f"give the dataset an `{names[0]}` column of type {feature}")
+    return found
 
 
 @dataclass
