@@ -1,4 +1,5 @@
-"""Models and datasets given as Hugging Face ids (`org/name`), found in the local Hugging Face cache without any network access.
+"""Models and datasets given as Hugging Face ids (`org/name`), found in the local Hugging Face cache without any
+network access.
 
 A local folder always wins: `org/name` is a model id only when no such folder exists (relative to the current
 directory for flags, to the spec's folder in a spec). Write `./org/name` to mean a local folder only. The id resolves
@@ -59,7 +60,8 @@ def resolve_model_ref(text: str, root: Path, field: str, repo_type: str = "model
 
 
 def resolve_spec_models(data: dict[str, Any], root: Path) -> dict[str, Any]:
-    """A raw job spec with its `base`, `zero_shot_model`, `models` and `tta.data` ids resolved (other fields and non-string values untouched)."""
+    """A raw job spec with its `base`, `zero_shot_model`, `models` and `tta.data` ids resolved (other fields and
+    non-string values untouched)."""
     data = dict(data)
     if isinstance(data.get("base"), str):
         data["base"] = resolve_model_ref(data["base"], root, "base")

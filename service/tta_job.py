@@ -58,26 +58,32 @@ def build_merger(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: l
 
 # ---- evaluation ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def accuracy(models: TaskModels, weights: dict[str, torch.Tensor], task: int, data: dict[str, torch.Tensor], batch: int) -> float:
+def accuracy(models: TaskModels, weights: dict[str, torch.Tensor], task: int, data: dict[str, torch.Tensor], batch: int,
+             device: torch.device = torch.device("cpu")) -> float:
+    """`models` and `weights` already on `device`; the data goes there a batch at a time."""
     correct, total = 0, int(data["labels"].shape[0])
     for start in range(0, total, batch):
-        rows = {k: v[start : start + batch] for k, v in data.items()}
+        rows = {k: v[start : start + batch].to(device) for k, v in data.items()}
         predictions = models.logits(weights, task, rows).argmax(-1)
         correct += int((predictions == rows["labels"]).sum())
     return correct / total
 
 
 def evaluate(models: TaskModels, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
-             datasets: list[dict[str, torch.Tensor]], merges: dict[str, dict[str, torch.Tensor]], batch: int) -> dict[str, Any]:
-    """Per-task accuracy of the pretrained backbone, each individual model, then each named merge (labelled tasks)."""
+             datasets: list[dict[str, torch.Tensor]], merges: dict[str, dict[str, torch.Tensor]], batch: int,
+             device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """Per-task accuracy of the pretrained backbone, each individual model, then each named merge (labelled tasks),
+    computed on `device` (one column's weights there at a time)."""
     rows: dict[str, dict[str, float]] = {}
+    on = models.on(device)
     base_weights = {e.key: base.read(e.key).float() for e in plan.merged}
     for t, (ck, data) in enumerate(zip(tasks, datasets)):
         if "labels" not in data:
             continue
         own = {e.key: ck.read(e.sources[t]).float() for e in plan.merged}
         columns = {"pretrained": base_weights, "individual": own, **merges}
-        rows[ck.name] = {name: round(accuracy(models, w, t, data, batch), 6) for name, w in columns.items()}
+        rows[ck.name] = {name: round(accuracy(on, {k: v.to(device) for k, v in w.items()}, t, data, batch, device), 6)
+                         for name, w in columns.items()}
     if rows:
         rows["average"] = {col: round(sum(r[col] for r in rows.values()) / len(rows), 6) for col in next(iter(rows.values()))}
     return rows
@@ -97,7 +103,7 @@ def evaluate_output(job: MergeJob, data: dict[str, Any], batch: int = 256, max_l
         datasets = [load_task_data(data[ck.name], ck.name, job.base, max_length) for ck in tasks]
         models = build_task_models(plan, base, tasks)
         merged = {e.key: merged_ck.read(e.key).float() for e in plan.merged}
-        return evaluate(models, plan, base, tasks, datasets, {"merged": merged}, batch)
+        return evaluate(models, plan, base, tasks, datasets, {"merged": merged}, batch, resolve_device(job.device))
 
 
 # ---- the job ------------------------------------------------------------------------------------------------------
@@ -304,7 +310,8 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
         }
         if labelled:
             merges = {"initial": collect_weights(runner, "initial"), "merged": final, **merges}
-            report["accuracy"] = evaluate(models, plan, base, tasks, datasets, merges, tta.eval_batch_size)
+            where = resolve_device(job.device) if executor == "local" else torch.device("cpu")
+            report["accuracy"] = evaluate(models, plan, base, tasks, datasets, merges, tta.eval_batch_size, where)
         lease.check()  # a replaced driver publishes nothing
         side_files = adaptive_files(runner.hard_masks(), runner.owners(), state["lambda"], plan)
         report = export(job, plan, base, tasks, side_files, final, report, start_time)
