@@ -230,9 +230,9 @@ def test_hugging_face_datasets_saved_to_disk_and_in_the_hub_cache(clip_family, t
     test, train = image_dataset(10, seed=2), image_dataset(4, seed=3)
     datasets.DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "saved")
     snapshot = tmp_path / "hub" / "datasets--org--shapes" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
-    (snapshot / "data").mkdir(parents=True)
-    train.to_parquet(str(snapshot / "data" / "train-00000-of-00001.parquet"))
-    test.to_parquet(str(snapshot / "data" / "test-00000-of-00001.parquet"))
+    (snapshot / "digits").mkdir(parents=True)  # one configuration's folder, shards named <split>-NNNNN-of-NNNNN
+    train.to_parquet(str(snapshot / "digits" / "train-00000-of-00001.parquet"))
+    test.to_parquet(str(snapshot / "digits" / "test-00000-of-00001.parquet"))
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -244,5 +244,10 @@ def test_hugging_face_datasets_saved_to_disk_and_in_the_hub_cache(clip_family, t
         got = load_task_data(path, "shapes", base)
         assert torch.equal(got["labels"], torch.tensor(test["label"]))
         torch.testing.assert_close(got["pixel_values"], expected)
+    (snapshot / "full").mkdir()
+    test.to_parquet(str(snapshot / "full" / "test-00000-of-00001.parquet"))
+    with pytest.raises(Exception, match="several configurations .digits, full."):
+        load_task_data(snapshot, "shapes", base)
+    assert torch.equal(load_task_data(snapshot / "full", "shapes", base)["labels"], torch.tensor(test["label"]))
     with pytest.raises(Exception, match="org/other.*hf download org/other --repo-type dataset"):
         resolve_spec_models({"tta": {"data": {"x": "org/other"}}}, tmp_path)

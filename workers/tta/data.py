@@ -13,6 +13,7 @@ A task's data is one of:
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -161,6 +162,7 @@ def _pixels(processor: Any, rows: Sequence[Any], image: Callable[[Any], Any], ch
 
 
 HF_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+SPLIT_FILE = re.compile(r"^([A-Za-z0-9_.]+?)-\d{5}-of-\d{5}\.parquet$")  # the Hub's parquet shard names
 
 
 def is_hf_dataset(path: Path) -> bool:
@@ -190,20 +192,26 @@ def _hf_split(path: Path, task: str) -> Any:
     except ImportError:
         raise MergeInputError(f"data for task {task!r} is a Hugging Face dataset, and reading it needs the `datasets` "
                               "package", "pip install 'rankmerge[hf]'") from None
-    files: dict[str, list[str]] = {}
+    files: dict[str, list[Path]] = {}
     if any((path / name).is_file() for name in HF_DATASET_FILES):
         loaded = datasets.load_from_disk(str(path))
         splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"": loaded}
-    else:  # parquet files named <split>-NNNNN-of-NNNNN.parquet, or under a <split>/ folder, as on the Hub
+    else:  # parquet files named <split>-NNNNN-of-NNNNN.parquet (else a <split>/ folder), as on the Hub
         for f in sorted(path.rglob("*.parquet")):
-            inside = f.parent != path and f.parent.name != "data"
-            files.setdefault(f.parent.name if inside else f.name.split("-")[0].removesuffix(".parquet"), []).append(str(f))
+            named = SPLIT_FILE.match(f.name)
+            files.setdefault(named.group(1) if named else f.parent.name, []).append(f)
         splits = dict.fromkeys(files)
     name = "test" if "test" in splits else (next(iter(splits)) if len(splits) == 1 else None)
     if name is None:
         raise MergeInputError(f"data for task {task!r}: {path} holds the splits {sorted(splits)} and none is `test`",
                               f"point tta.data.{task} at the split to use (its own folder)")
-    return splits[name] if splits[name] is not None else datasets.Dataset.from_parquet(files[name])
+    if splits[name] is not None:
+        return splits[name]
+    folders = sorted({str(f.parent.relative_to(path)) for f in files[name]})
+    if len(folders) > 1:
+        raise MergeInputError(f"data for task {task!r}: {path} holds {name!r} files of several configurations ({', '.join(folders)})",
+                              f"point tta.data.{task} at one configuration's folder")
+    return datasets.Dataset.from_parquet([str(f) for f in files[name]])
 
 
 def _column(dataset: Any, task: str, path: Path, feature: str, names: tuple[str, ...], needed: str | None) -> str | None:
