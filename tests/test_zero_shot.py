@@ -251,3 +251,58 @@ def test_hugging_face_datasets_saved_to_disk_and_in_the_hub_cache(clip_family, t
     assert torch.equal(load_task_data(snapshot / "full", "shapes", base)["labels"], torch.tensor(test["label"]))
     with pytest.raises(Exception, match="org/other.*hf download org/other --repo-type dataset"):
         resolve_spec_models({"tta": {"data": {"x": "org/other"}}}, tmp_path)
+
+
+def fake_hub_cache(cache, clip_dir, encoder_dir, tasks, rows=12):
+    """A Hugging Face cache holding what benchmarks/paper_table1.py reads, with tiny stand-ins under the real ids."""
+    import shutil
+
+    def snapshot(kind, repo):
+        folder = cache / f"{kind}s--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("0" * 40)
+        return folder / "snapshots" / ("0" * 40)
+
+    shutil.copytree(clip_dir, snapshot("model", "openai/clip-vit-base-patch32"))
+    for i, (task, (model, dataset, sub)) in enumerate(tasks.items()):
+        shutil.copytree(encoder_dir, snapshot("model", model))
+        folder = snapshot("dataset", dataset) / (sub or "data")
+        folder.mkdir(parents=True)
+        image_dataset(rows, seed=20 + i).to_parquet(str(folder / "test-00000-of-00001.parquet"))
+
+
+def test_paper_table1_names_what_the_cache_lacks_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "PY": sys.executable}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "paper_table1.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "lacks 17 of the 17 inputs" in line and "model openai/clip-vit-base-patch32" in line and "dataset tanganke/dtd" in line
+
+
+def test_paper_table1_runs_its_rows_from_the_cache(clip_family, tmp_path, monkeypatch, capsys):
+    """The benchmark end to end on tiny stand-ins: zero-shot heads from the built-in class names, data from parquet."""
+    import importlib.util
+    from pathlib import Path
+
+    from huggingface_hub import constants
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "paper_table1.py"
+    spec = importlib.util.spec_from_file_location("paper_table1", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base, tasks = clip_family
+    fake_hub_cache(tmp_path / "hub", base, tasks["task0"], bench.TASKS)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    rows = "Task Arithmetic,TA + AdaRank (ours: distill)"
+    assert bench.main(["--work", str(tmp_path / "work"), "--steps", "2", "--batch-size", "4", "--device", "cpu", "--rows", rows]) == 0
+    out = capsys.readouterr().out
+    for label in ("Pretrained (zero-shot)", "Individual", "Task Arithmetic", "TA + AdaRank (ours: distill)"):
+        assert f"| {label} |" in out
+    results = json.loads((tmp_path / "work" / "results.json").read_text())
+    assert set(results["Task Arithmetic"]) == {*bench.TASKS, "average"}

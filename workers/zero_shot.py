@@ -152,9 +152,10 @@ def compute_head(clip_dir: Path, classnames: list[str], templates: list[str], ba
         raise MergeInputError(f"zero-shot heads: {clip_dir} has no tokenizer ({str(exc).splitlines()[0][:100]})",
                               "save the CLIP model's tokenizer beside it (save_pretrained), or use the Hub folder") from None
     prompts = [t.replace("{c}", name) for name in classnames for t in templates]
+    limit = model.config.text_config.max_position_embeddings  # CLIP's 77 tokens
     embeds = []
     for start in range(0, len(prompts), batch):
-        tokens = tokenizer(prompts[start : start + batch], padding=True, truncation=True, return_tensors="pt")
+        tokens = tokenizer(prompts[start : start + batch], padding=True, truncation=True, max_length=limit, return_tensors="pt")
         pooled = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
         embeds.append(model.text_projection(pooled).float())
     classes = class_embeddings(torch.cat(embeds).reshape(len(classnames), len(templates), -1))
