@@ -306,3 +306,21 @@ def test_paper_table1_runs_its_rows_from_the_cache(clip_family, tmp_path, monkey
         assert f"| {label} |" in out
     results = json.loads((tmp_path / "work" / "results.json").read_text())
     assert set(results["Task Arithmetic"]) == {*bench.TASKS, "average"}
+
+
+def test_zero_shot_heads_fit_clip_encoders_only(clip_family, families, tmp_path, capsys):
+    """A classifier-carrying CLIP task gets its own head replaced; a ViT task is refused in one line."""
+    from rankmerge.service.task_model import load_task_model
+
+    for kind, code in (("clip_vision", 0), ("vit", 2)):
+        base, tasks = families(kind)
+        spec = {"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": "task_arithmetic",
+                "zero_shot_model": str(clip_family[0]), "heads": {"task0": {"zero_shot": {"classnames": CLASSES}}},
+                "output": str(tmp_path / kind)}
+        (tmp_path / f"{kind}.yaml").write_text(yaml.safe_dump(spec))
+        assert main(["run", str(tmp_path / f"{kind}.yaml")]) == code
+    model = load_task_model(tmp_path / "clip_vision", "task0")
+    assert type(model).__name__ == "CLIPZeroShotClassifier" and model.config.num_labels == 3
+    assert type(load_task_model(tmp_path / "clip_vision", "task1")).__name__ == "CLIPForImageClassification"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "a zero-shot head scores a CLIP image encoder, but 'task0' is 'vit'" in err[-1] and not (tmp_path / "vit").exists()

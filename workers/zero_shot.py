@@ -35,7 +35,9 @@ from rankmerge.workers.fingerprint import input_fingerprint
 log = logging.getLogger(__name__)
 CACHE_DIR = "zero_shot"  # <job_dir>/zero_shot/<task>.safetensors
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)  # a task given by class names alone (FusionBench's default template)
-WEIGHT, PROJECTION = "classifier.weight", "classifier.visual_projection.weight"
+HEAD_PREFIX = "classifier."
+WEIGHT, PROJECTION = HEAD_PREFIX + "weight", HEAD_PREFIX + "visual_projection.weight"
+CLIP_ENCODERS = ("clip_vision_model", "clip")  # model types a zero-shot head fits
 
 
 class ZeroShot(BaseModel):
@@ -202,6 +204,9 @@ def prepare_heads(heads: dict[str, TaskHead], models: dict[str, Path], clip_dir:
     for task, head in heads.items():
         encoder = ModelCheckpoint(models[task], task)
         encoder.close()
+        if encoder.config.get("model_type") not in CLIP_ENCODERS:
+            raise MergeInputError(f"heads.{task}: a zero-shot head scores a CLIP image encoder, but {task!r} is "
+                                  f"{encoder.config.get('model_type')!r}", f"remove heads.{task}, or give a CLIP fine-tune")
         path = job_dir / CACHE_DIR / f"{task}.safetensors"
         identity = head_identity(clip_dir, encoder.config, head.zero_shot)
         if _metadata(path).get("identity") == identity:
@@ -229,12 +234,14 @@ class ZeroShotTask:
         except (OSError, ValueError, KeyError, SafetensorError):
             raise MergeInputError(f"zero-shot head {head_file} is missing or damaged", "run the job again (it is recomputed)") from None
         self.encoder = encoder
-        self.name, self.path, self.files = encoder.name, encoder.path, encoder.files
-        self.shapes = {**encoder.shapes, **{k: tuple(v.shape) for k, v in self.head.items()}}
-        self.dtypes = {**encoder.dtypes, **{k: v.dtype for k, v in self.head.items()}}
+        # the head file is an input like the weights: a resume refuses a head computed from other inputs
+        self.name, self.path, self.files = encoder.name, encoder.path, [*encoder.files, head_file]
+        self._keys = [*(k for k in encoder.keys() if not k.startswith(HEAD_PREFIX)), *self.head]  # its own head replaced
+        self.shapes = {k: tuple(self.head[k].shape) if k in self.head else encoder.shapes[k] for k in self._keys}
+        self.dtypes = {k: self.head[k].dtype if k in self.head else encoder.dtypes[k] for k in self._keys}
 
     def keys(self) -> list[str]:
-        return [*self.encoder.keys(), *self.head]
+        return list(self._keys)
 
     def read(self, key: str) -> Tensor:
         return self.head[key] if key in self.head else self.encoder.read(key)
