@@ -176,6 +176,13 @@ def test_adaptive_merge_and_eval_run_through_zero_shot_heads(clip_family, tmp_pa
         got = model(pixel_values=pixels).logits
     expected = reference_logits(clip_family[0], merged_encoder, pixels, ["a photo of a {c}.", "a {c}"])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    # exported as a plain folder, the task model reloads through its own class with the same logits
+    from rankmerge.service.task_model import export_task_model
+    from rankmerge.workers.zero_shot import CLIPZeroShotClassifier
+
+    exported = CLIPZeroShotClassifier.from_pretrained(export_task_model(out, "task2", tmp_path / "task2_model")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(pixel_values=pixels).logits, got)
 
 
 def test_static_merge_publishes_zero_shot_heads(clip_family, tmp_path):
@@ -324,3 +331,15 @@ def test_zero_shot_heads_fit_clip_encoders_only(clip_family, families, tmp_path,
     assert type(load_task_model(tmp_path / "clip_vision", "task1")).__name__ == "CLIPForImageClassification"
     err = capsys.readouterr().err.strip().splitlines()
     assert "a zero-shot head scores a CLIP image encoder, but 'task0' is 'vit'" in err[-1] and not (tmp_path / "vit").exists()
+
+
+def test_a_missing_datasets_package_is_one_line_with_the_install_command(tmp_path, monkeypatch):
+    import sys
+
+    from rankmerge.workers.errors import MergeInputError
+    from rankmerge.workers.tta.data import load_task_data
+
+    image_dataset(4, seed=5).save_to_disk(tmp_path / "saved")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # what `import datasets` meets where it is not installed
+    with pytest.raises(MergeInputError, match=r"needs the `datasets` package — pip install 'rankmerge\[hf\]'"):
+        load_task_data(tmp_path / "saved", "shapes", None)
