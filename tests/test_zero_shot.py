@@ -13,7 +13,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from rankmerge.service.cli import main
 from rankmerge.service.tiny_models import TINY, perturb_
-from rankmerge.workers.zero_shot import ZeroShot, compute_head
+from rankmerge.workers.zero_shot import ZeroShot
 
 CLASSES = ["cat", "dog", "car"]
 

@@ -143,30 +143,23 @@ def task_config(encoder_config: dict, clip_config: dict, classnames: list[str]) 
 
 # ---- computing and caching the head -------------------------------------------------------------------------------
 @torch.no_grad()
-def compute_head(clip_dir: Path, classnames: list[str], templates: list[str], batch: int = 256) -> dict[str, Tensor]:
-    """The head's tensors from a full pretrained `CLIPModel` folder (weights, config, tokenizer)."""
-    from transformers import AutoTokenizer
-
-    model = _load_clip(clip_dir).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(clip_dir)
-    except (OSError, ValueError) as exc:
-        raise MergeInputError(f"zero-shot heads: {clip_dir} has no tokenizer ({str(exc).splitlines()[0][:100]})",
-                              "save the CLIP model's tokenizer beside it (save_pretrained), or use the Hub folder") from None
+def compute_head(clip: Any, tokenizer: Any, classnames: list[str], templates: list[str], batch: int = 256) -> dict[str, Tensor]:
+    """The head's tensors from a pretrained `CLIPModel` and its tokenizer (prompts cut at the text tower's length)."""
     prompts = [t.replace("{c}", name) for name in classnames for t in templates]
-    limit = model.config.text_config.max_position_embeddings  # CLIP's 77 tokens
+    limit = clip.config.text_config.max_position_embeddings  # CLIP's 77 tokens
     embeds = []
     for start in range(0, len(prompts), batch):
         tokens = tokenizer(prompts[start : start + batch], padding=True, truncation=True, max_length=limit, return_tensors="pt")
-        pooled = model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
-        embeds.append(model.text_projection(pooled).float())
+        pooled = clip.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+        embeds.append(clip.text_projection(pooled).float())
     classes = class_embeddings(torch.cat(embeds).reshape(len(classnames), len(templates), -1))
-    return {WEIGHT: (model.logit_scale.float().exp() * classes).contiguous(),
-            PROJECTION: model.visual_projection.weight.float().contiguous()}
+    return {WEIGHT: (clip.logit_scale.float().exp() * classes).contiguous(),
+            PROJECTION: clip.visual_projection.weight.float().contiguous()}
 
 
-def _load_clip(clip_dir: Path):
-    from transformers import CLIPModel
+def load_clip(clip_dir: Path) -> tuple[Any, Any]:
+    """The full pretrained CLIPModel (fp32, eval) and its tokenizer; a bare encoder or no tokenizer is one line."""
+    from transformers import AutoTokenizer, CLIPModel
 
     config = clip_dir / "config.json"
     kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
@@ -174,17 +167,18 @@ def _load_clip(clip_dir: Path):
         raise MergeInputError(f"zero-shot heads need the full pretrained CLIP model (text tower, projections, logit "
                               f"scale), but {clip_dir} is {kind or 'not a model folder'!s}",
                               "set zero_shot_model to the CLIPModel folder or id, e.g. openai/clip-vit-base-patch32")
-    return CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
-
-
-def head_identity(clip_dir: Path, encoder_config: dict, zero_shot: ZeroShot) -> str:
-    """What a cached head was computed from: the CLIP model's weights, class names, templates, encoder config."""
-    clip = ModelCheckpoint(clip_dir, "zero_shot_model")
     try:
-        weights = input_fingerprint(clip.files)
-    finally:
-        clip.close()
-    record = [weights, zero_shot.resolved_classnames(), zero_shot.resolved_templates(), encoder_config]
+        tokenizer = AutoTokenizer.from_pretrained(clip_dir)
+    except (OSError, ValueError) as exc:
+        raise MergeInputError(f"zero-shot heads: {clip_dir} has no tokenizer ({str(exc).splitlines()[0][:100]})",
+                              "save the CLIP model's tokenizer beside it (save_pretrained), or use the Hub folder") from None
+    return CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval(), tokenizer
+
+
+def head_identity(clip_weights: str, encoder_config: dict, zero_shot: ZeroShot) -> str:
+    """What a cached head was computed from: the CLIP model's weights (fingerprint), class names, templates, and the
+    encoder's config."""
+    record = [clip_weights, zero_shot.resolved_classnames(), zero_shot.resolved_templates(), encoder_config]
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
@@ -198,25 +192,29 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 def prepare_heads(heads: dict[str, TaskHead], models: dict[str, Path], clip_dir: Path, job_dir: Path) -> dict[str, Path]:
-    """Compute each named head once per job (a resume reuses the cached file of the same identity); task -> file."""
+    """Compute each named head once per job (a resume reuses the cached file of the same identity); task -> file.
+    The CLIP model is loaded only when a head is missing, and then once."""
     out: dict[str, Path] = {}
-    clip_config = json.loads((clip_dir / "config.json").read_text()) if (clip_dir / "config.json").is_file() else {}
+    with ModelCheckpoint(clip_dir, "zero_shot_model") as ck:
+        clip_weights, clip_config = input_fingerprint(ck.files), ck.config
+    clip = None
     for task, head in heads.items():
-        encoder = ModelCheckpoint(models[task], task)
-        encoder.close()
-        if encoder.config.get("model_type") not in CLIP_ENCODERS:
+        with ModelCheckpoint(models[task], task) as encoder:
+            config = encoder.config
+        if config.get("model_type") not in CLIP_ENCODERS:
             raise MergeInputError(f"heads.{task}: a zero-shot head scores a CLIP image encoder, but {task!r} is "
-                                  f"{encoder.config.get('model_type')!r}", f"remove heads.{task}, or give a CLIP fine-tune")
+                                  f"{config.get('model_type')!r}", f"remove heads.{task}, or give a CLIP fine-tune")
         path = job_dir / CACHE_DIR / f"{task}.safetensors"
-        identity = head_identity(clip_dir, encoder.config, head.zero_shot)
+        identity = head_identity(clip_weights, config, head.zero_shot)
         if _metadata(path).get("identity") == identity:
             log.info("zero-shot head of %r: reusing %s", task, path)
         else:
+            clip = clip or load_clip(clip_dir)
             names = head.zero_shot.resolved_classnames()
-            tensors = compute_head(clip_dir, names, head.zero_shot.resolved_templates())
-            config = task_config(encoder.config, clip_config, names)
+            tensors = compute_head(*clip, names, head.zero_shot.resolved_templates())
+            metadata = {"identity": identity, "config": json.dumps(task_config(config, clip_config, names), sort_keys=True)}
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, save(tensors, metadata={"identity": identity, "config": json.dumps(config, sort_keys=True)}))
+            write_atomic(path, save(tensors, metadata=metadata))
             log.info("zero-shot head of %r: %d classes from %s", task, len(names), clip_dir)
         out[task] = path
     return out
