@@ -237,6 +237,7 @@ def format_guard(report: dict) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rankmerge.service.spec import job_from_dict, load_job_file
+    from rankmerge.service.model_ids import resolve_model_ref
     from rankmerge.service.tta_job import evaluate_output
 
     root = Path(args.job).resolve().parent
@@ -244,7 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data: dict[str, Path] = dict(job.tta.data) if job.tta else {}
     for item in args.data or []:
         name, path = _key_value(item, "--data")
-        data[name] = Path(path).resolve()
+        data[name] = Path(resolve_model_ref(path, Path.cwd(), f"--data {name}", "dataset")).resolve()  # or a cached dataset id
     table = evaluate_output(job, data, max_length=job.tta.max_length if job.tta else 128)
     if not table:
         raise MergeInputError("none of the evaluation data has labels", "add a labels tensor (or label fields) to the data")

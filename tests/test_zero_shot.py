@@ -185,12 +185,25 @@ def test_adaptive_merge_and_eval_run_through_zero_shot_heads(clip_family, tmp_pa
         torch.testing.assert_close(exported(pixel_values=pixels).logits, got)
 
 
-def test_static_merge_publishes_zero_shot_heads(clip_family, tmp_path):
+def test_static_merge_publishes_zero_shot_heads(clip_family, tmp_path, monkeypatch, capsys):
+    """A static merge writes every zero-shot head; `rankmerge eval --data` takes a dataset id from the Hub cache."""
+    from huggingface_hub import constants
+
     spec = zero_shot_spec(clip_family, tmp_path, "task_arithmetic")
-    spec.pop("tta")
+    data = spec.pop("tta")["data"]
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     assert main(["run", str(tmp_path / "job.yaml")]) == 0
     assert sorted(p.name for p in (tmp_path / "out" / "heads").iterdir()) == [f"task{i}.safetensors" for i in range(3)]
+    snapshot = tmp_path / "hub" / "datasets--org--pets" / "snapshots" / ("0" * 40)
+    (snapshot / "data").mkdir(parents=True)
+    image_dataset(9, seed=7).to_parquet(str(snapshot / "data" / "test-00000-of-00001.parquet"))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "job.yaml"), "--data", f"task0={data['task0']}", "--data", "task1=org/pets",
+                 "--data", f"task2={data['task2']}"]) == 0
+    assert "task1" in capsys.readouterr().out
 
 
 def test_resume_reuses_the_cached_heads(clip_family, tmp_path, caplog):
