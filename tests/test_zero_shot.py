@@ -356,3 +356,27 @@ def test_a_missing_datasets_package_is_one_line_with_the_install_command(tmp_pat
     monkeypatch.setitem(sys.modules, "datasets", None)  # what `import datasets` meets where it is not installed
     with pytest.raises(MergeInputError, match=r"needs the `datasets` package — pip install 'rankmerge\[hf\]'"):
         load_task_data(tmp_path / "saved", "shapes", None)
+
+
+@pytest.mark.slow
+def test_zero_shot_heads_on_the_ray_executor_match_local(clip_family, tmp_path, monkeypatch):
+    """Shards and workers open the job's cached heads themselves: a real local Ray run learns what the local one does."""
+    import ray
+    from safetensors.torch import load_file
+
+    from rankmerge.service.spec import job_from_dict
+    from rankmerge.service.tta_job import run_adaptive_job
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    spec = zero_shot_spec(clip_family, tmp_path, "adarank", objective="entropy", select="final")
+    spec["resources"] = {"shards": 2, "workers": 1}
+    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=128 * 1024**2, log_to_driver=False)
+    try:
+        reports = {ex: run_adaptive_job(job_from_dict(dict(spec, output=str(tmp_path / ex)), tmp_path), executor=ex)
+                   for ex in ("local", "ray")}
+    finally:
+        ray.shutdown()
+    assert reports["ray"]["executor"] == "ray" and sum(h["flips"] for h in reports["local"]["history"]) > 0
+    local, remote = (load_file(str(tmp_path / ex / "adaptive" / "masks.safetensors")) for ex in ("local", "ray"))
+    assert local.keys() == remote.keys() and all(torch.equal(local[k], remote[k]) for k in local)
+    assert reports["ray"]["accuracy"] == reports["local"]["accuracy"]
