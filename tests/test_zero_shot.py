@@ -273,7 +273,7 @@ def test_hugging_face_datasets_saved_to_disk_and_in_the_hub_cache(clip_family, t
         resolve_spec_models({"tta": {"data": {"x": "org/other"}}}, tmp_path)
 
 
-def fake_hub_cache(cache, clip_dir, encoder_dir, tasks, rows=12):
+def fake_hub_cache(cache, clip_dir, encoder_dir, tasks, backbone, rows=12):
     """A Hugging Face cache holding what benchmarks/paper_table1.py reads, with tiny stand-ins under the real ids."""
     import shutil
 
@@ -283,9 +283,9 @@ def fake_hub_cache(cache, clip_dir, encoder_dir, tasks, rows=12):
         (folder / "refs" / "main").write_text("0" * 40)
         return folder / "snapshots" / ("0" * 40)
 
-    shutil.copytree(clip_dir, snapshot("model", "openai/clip-vit-base-patch32"))
-    for i, (task, (model, dataset, sub)) in enumerate(tasks.items()):
-        shutil.copytree(encoder_dir, snapshot("model", model))
+    shutil.copytree(clip_dir, snapshot("model", f"openai/clip-{backbone}"))
+    for i, (task, (name, dataset, sub)) in enumerate(tasks.items()):
+        shutil.copytree(encoder_dir, snapshot("model", f"tanganke/clip-{backbone}_{name}"))
         folder = snapshot("dataset", dataset) / (sub or "data")
         folder.mkdir(parents=True)
         image_dataset(rows, seed=20 + i).to_parquet(str(folder / "test-00000-of-00001.parquet"))
@@ -317,7 +317,7 @@ def test_paper_table1_runs_its_rows_from_the_cache(clip_family, tmp_path, monkey
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     base, tasks = clip_family
-    fake_hub_cache(tmp_path / "hub", base, tasks["task0"], bench.TASKS)
+    fake_hub_cache(tmp_path / "hub", base, tasks["task0"], bench.TASKS, "vit-base-patch32")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     rows = "Task Arithmetic,TA + AdaRank (ours: distill)"
     assert bench.main(["--work", str(tmp_path / "work"), "--steps", "2", "--batch-size", "4", "--device", "cpu", "--rows", rows]) == 0

@@ -48,8 +48,8 @@ class ZeroShot(BaseModel):
 
     dataset: str | None = Field(None, description="built-in class names and templates: " + ", ".join(CLASSNAMES))
     classnames: list[str] | Path | None = Field(None, description="class names in label order, or a text file of them")
-    templates: Literal["default"] | list[str] = Field("default", description="default: the dataset's own templates "
-                                                                             "(else 'a photo of a {c}.'); or a list with {c}")
+    templates: Literal["default"] | list[str] = Field(
+        "default", description="default: the dataset's own templates (else 'a photo of a {c}.'); or a list with {c}")
 
     @model_validator(mode="after")
     def _names(self) -> "ZeroShot":
@@ -121,8 +121,8 @@ class CLIPZeroShotClassifier(CLIPVisionModel):
 
     def forward(self, pixel_values: Tensor | None = None, interpolate_pos_encoding: bool = False,
                 labels: Tensor | None = None, **kwargs: Any) -> ImageClassifierOutput:
-        pooled = super().forward(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).pooler_output
-        logits = self.classifier(pooled)
+        encoded = super().forward(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        logits = self.classifier(encoded.pooler_output)
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
 
@@ -149,7 +149,8 @@ def compute_head(clip: Any, tokenizer: Any, classnames: list[str], templates: li
     limit = clip.config.text_config.max_position_embeddings  # CLIP's 77 tokens
     embeds = []
     for start in range(0, len(prompts), batch):
-        tokens = tokenizer(prompts[start : start + batch], padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        tokens = tokenizer(prompts[start : start + batch], padding=True, truncation=True, max_length=limit,
+                           return_tensors="pt")
         pooled = clip.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
         embeds.append(clip.text_projection(pooled).float())
     classes = class_embeddings(torch.cat(embeds).reshape(len(classnames), len(templates), -1))
@@ -230,7 +231,8 @@ class ZeroShotTask:
             self.head = load_file(str(head_file))
             self.config = json.loads(_metadata(head_file)["config"])
         except (OSError, ValueError, KeyError, SafetensorError):
-            raise MergeInputError(f"zero-shot head {head_file} is missing or damaged", "run the job again (it is recomputed)") from None
+            raise MergeInputError(f"zero-shot head {head_file} is missing or damaged",
+                                  "run the job again (it is recomputed)") from None
         self.encoder = encoder
         # the head file is an input like the weights: a resume refuses a head computed from other inputs
         self.name, self.path, self.files = encoder.name, encoder.path, [*encoder.files, head_file]
