@@ -86,6 +86,9 @@ class MergeJob(BaseModel):
     def spec_hash(self) -> str:
         """Identity of everything that determines the result (not where it is written or whether to overwrite)."""
         data = self.model_dump(mode="json", exclude={"overwrite", "output", "job_dir", "max_shard_size", "resources", "device"})
+        for name in ("heads", "zero_shot_model"):  # unset, they leave the identity of jobs written before them unchanged
+            if not data[name]:
+                del data[name]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @field_validator("models")
