@@ -380,3 +380,14 @@ def test_zero_shot_heads_on_the_ray_executor_match_local(clip_family, tmp_path, 
     local, remote = (load_file(str(tmp_path / ex / "adaptive" / "masks.safetensors")) for ex in ("local", "ray"))
     assert local.keys() == remote.keys() and all(torch.equal(local[k], remote[k]) for k in local)
     assert reports["ray"]["accuracy"] == reports["local"]["accuracy"]
+
+
+@pytest.mark.parametrize("content, message", [(b"\n\n", "is empty"), (b"\xff\xfe\x00cat", "cannot be read")])
+def test_a_bad_class_name_file_is_one_line_and_nothing_is_written(clip_family, tmp_path, capsys, content, message):
+    spec = zero_shot_spec(clip_family, tmp_path, "task_arithmetic")
+    spec.pop("tta")
+    (tmp_path / "names.txt").write_bytes(content)  # task1's class names
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "names.txt" in err[-1] and not (tmp_path / "out").exists()

@@ -63,9 +63,14 @@ class ZeroShot(BaseModel):
 
     def resolved_classnames(self) -> list[str]:
         if isinstance(self.classnames, Path):
-            names = [line.strip() for line in self.classnames.read_text().splitlines() if line.strip()]
+            try:
+                names = [line.strip() for line in self.classnames.read_text().splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise MergeInputError(f"class-name file {self.classnames} cannot be read ({type(exc).__name__})",
+                                      "give a UTF-8 text file, one class name per line, in label order") from None
             if not names:
-                raise MergeInputError(f"class-name file {self.classnames} is empty", "write one class name per line, in label order")
+                raise MergeInputError(f"class-name file {self.classnames} is empty",
+                                      "write one class name per line, in label order")
             return names
         return list(self.classnames if self.classnames is not None else CLASSNAMES[self.dataset])
 
