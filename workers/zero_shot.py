@@ -28,11 +28,14 @@ from transformers.modeling_outputs import ImageClassifierOutput
 
 from rankmerge.workers.atomic_io import write_atomic
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
-from rankmerge.workers.clip_tasks import CLASSNAMES, TEMPLATES
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.fingerprint import input_fingerprint
 
 log = logging.getLogger(__name__)
+# class names (in label order) and templates of the 8/14/20-task CLIP benchmarks, as data (see the file's "about")
+BENCHMARK_TASKS = json.loads(Path(__file__).with_name("clip_tasks.json").read_text(encoding="utf-8"))
+CLASSNAMES: dict[str, list[str]] = BENCHMARK_TASKS["classnames"]
+TEMPLATES: dict[str, list[str]] = BENCHMARK_TASKS["templates"]
 CACHE_DIR = "zero_shot"  # <job_dir>/zero_shot/<task>.safetensors
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)  # a task given by class names alone (FusionBench's default template)
 HEAD_PREFIX = "classifier."
