@@ -70,3 +70,40 @@ def test_streamed_merge_equals_whole_tensor_math(method, dtype, families, tmp_pa
     assert set(merged) == set(expected)
     for key, value in expected.items():
         assert merged[key].dtype == value.dtype and torch.equal(merged[key], value), key
+
+
+def test_read_ring_reuses_in_order_waits_when_full_and_wakes_on_close():
+    import threading
+
+    from rankmerge.workers.static_merge import SLOT_ALIGN, ReadRing
+
+    ring = ReadRing(4 * SLOT_ALIGN)
+    a, block_a = ring.take(2 * SLOT_ALIGN)
+    b, block_b = ring.take(SLOT_ALIGN + 1)  # rounded up to two pages: the ring is full now
+    a.fill_(1)
+    b.fill_(2)
+    assert ring.holds(a[5:]) and not ring.holds(torch.zeros(3))
+    ring.release(block_b)  # released out of order: reused only once the older block is released too
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(ring.take(3 * SLOT_ALIGN)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()  # no room: block a still lives, and its bytes are untouched
+    assert bool((a == 1).all())
+    ring.release(block_a)
+    waiter.join(5)
+    assert got and got[0][0].data_ptr() == a.data_ptr()  # the whole ring is free again: from the start
+    errors = []
+    blocked = threading.Thread(target=lambda: _take_or_record(ring, 2 * SLOT_ALIGN, errors))
+    blocked.start()
+    blocked.join(0.2)
+    ring.close()
+    blocked.join(5)
+    assert not blocked.is_alive() and errors == ["read ring closed"]
+
+
+def _take_or_record(ring, nbytes, errors):
+    try:
+        ring.take(nbytes)
+    except RuntimeError as exc:
+        errors.append(str(exc))

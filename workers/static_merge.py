@@ -142,15 +142,17 @@ class ReadRing:
         self._cond = threading.Condition()
 
     def take(self, nbytes: int) -> tuple[torch.Tensor, list]:
-        """A block of `nbytes` (as a uint8 view) and its handle for `release`; waits for room."""
-        if nbytes > self.size:
+        """A block of `nbytes` (as a uint8 view) and its handle for `release`; waits for room. Blocks start on
+        page boundaries and are never empty, so a ring with blocks whose head meets its tail is a full one."""
+        span = _aligned(max(nbytes, 1))
+        if span > self.size:
             raise ValueError(f"a block of {nbytes} bytes does not fit a ring of {self.size}")
         with self._cond:
-            while (start := self._room(nbytes)) is None:
+            while (start := self._room(span)) is None:
                 self._cond.wait()
-            block = [start, start + nbytes, False]
+            block = [start, start + span, False]
             self._live.append(block)
-            self._head = start + nbytes
+            self._head = start + span
         return self._buf[start:start + nbytes], block
 
     def _room(self, nbytes: int) -> int | None:
