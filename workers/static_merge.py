@@ -268,7 +268,11 @@ def merge_into(
                     loaded = inputs_on(loaded, device)
                     delta, info = method.merge(loaded)
                     infos[entry.key] = {"delta_norm": round(float(torch.linalg.vector_norm(delta)), 6), **info}
-                    value = delta.add_(loaded.base).cpu()
+                    if ring is not None and delta.dtype == loaded.base.dtype and delta.shape == loaded.base.shape:
+                        value = loaded.base.add_(delta)  # the same sums (addition commutes exactly), in the ring:
+                    else:  # the delta is freed before the write, not after it
+                        value = delta.add_(loaded.base).cpu()
+                    del delta
                 else:
                     value, infos[entry.key] = loaded, {}
                 del loaded
