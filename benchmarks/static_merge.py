@@ -108,7 +108,7 @@ def bench(runs: dict[str, tuple[list[str], Path]], logs: Path, repeats: int) -> 
                 shutil.rmtree(out, ignore_errors=True)
                 flush()
                 wait_quiet()
-                log = logs / f"{name.replace(' ', '_')}-{i}.log"
+                log = logs / f"{name.replace(' ', '_').replace('/', '')}-{i}.log"
                 run = measure(cmd, log, env)
                 run.exit_unless_ok(cmd, log)
                 wall, rss, tree, bg = run.wall, run.rss, run.tree, run.background
