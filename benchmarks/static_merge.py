@@ -3,7 +3,9 @@
 Task Arithmetic (base + 0.3 * sum(ft_i - base)) over three fine-tunes of a
 randomly initialised ~300M-parameter fp32 Llama. Each tool runs in its own
 fresh subprocess; we time it and read its peak RSS, then check that both
-outputs agree with an independent reference, tensor by tensor.
+outputs agree with an independent reference, tensor by tensor. An I/O-floor
+row (benchmarks/io_floor.py: read the same inputs, write and fsync an output
+of the same size, no math) is timed the same way, for rankmerge / floor.
 
     .venv/bin/python benchmarks/static_merge.py [--repeats N] [--layers L]
 
@@ -35,6 +37,8 @@ MERGEKIT_REQS = REPO / "benchmarks" / "mergekit-requirements.txt"
 FINETUNES = ("a", "b", "c")
 LAMBDA = 0.3
 GB = 1e9
+FLOOR = "I/O floor"
+TUNED = "mergekit (tuned)"
 TOLERANCE = 1e-5  # relative to max|ref|: a few float32 ulps, far below any real mistake
 
 
@@ -104,7 +108,7 @@ def bench(runs: dict[str, tuple[list[str], Path]], logs: Path, repeats: int) -> 
                 shutil.rmtree(out, ignore_errors=True)
                 flush()
                 wait_quiet()
-                log = logs / f"{name.replace(' ', '_')}-{i}.log"
+                log = logs / f"{name.replace(' ', '_').replace('/', '')}-{i}.log"
                 run = measure(cmd, log, env)
                 run.exit_unless_ok(cmd, log)
                 wall, rss, tree, bg = run.wall, run.rss, run.tree, run.background
@@ -163,6 +167,19 @@ def verify(models: dict[str, Path], outputs: dict[str, Path]) -> dict[str, float
             **{f"max|{tool}-ref|": e for tool, e in err.items()}}
 
 
+def ratios(results: list[dict]) -> str:
+    """The goals, from the same run: rankmerge within 1.3x the I/O floor, mergekit tuned at 1.5x rankmerge or more.
+    Each ratio of medians, then the same ratio round by round (the tools take turns, so a round shares its load)."""
+    by = {r["tool"]: r for r in results}
+    lines = []
+    for num, den, goal in (("rankmerge", FLOOR, "<= 1.3"), (TUNED, "rankmerge", ">= 1.5")):
+        if num in by and den in by:
+            rounds = [a / b for a, b in zip(by[num]["walls"], by[den]["walls"])]
+            lines.append(f"{num} / {den}: {by[num]['wall'] / by[den]['wall']:.2f} (goal {goal}; "
+                         f"round by round {', '.join(f'{x:.2f}' for x in rounds)})")
+    return "\n" + "\n".join(lines) if lines else ""
+
+
 # --------------------------------------------------------------------------- main
 def versions(mergekit: Path) -> str:
     """What was measured: mergekit's and torch's versions in its venv, rankmerge's git commit."""
@@ -189,7 +206,7 @@ def main() -> None:
     ap.add_argument("--rankmerge", default=str(Path(sys.executable).parent / "rankmerge"))
     ap.add_argument("--mergekit-best", default="--out-shard-size 100M --async-write",
                     help="extra mergekit-yaml flags for its 'best CPU options' row ('' to skip)")
-    ap.add_argument("--tools", default="rankmerge,mergekit,mergekit (tuned)",
+    ap.add_argument("--tools", default=f"rankmerge,mergekit,mergekit (tuned),{FLOOR}",
                     help="comma-separated subset of rows to run")
     ap.add_argument("--keep", action="store_true", help="keep the merged outputs")
     ap.add_argument("--_generate", nargs=2, help=argparse.SUPPRESS)
@@ -225,14 +242,16 @@ def main() -> None:
                      outs / "mergekit"),
     }
     if args.mergekit_best:
-        runs["mergekit (tuned)"] = ([str(mergekit), str(cfg), str(outs / "mergekit-tuned"),
-                                     "--no-copy-tokenizer", *args.mergekit_best.split()],
-                                    outs / "mergekit-tuned")
+        runs[TUNED] = ([str(mergekit), str(cfg), str(outs / "mergekit-tuned"),
+                        "--no-copy-tokenizer", *args.mergekit_best.split()], outs / "mergekit-tuned")
+    inputs = sorted(f for d in m.values() for f in d.glob("*.safetensors"))
+    runs[FLOOR] = ([sys.executable, str(REPO / "benchmarks" / "io_floor.py"), str(outs / "floor"),
+                    "--write-like", str(m["base"]), *map(str, inputs)], outs / "floor")
     wanted = args.tools.split(",")
     version_line = versions(mergekit)  # before the runs: the tree may change while they go
     results = bench({k: v for k, v in runs.items() if k in wanted}, logs, args.repeats)
 
-    checks = verify(m, {r["tool"]: r["out"] for r in results})
+    checks = verify(m, {r["tool"]: r["out"] for r in results if r["tool"] != FLOOR})
     if not args.keep:
         shutil.rmtree(outs, ignore_errors=True)
 
@@ -249,6 +268,7 @@ def main() -> None:
         print(f"| {r['tool']} | {r['wall']:.1f} | {r['rss'] / GB:.2f} | {r['tree'] / GB:.2f} "
               f"| {r['wall'] / first['wall']:.2f} | {r['rss'] / first['rss']:.2f} "
               f"| {', '.join(f'{w:.1f}' for w in r['walls'])} |")
+    print(ratios(results))
     print("\npeak RSS = ru_maxrss of the tool's process (wait4); tree RSS = peak of the summed "
           "RSS of its process tree, sampled every 50 ms.")
     bg = max(r["background"] for r in results)

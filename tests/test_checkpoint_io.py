@@ -44,6 +44,35 @@ def test_writer_shards_round_trip_through_safetensors_and_reader(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
 
+@pytest.mark.parametrize("order", ["in order", "one out of order", "reversed"])
+def test_writer_large_shards_round_trip_in_any_order(order, tmp_path):
+    """Shards larger than a direct-write chunk, written front to back (direct, staged chunks, a buffered tail),
+    with one tensor out of order midway (the shard falls back to the page cache) or all reversed."""
+    gen = torch.Generator().manual_seed(1)
+    sizes = [(3000, 1031), (7,), (1500, 4099), (2048, 2048), (0, 3), (999, 1001)]  # ~55 MB, odd byte counts
+    tensors = {f"t{i}": torch.randn(shape, generator=gen) for i, shape in enumerate(sizes)}
+    tensors["t1"] = tensors["t1"].half()
+    keys = list(tensors)
+    if order == "reversed":
+        keys.reverse()
+    elif order == "one out of order":
+        keys[2], keys[3] = keys[3], keys[2]
+    layout = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    out = tmp_path / "out"
+    with StreamingCheckpointWriter(out, layout, max_shard_bytes=40 * 10**6) as writer:
+        for key in keys:
+            writer.write(key, tensors[key])
+    assert len(list(out.glob("model-*.safetensors"))) == 2
+    with ModelCheckpoint(out) as ck:
+        for key, value in tensors.items():
+            assert torch.equal(ck.read(key), value), key
+        for f in ck.files:  # exact sizes: the header's byte ranges end at the file's end
+            with open(f, "rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                ends = [v["data_offsets"][1] for k, v in json.loads(fh.read(header_len)).items() if k != "__metadata__"]
+            assert os.path.getsize(f) == 8 + header_len + max(ends)
+
+
 def test_writer_casts_to_planned_dtype(tmp_path):
     with StreamingCheckpointWriter(tmp_path / "o", [("w", torch.bfloat16, (4, 4))]) as writer:
         writer.write("w", torch.ones(4, 4))

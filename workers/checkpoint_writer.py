@@ -100,6 +100,72 @@ def check_disk_space(out: Path, needed_bytes: int) -> None:
         )
 
 
+DIRECT_ALIGN = 4096  # offsets, lengths and memory of direct writes are multiples of this
+DIRECT_CHUNK = 8 * 2**20
+
+
+class _DirectStream:
+    """One shard written front to back with O_DIRECT: bytes are staged in an aligned buffer and written in whole
+    8 MiB chunks straight to the device, skipping the page cache. A buffered write copies every byte into freshly
+    allocated cache pages and fsync then writes them out (measured: 4-8 s for 1.3 GB on a 2-core VM, against ~1 s
+    direct). The last partial chunk goes through the page cache, so the file keeps its exact size."""
+
+    def __init__(self, path: Path, fd: int, header: bytes, total: int) -> None:
+        self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)  # OSError where the file system has no direct I/O
+        self.fd, self.total = fd, total
+        self.start, self.fill = 0, 0  # file offset of the staged bytes, and how many there are
+        self.stage: torch.Tensor | None = None  # allocated on first use: one shard is written at a time
+        self._header = header
+
+    @property
+    def next(self) -> int:
+        """The file offset the next sequential write must start at."""
+        return self.start + self.fill + (len(self._header) if self.stage is None else 0)
+
+    def append(self, data: torch.Tensor) -> None:
+        """Stage `data` (flat uint8) at `next`, writing every full chunk; at the shard's end, write the tail."""
+        if self.stage is None:
+            raw = torch.empty(DIRECT_CHUNK + DIRECT_ALIGN, dtype=torch.uint8)
+            shift = -raw.data_ptr() % DIRECT_ALIGN
+            self.stage = raw[shift:shift + DIRECT_CHUNK]
+            header, self._header = self._header, b""
+            self._stage(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        self._stage(data)
+        if self.next == self.total:
+            self.finish()
+
+    def _stage(self, data: torch.Tensor) -> None:
+        pos = 0
+        while pos < data.numel():
+            n = min(DIRECT_CHUNK - self.fill, data.numel() - pos)
+            self.stage[self.fill:self.fill + n].copy_(data[pos:pos + n])
+            self.fill, pos = self.fill + n, pos + n
+            if self.fill == DIRECT_CHUNK:
+                _pwrite_all(self.direct_fd, self.stage, self.start)
+                self.start, self.fill = self.start + DIRECT_CHUNK, 0
+
+    def finish(self) -> None:
+        """Write what is staged through the page cache (the tail, or everything when falling back) and stop."""
+        if self.stage is None:
+            os.pwrite(self.fd, self._header, 0)
+        elif self.fill:
+            _pwrite_all(self.fd, self.stage[:self.fill], self.start)
+        self.stage, self._header, self.fill = None, b"", 0
+        self.close()
+
+    def close(self) -> None:
+        if self.direct_fd >= 0:
+            os.close(self.direct_fd)
+            self.direct_fd = -1
+
+
+def _pwrite_all(fd: int, data: torch.Tensor, offset: int) -> None:
+    view = memoryview(data.numpy())
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
 class StreamingCheckpointWriter:
     """Write an HF-style (sharded) safetensors checkpoint whose layout is fixed in advance."""
 
@@ -120,6 +186,7 @@ class StreamingCheckpointWriter:
         self._metadata = {"format": "pt", **(metadata or {})}
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
         self._fds: list[int] = []
+        self._streams: dict[int, _DirectStream] = {}  # shard fd -> its sequential direct writer, while it lasts
         self._written: set[str] = set()
         self._committed = False
 
@@ -162,7 +229,10 @@ class StreamingCheckpointWriter:
             self._fds.append(fd)
             total = len(header) + (max(e for _, e in offsets.values()) if offsets else 0)
             os.ftruncate(fd, total)
-            os.pwrite(fd, header, 0)
+            try:
+                self._streams[fd] = _DirectStream(self.tmp / fname, fd, header, total)
+            except OSError:  # no direct I/O here (tmpfs, some network file systems): through the page cache
+                os.pwrite(fd, header, 0)
             for name, (b, e) in offsets.items():
                 self._where[name] = (fd, len(header) + b, e - b)
 
@@ -173,12 +243,33 @@ class StreamingCheckpointWriter:
             raise ValueError(f"{name}: planned shape {shape}, got {tuple(tensor.shape)}")
         fd, offset, nbytes = self._where[name]
         if nbytes:
-            data = tensor.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
-            view = memoryview(data)
-            done = 0
-            while done < nbytes:
-                done += os.pwrite(fd, view[done:], offset + done)
+            data = tensor.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8)
+            stream = self._streams.get(fd)
+            if stream is not None and offset == stream.next:
+                self._direct(fd, stream, data)
+            else:
+                self._end_stream(fd)  # out of order: this shard goes on through the page cache
+                _pwrite_all(fd, data, offset)
         self._written.add(name)
+
+    def _direct(self, fd: int, stream: _DirectStream, data: torch.Tensor) -> None:
+        start = stream.next
+        try:
+            stream.append(data)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            log.debug("direct writes refused (%s): writing through the page cache", exc)
+            self._end_stream(fd)  # what was staged before this tensor, then the tensor itself
+            _pwrite_all(fd, data, start)
+            return
+        if stream.direct_fd < 0:
+            del self._streams[fd]
+
+    def _end_stream(self, fd: int) -> None:
+        stream = self._streams.pop(fd, None)
+        if stream is not None:
+            stream.finish()
 
     def write_side_file(self, relpath: str, data: bytes) -> None:
         target = self.tmp / relpath
@@ -215,6 +306,9 @@ class StreamingCheckpointWriter:
 
     def _close(self) -> None:
         """Close the shards and, unless published, remove the temp folder."""
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
@@ -238,6 +332,8 @@ class StreamingCheckpointWriter:
             total = sum(n for _, _, n in self._where.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             write_synced(self.tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+        for fd in list(self._streams):
+            self._end_stream(fd)
         for fd in self._fds:
             os.fsync(fd)
         for folder in sorted((p for p in self.tmp.rglob("*") if p.is_dir()), reverse=True):
