@@ -28,6 +28,7 @@ from rankmerge.service.driver import take_driver_lease
 from rankmerge.service.merge_job import open_inputs, publication
 from rankmerge.service.spec import MergeJob, parse_adaptive_params
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.peft_adapter import open_model
 from rankmerge.workers.checkpoint_writer import check_output_free
 from rankmerge.workers.device import resolve_device
 from rankmerge.workers.errors import MergeInputError
@@ -86,7 +87,7 @@ def evaluate_output(job: MergeJob, data: dict[str, Any], batch: int = 256, max_l
     """`rankmerge eval`: accuracy of a published output (static or adaptive) next to pretrained and individual models."""
     with ExitStack() as stack:
         base = stack.enter_context(ModelCheckpoint(job.base, "base", job.allow_pickle))
-        tasks = [stack.enter_context(ModelCheckpoint(path, name, job.allow_pickle)) for name, path in job.models.items()]
+        tasks = [stack.enter_context(open_model(path, name, base, job.allow_pickle)) for name, path in job.models.items()]
         merged_ck = stack.enter_context(ModelCheckpoint(job.output, "output"))
         plan = build_plan(base, {t.name: t for t in tasks})
         missing = sorted(set(job.models) - set(data))

@@ -52,14 +52,16 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheck
                 f"the task vector of {ck.name!r} has NaN/Inf values in {entry.key!r}",
                 "that fine-tuned checkpoint is corrupt or diverged: re-export it or leave it out",
             )
-    return TensorInputs(entry.key, entry.role, base_t, taus)
+    factors = tuple(ck.low_rank(src) for ck, src in zip(tasks, entry.sources))
+    return TensorInputs(entry.key, entry.role, base_t, taus, factors if any(f is not None for f in factors) else ())
 
 
 def inputs_on(inputs: TensorInputs, device: torch.device) -> TensorInputs:
     """The same inputs on `device` (themselves on the CPU: the host path is untouched)."""
     if device.type == "cpu":
         return inputs
-    return TensorInputs(inputs.key, inputs.role, to_device(inputs.base, device), to_device(inputs.taus, device))
+    factors = tuple(f and (to_device(f[0], device), to_device(f[1], device)) for f in inputs.factors)
+    return TensorInputs(inputs.key, inputs.role, to_device(inputs.base, device), to_device(inputs.taus, device), factors)
 
 
 def _progress(total: int, desc: str) -> tqdm:

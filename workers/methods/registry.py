@@ -25,6 +25,9 @@ from rankmerge.workers.methods.svd import SvdOptions
 from rankmerge.workers.roles import Role
 
 
+LowRank = sp.LowRank
+
+
 @dataclass
 class TensorInputs:
     """One merged tensor's inputs: key, role, fp32 base and stacked fp32 task vectors τ_t = θ_t − θ0 ([T, ...]).
@@ -36,6 +39,7 @@ class TensorInputs:
     role: Role
     base: Tensor
     taus: Tensor
+    factors: LowRank = ()  # per task, τ_t as (left, right) factors where it is a LoRA update, else None; () for none
 
 
 @dataclass(frozen=True)
@@ -766,9 +770,9 @@ class SpectralMethod(TaskVectorMethod):
     label: ClassVar[str]  # short name in tables ("CART+AdaRank")
     adaptive_defaults: ClassVar[dict[str, Any]] = {}  # where AdaRank starts when the spec leaves a parameter unset
 
-    def factorize(self, taus: Tensor, cap: int | None) -> sp.SpectralFactorization:
+    def factorize(self, taus: Tensor, cap: int | None, low_rank: LowRank = ()) -> sp.SpectralFactorization:
         """Components of one tensor's (shifted) task vectors, owners and the static initial mask; at most `cap` per
-        owner (None: all the method has)."""
+        owner (None: all the method has). `low_rank`: the unshifted τ_t's LoRA factors (per-task SVDs use them)."""
         raise NotImplementedError
 
     def static_cap(self, rank: int) -> int | None:
@@ -794,7 +798,7 @@ class SpectralMethod(TaskVectorMethod):
             return self.elementwise(inputs.taus), {}
         shift = self.origin_shift(inputs.taus)
         taus = inputs.taus if shift is None else inputs.taus.sub_(shift)  # the inputs are ours to consume
-        fac = self.factorize(taus, self.static_cap(min(taus.shape[1:])))
+        fac = self.factorize(taus, self.static_cap(min(taus.shape[1:])), inputs.factors if shift is None else ())
         delta = fac.materialize(scale=self.scale())
         return (delta if shift is None else shift.add_(delta)), self.merge_info(fac)
 
@@ -810,8 +814,9 @@ class _PerTaskSpectral(SpectralMethod):
     def keep(self, rank: int) -> int:
         return capped(sp.cart_keep(rank, self.params.rho), self.params.max_rank)
 
-    def factorize(self, taus, cap):
-        return sp.per_task_factorization(taus, keep=self.keep(min(taus.shape[1:])), cap=cap, svd=self.params.svd_options())
+    def factorize(self, taus, cap, low_rank=()):
+        return sp.per_task_factorization(taus, keep=self.keep(min(taus.shape[1:])), cap=cap, svd=self.params.svd_options(),
+                                         low_rank=low_rank)
 
     def static_cap(self, rank):
         return self.keep(rank)
@@ -894,9 +899,9 @@ class TsvM(_SpectralOnMean):
     class Params(_AlphaSvdParams):
         max_rank: int | None = MaxRank
 
-    def factorize(self, taus, cap):
+    def factorize(self, taus, cap, low_rank=()):
         """Whitened over all its components first, then truncated: the kept directions are exactly the static ones."""
-        return sp.tsv_factorization(taus, self.params.svd_options(), self.params.max_rank).truncated(cap)
+        return sp.tsv_factorization(taus, self.params.svd_options(), self.params.max_rank, low_rank).truncated(cap)
 
 
 @register
@@ -906,7 +911,8 @@ class IsoC(_SpectralOnMean):
     summary = "Iso-C: spectrum of Σ τ_t flattened to its mean, × α"
     Params = _AlphaParams
 
-    def factorize(self, taus, cap):
+    def factorize(self, taus, cap, low_rank=()):
+        """Dense: σ̄ also lands on the null space of a low-rank Σ τ_t, so factors would not give the same merge."""
         return sp.iso_c_factorization(taus).truncated(cap)
 
 
@@ -919,5 +925,5 @@ class IsoCts(_SpectralOnMean):
     class Params(_AlphaSvdParams):
         common_fraction: float = Field(0.8, ge=0.0, le=1.0, description="share of the rank given to the common subspace")
 
-    def factorize(self, taus, cap):
+    def factorize(self, taus, cap, low_rank=()):
         return sp.iso_cts_factorization(taus, self.params.common_fraction, self.params.svd_options()).truncated(cap)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.peft_adapter import open_model
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.plan import MergePlan, build_plan
 
@@ -25,7 +26,7 @@ class Sources:
 def open_sources(sources: Sources, stack: ExitStack) -> tuple[ModelCheckpoint, list[ModelCheckpoint], MergePlan]:
     """Open base and task checkpoints (closed with the stack) and build the merge plan from their headers."""
     base = stack.enter_context(ModelCheckpoint(sources.base, "base", sources.allow_pickle))
-    tasks = [stack.enter_context(ModelCheckpoint(path, name, sources.allow_pickle)) for name, path in sources.models.items()]
+    tasks = [stack.enter_context(open_model(path, name, base, sources.allow_pickle)) for name, path in sources.models.items()]
     out_dtype = getattr(torch, sources.out_dtype) if sources.out_dtype else None
     plan = build_plan(base, {t.name: t for t in tasks}, out_dtype)
     if not plan.merged:

@@ -92,7 +92,7 @@ def build_slot(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckp
             merged = TaskVectorSum.apply(origin, torch.full((len(tasks),), weight, device=device), taus)  # one task at a time, in fp32
             return ElementwiseSlot(entry.key, merged, taus.new_empty((0, *taus.shape[1:]))), weight
         return ElementwiseSlot(entry.key, origin, taus.to(options.factor_dtype)), weight
-    fac = method.factorize(taus, options.cap(min(entry.shape)))
+    fac = method.factorize(taus, options.cap(min(entry.shape)), inputs.factors if shift is None else ())
     owner = torch.where(fac.task_of_component < 0, len(tasks), fac.task_of_component)
     slot = SpectralSlot(entry.key, origin, fac.U.to(options.factor_dtype).contiguous(), fac.s.float(),
                         fac.Vh.to(options.factor_dtype).contiguous(), owner, fac.initial_mask)

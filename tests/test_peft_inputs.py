@@ -1,0 +1,209 @@
+"""PEFT LoRA adapters as fine-tuned inputs: real adapters built with `peft` on tiny HF models merge exactly as their
+`merge_and_unload()` full models do (static methods and AdaRank), mixed with full inputs; bad adapters stop in one
+line."""
+
+import json
+from contextlib import ExitStack
+
+import pytest
+import torch
+from peft import LoHaConfig, LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from rankmerge.service.cli import main
+from rankmerge.service.spec import job_from_dict
+from rankmerge.service.merge_job import open_inputs
+from rankmerge.service.tta_job import build_merger
+from rankmerge.workers.methods.svd import lowrank_svd, thin_svd
+
+TASKS = ("t0", "t1")
+
+
+def randomize_lora_(model, seed: int) -> None:
+    """LoRA starts with B = 0 (no change): give every factor seeded values, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            elif "modules_to_save" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def build_family(root, make_model, lora_config, *, base_dtype=torch.float32):
+    """(base dir, {task: adapter dir}, {task: merge_and_unload dir}) from one seeded base."""
+    torch.manual_seed(0)
+    make_model().to(base_dtype).save_pretrained(root / "base")
+    adapters, full = {}, {}
+    for t, name in enumerate(TASKS):
+        model = get_peft_model(make_model().to(base_dtype), lora_config())
+        randomize_lora_(model, seed=t + 1)
+        adapters[name] = root / f"adapter_{name}"
+        model.save_pretrained(adapters[name])
+        full[name] = root / f"full_{name}"
+        model.merge_and_unload().save_pretrained(full[name])
+    return root / "base", adapters, full
+
+
+def base_model_of(make_model):
+    def make():
+        torch.manual_seed(0)  # every task starts from the same base weights
+        return make_model()
+    return make
+
+
+def tiny_gpt2():
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0,
+                     pad_token_id=0, num_labels=3)
+    return GPT2ForSequenceClassification(cfg)
+
+
+def tiny_llama():
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=64, max_position_embeddings=32))
+
+
+def gpt2_lora():
+    # Every rank is at least TSV-M's ⌊32/2⌋ kept components: below it the extra components have σ = 0 and directions that
+    # are any orthonormal completion (LAPACK's choice for the dense delta), which TSV-M's polar step then mixes in.
+    # Conv1D (fan_in_fan_out), rsLoRA, a rank and an alpha pattern, and the classifier as modules_to_save
+    return LoraConfig(r=16, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], task_type="SEQ_CLS", use_rslora=True,
+                      rank_pattern={"h.1.mlp.c_fc": 20}, alpha_pattern={"h.0.attn.c_proj": 3})
+
+
+def llama_lora():
+    return LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM")
+
+
+@pytest.fixture(scope="module")
+def gpt2_family(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("gpt2"), base_model_of(tiny_gpt2), gpt2_lora)
+
+
+@pytest.fixture(scope="module")
+def llama_family(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("llama"), base_model_of(tiny_llama), llama_lora)
+
+
+def merge(base, tasks, method, out, *params):
+    args = ["merge", "--base", str(base), "--method", method, "--out", str(out)]
+    for name, path in tasks.items():
+        args += ["--model", f"{name}={path}"]
+    for p in params:
+        args += ["--set", p]
+    assert main(args) == 0
+    return load_file(str(out / "model.safetensors"))
+
+
+def assert_same_state(got, expected):
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", ["lambda=0.5"]),
+    ("ties", ["k=0.3", "lambda=0.7"]),
+    ("tsv_m", []),
+    ("ta_svd", ["rho=0.25", "lambda=0.5"]),
+])
+@pytest.mark.parametrize("family", ["gpt2_family", "llama_family"])
+def test_adapters_merge_as_their_merged_models(request, tmp_path, family, method, params):
+    base, adapters, full = request.getfixturevalue(family)
+    expected = merge(base, full, method, tmp_path / "full", *params)
+    assert_same_state(merge(base, adapters, method, tmp_path / "adapters", *params), expected)
+    mixed = {"t0": full["t0"], "t1": adapters["t1"]}
+    assert_same_state(merge(base, mixed, method, tmp_path / "mixed", *params), expected)
+    if family == "gpt2_family":  # the classifier came from modules_to_save: each task's own head file
+        for t in TASKS:
+            heads = load_file(str(tmp_path / "adapters" / "heads" / f"{t}.safetensors"))
+            torch.testing.assert_close(heads["score.weight"], load_file(str(full[t] / "model.safetensors"))["score.weight"])
+
+
+def test_lowrank_svd_is_the_svd_of_the_product():
+    gen = torch.Generator().manual_seed(0)
+    left, right = torch.randn(40, 6, generator=gen), torch.randn(6, 24, generator=gen)
+    u, s, vh = lowrank_svd(left, right, 10)
+    torch.testing.assert_close(s[:6], thin_svd(left @ right)[1][:6], atol=1e-4, rtol=1e-5)
+    assert s[6:].abs().max() == 0
+    torch.testing.assert_close((u * s) @ vh, left @ right, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(u.T @ u, torch.eye(10), atol=1e-5, rtol=0)
+    torch.testing.assert_close(vh @ vh.T, torch.eye(10), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("base_method", ["tsv_m", "ta_svd"])
+def test_adarank_from_adapters_starts_where_it_does_from_merged_models(llama_family, tmp_path, base_method):
+    base, adapters, full = llama_family
+    data = {}
+    for i, name in enumerate(TASKS):
+        data[name] = str(tmp_path / f"{name}.safetensors")
+        gen = torch.Generator().manual_seed(i)
+        save_file({"input_ids": torch.randint(1, 64, (8, 6), generator=gen), "attention_mask": torch.ones(8, 6, dtype=torch.long)}, data[name])
+
+    def final_weights(models, out):
+        spec = {"base": str(base), "models": {k: str(v) for k, v in models.items()}, "method": "adarank",
+                "params": {"base": base_method}, "output": str(tmp_path / out),
+                "tta": {"data": data, "steps": 1, "batch_size": 4, "objective": "entropy"}}
+        with ExitStack() as stack:
+            job = job_from_dict(spec, tmp_path)
+            b, tasks, plan = open_inputs(job, stack)
+            return build_merger(job, plan, b, tasks).final_weights()
+
+    expected = final_weights(full, "full")
+    got = final_weights(adapters, "adapters")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def broken_adapter(gpt2_family, tmp_path, edit):
+    """A copy of a real adapter with one defect."""
+    _, adapters, _ = gpt2_family
+    out = tmp_path / "broken"
+    out.mkdir()
+    config = json.loads((adapters["t0"] / "adapter_config.json").read_text())
+    weights = load_file(str(adapters["t0"] / "adapter_model.safetensors"))
+    config, weights = edit(config, weights)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    if weights is not None:
+        save_file(weights, str(out / "adapter_model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("edit,phrase", [
+    (lambda c, w: ({**c, "use_dora": True}, w), "use_dora"),
+    (lambda c, w: ({**c, "peft_type": "IA3"}, w), "IA3 adapters are not supported"),
+    (lambda c, w: (c, {k: v for k, v in w.items() if "h.0.attn.c_attn.lora_B" not in k}), "has only lora_A"),
+    (lambda c, w: (c, {**w, "base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector": torch.ones(96)}), "not a LoRA A/B factor"),
+    (lambda c, w: ({**c, "r": 8, "rank_pattern": {}}, w), "has rank 16 but adapter_config.json says 8"),
+    (lambda c, w: (c, {k: (v[:, :3].contiguous() if k.endswith("h.0.attn.c_attn.lora_A.weight") else v) for k, v in w.items()}), "do not make its base shape"),
+    (lambda c, w: (c, {k.replace(".h.0.", ".h.9."): v for k, v in w.items()}), "which the base does not have"),
+])
+def test_bad_adapters_stop_in_one_line(gpt2_family, tmp_path, capsys, edit, phrase):
+    base, _, full = gpt2_family
+    bad = broken_adapter(gpt2_family, tmp_path, edit)
+    capsys.readouterr()
+    code = main(["merge", "--base", str(base), "--model", f"bad={bad}", "--model", f"t1={full['t1']}", "--method", "task_arithmetic",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and phrase in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pickled_adapter_needs_allow_pickle_and_loha_is_refused(gpt2_family, tmp_path, capsys):
+    base, adapters, full = gpt2_family
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((adapters["t0"] / "adapter_config.json").read_text())
+    torch.save(load_file(str(adapters["t0"] / "adapter_model.safetensors")), pickled / "adapter_model.bin")
+    capsys.readouterr()
+    args = ["merge", "--base", str(base), "--model", f"p={pickled}", "--model", f"t1={full['t1']}", "--method", "task_arithmetic",
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "pickle" in capsys.readouterr().err
+    assert main(args + ["--allow-pickle"]) == 0
+    loha = get_peft_model(tiny_llama(), LoHaConfig(r=2, target_modules=["q_proj"]))
+    loha.save_pretrained(tmp_path / "loha")
+    capsys.readouterr()
+    assert main(["merge", "--base", str(base), "--model", f"l={tmp_path / 'loha'}", "--method", "task_arithmetic", "--out", str(tmp_path / "out2")]) == 2
+    assert "LOHA adapters are not supported" in capsys.readouterr().err
