@@ -85,6 +85,10 @@ class MergeMethod:
     def merge(self, inputs: TensorInputs) -> tuple[Tensor, dict[str, Any]]:
         raise NotImplementedError
 
+    def factorized(self, role: Role, shape: tuple[int, ...]) -> bool:
+        """Whether this tensor is merged from an SVD (memory forecast; AdaRank masks): spectral-role tensors."""
+        return self.factorizes and role is Role.SPECTRAL
+
 
 METHODS: dict[str, type[MergeMethod]] = {}
 
@@ -173,9 +177,6 @@ class TaskVectorMethod(MergeMethod):
         """w of each task vector on tensors that are not factorized (the initial λ AdaMerging/AdaRank learn from)."""
         raise NotImplementedError
 
-    def factorized_role(self, role: Role) -> bool:
-        """Whether tensors of this role are merged from a factorization (and get AdaRank masks)."""
-        return False
 
 
 # ---- simple elementwise methods -----------------------------------------------------------------------------------
@@ -738,6 +739,14 @@ class SvdParams(Params):
 
 
 SVD_FIELDS = tuple(SvdParams.model_fields)
+SpectralKeys = Literal["blocks", "all_2d"]
+
+
+class SpectralKeysParams(Params):
+    """Which tensors a spectral method factorizes (every other merged tensor gets its elementwise rule)."""
+
+    spectral_keys: SpectralKeys = Field("blocks", description="blocks: 2-D weights inside repeated blocks; all_2d: every "
+                                        "merged 2-D tensor (embeddings, position embeddings, lm_head too), as FusionBench does")
 MaxRank = Field(None, ge=1, description="at most this many components per task vector (memory and time cap)")
 
 
@@ -790,11 +799,13 @@ class SpectralMethod(TaskVectorMethod):
     def merge_info(self, fac: sp.SpectralFactorization) -> dict[str, Any]:
         return {"components": int(fac.initial_mask.sum())}
 
-    def factorized_role(self, role):
-        return role is Role.SPECTRAL
+    def factorized(self, role, shape):
+        """Spectral-role tensors; with `spectral_keys: all_2d` every other merged 2-D tensor as well."""
+        all_2d = getattr(self.params, "spectral_keys", "blocks") == "all_2d"
+        return role is Role.SPECTRAL or (all_2d and role is Role.ELEMENTWISE and len(shape) == 2)
 
     def merge(self, inputs):
-        if not self.factorized_role(inputs.role):
+        if not self.factorized(inputs.role, tuple(inputs.taus.shape[1:])):
             return self.elementwise(inputs.taus), {}
         shift = self.origin_shift(inputs.taus)
         taus = inputs.taus if shift is None else inputs.taus.sub_(shift)  # the inputs are ours to consume
@@ -838,7 +849,7 @@ class TaSvd(_PerTaskSpectral):
     summary = "TA-SVD: θ0 + λ Σ_t rank-max(1, ⌊ρ r⌋) SVD of τ_t (spectral tensors; full τ_t elsewhere)"
     adaptive_defaults = {"rho": 1.0}  # AdaRank-TA starts from task arithmetic: every component on
 
-    class Params(SvdParams):
+    class Params(SvdParams, SpectralKeysParams):
         lambda_: float = Lambda
         rho: float = Field(0.1, ge=0.0, le=1.0, description="fraction of each task vector's rank kept")
         max_rank: int | None = MaxRank
@@ -856,7 +867,7 @@ class Cart(_PerTaskSpectral):
     summary = "CART: θ̄ + λ Σ low-rank(θ_t − θ̄), rank max(1, ⌊ρ r⌋)"
     adaptive_defaults = {"lambda": 2.3, "rho": 0.16}  # the AdaRank paper's CART start
 
-    class Params(SvdParams):
+    class Params(SvdParams, SpectralKeysParams):
         lambda_: float = Field(2.0, alias="lambda", ge=-10.0, le=10.0)
         rho: float = Field(0.12, ge=0.0, le=1.0, description="fraction of each centered task vector's rank kept")
         max_rank: int | None = MaxRank
@@ -882,7 +893,7 @@ class _SpectralOnMean(SpectralMethod):
         return ew.weight_average(taus).mul_(self.params.alpha)
 
 
-class _AlphaParams(Params):
+class _AlphaParams(SpectralKeysParams):
     alpha: float = Field(1.0, ge=-10.0, le=10.0, description="scale of the merged delta")
 
 

@@ -76,7 +76,7 @@ def build_state(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpo
 def build_slot(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], method: TaskVectorMethod,
                options: StateOptions, device: torch.device = torch.device("cpu")) -> tuple[Slot, float]:
     """One tensor's slot (on `device`) and its initial λ."""
-    factorized = method.factorized_role(entry.role)
+    factorized = method.factorized(entry.role, entry.shape)
     # elementwise stacks are read straight into the factor dtype (a shifted origin is computed in fp32 first)
     dtype = torch.float32 if factorized or method.centered else options.factor_dtype
     inputs = inputs_on(load_inputs(entry, base, tasks, dtype, pin=device.type == "cuda"), device)
