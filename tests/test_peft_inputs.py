@@ -6,6 +6,7 @@ import json
 from contextlib import ExitStack
 
 import pytest
+import yaml
 import torch
 from peft import LoHaConfig, LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -207,3 +208,31 @@ def test_a_pickled_adapter_needs_allow_pickle_and_loha_is_refused(gpt2_family, t
     capsys.readouterr()
     assert main(["merge", "--base", str(base), "--model", f"l={tmp_path / 'loha'}", "--method", "task_arithmetic", "--out", str(tmp_path / "out2")]) == 2
     assert "LOHA adapters are not supported" in capsys.readouterr().err
+
+
+def test_mergekit_config_and_dry_run_take_adapters(gpt2_family, tmp_path, capsys):
+    """A mergekit YAML may list adapter folders; --dry-run plans and forecasts them (header reads plus one real tensor
+    per shape) and writes nothing."""
+    base, adapters, full = gpt2_family
+    config = tmp_path / "mergekit.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(base),
+                                      "models": [{"model": str(adapters["t0"]), "parameters": {"weight": 0.5}},
+                                                 {"model": str(full["t1"]), "parameters": {"weight": 0.5}}]}))
+    assert main(["merge", str(config), "--out", str(tmp_path / "out")]) == 0
+    expected = {"t0": full["t0"], "t1": full["t1"]}
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert_same_state(got, merge(base, expected, "task_arithmetic", tmp_path / "ref", "lambda=0.5"))
+    capsys.readouterr()
+    assert main(["merge", "--base", str(base), "--model", f"t0={adapters['t0']}", "--model", f"t1={adapters['t1']}",
+                 "--method", "tsv_m", "--out", str(tmp_path / "dry"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak memory" in out and "h.0.attn.c_attn.weight" in out
+    assert not (tmp_path / "dry").exists()
+
+
+def test_an_adapter_for_another_base_name_warns(gpt2_family, tmp_path, caplog):
+    base, adapters, full = gpt2_family
+    renamed = broken_adapter(gpt2_family, tmp_path, lambda c, w: ({**c, "base_model_name_or_path": "org/other-model"}, w))
+    with caplog.at_level("WARNING"):
+        merge(base, {"r": renamed, "t1": full["t1"]}, "task_arithmetic", tmp_path / "out")
+    assert any("trained on 'org/other-model'" in r.getMessage() for r in caplog.records)
