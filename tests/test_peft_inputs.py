@@ -179,6 +179,7 @@ def broken_adapter(gpt2_family, tmp_path, edit):
     (lambda c, w: ({**c, "r": 8, "rank_pattern": {}}, w), "has rank 16 but adapter_config.json says 8"),
     (lambda c, w: (c, {k: (v[:, :3].contiguous() if k.endswith("h.0.attn.c_attn.lora_A.weight") else v) for k, v in w.items()}), "do not make its base shape"),
     (lambda c, w: (c, {k.replace(".h.0.", ".h.9."): v for k, v in w.items()}), "which the base does not have"),
+    (lambda c, w: (c, None), "has no adapter_model.safetensors"),
 ])
 def test_bad_adapters_stop_in_one_line(gpt2_family, tmp_path, capsys, edit, phrase):
     base, _, full = gpt2_family

@@ -64,7 +64,7 @@ def test_all_2d_leaves_non_2d_tensors_and_heads_alone(families, tmp_path):
             load_file(str(tmp_path / "blocks" / "heads" / f"{t}.safetensors")).keys()
 
 
-@pytest.mark.parametrize("method", list(spectral_methods()))
+@pytest.mark.parametrize("method", [*spectral_methods(), "star"])
 def test_every_spectral_method_takes_spectral_keys(method):
     m = make_method(method, {"spectral_keys": "all_2d"}, MergeContext(("a", "b"), 10))
     assert m.factorized(Role.ELEMENTWISE, (8, 4)) and m.factorized(Role.SPECTRAL, (8, 4))

@@ -29,6 +29,7 @@ from rankmerge.workers.roles import rules_for
 
 log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
 LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
 UNSUPPORTED_OPTIONS = ("use_dora", "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices")
@@ -92,6 +93,8 @@ class AdapterCheckpoint:
         self.path, self.name, self.base = Path(path), name, base
         self.adapter_config = read_adapter_config(self.path, name)
         self._check_base_name()
+        if not any((self.path / f).is_file() for f in ADAPTER_WEIGHTS):
+            raise MergeInputError(f"{name}: adapter folder {self.path} has no {ADAPTER_WEIGHTS[0]}", "copy the whole adapter folder")
         self.weights = ModelCheckpoint(self.path, name, allow_pickle)  # adapter_model.safetensors (or .bin if allowed)
         self.files = self.weights.files + [self.path / ADAPTER_CONFIG]
         self.config = base.config

@@ -86,8 +86,10 @@ class MergeMethod:
         raise NotImplementedError
 
     def factorized(self, role: Role, shape: tuple[int, ...]) -> bool:
-        """Whether this tensor is merged from an SVD (memory forecast; AdaRank masks): spectral-role tensors."""
-        return self.factorizes and role is Role.SPECTRAL
+        """Whether this tensor is merged from an SVD (memory forecast; AdaRank masks): spectral-role tensors, and with
+        `spectral_keys: all_2d` every other merged 2-D tensor as well."""
+        all_2d = getattr(self.params, "spectral_keys", "blocks") == "all_2d"
+        return self.factorizes and (role is Role.SPECTRAL or (all_2d and role is Role.ELEMENTWISE and len(shape) == 2))
 
 
 METHODS: dict[str, type[MergeMethod]] = {}
@@ -756,11 +758,11 @@ class Star(MergeMethod):
     factorizes = True
     summary = "STAR: per-task spectral truncation to η% of the nuclear norm, rescaled; averaged"
 
-    class Params(Params):
+    class Params(SpectralKeysParams):
         eta: float = Field(40.0, gt=0.0, le=100.0, description="percent of singular-value mass kept")
 
     def merge(self, inputs):
-        if inputs.role is not Role.SPECTRAL:
+        if not self.factorized(inputs.role, tuple(inputs.taus.shape[1:])):
             return ew.weight_average(inputs.taus), {}
         truncated = [sp.star_truncate(t, self.params.eta) for t in inputs.taus]
         delta = torch.stack([d for d, _ in truncated]).mean(0)
@@ -798,11 +800,6 @@ class SpectralMethod(TaskVectorMethod):
 
     def merge_info(self, fac: sp.SpectralFactorization) -> dict[str, Any]:
         return {"components": int(fac.initial_mask.sum())}
-
-    def factorized(self, role, shape):
-        """Spectral-role tensors; with `spectral_keys: all_2d` every other merged 2-D tensor as well."""
-        all_2d = getattr(self.params, "spectral_keys", "blocks") == "all_2d"
-        return role is Role.SPECTRAL or (all_2d and role is Role.ELEMENTWISE and len(shape) == 2)
 
     def merge(self, inputs):
         if not self.factorized(inputs.role, tuple(inputs.taus.shape[1:])):
