@@ -16,7 +16,12 @@ from rankmerge.service.cli import main
 from rankmerge.service.spec import job_from_dict
 from rankmerge.service.merge_job import open_inputs
 from rankmerge.service.tta_job import build_merger
+from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.methods.registry import MergeContext, make_method
 from rankmerge.workers.methods.svd import lowrank_svd, thin_svd
+from rankmerge.workers.peft_adapter import open_model
+from rankmerge.workers.plan import build_plan
+from rankmerge.workers.static_merge import is_unformed, load_inputs
 
 TASKS = ("t0", "t1")
 
@@ -237,3 +242,19 @@ def test_an_adapter_for_another_base_name_warns(gpt2_family, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         merge(base, {"r": renamed, "t1": full["t1"]}, "task_arithmetic", tmp_path / "out")
     assert any("trained on 'org/other-model'" in r.getMessage() for r in caplog.records)
+
+
+def test_per_task_svd_methods_never_form_an_adapters_dense_task_vector(llama_family):
+    """TA-SVD / TSV-M on adapter-only spectral tensors read the factors alone; a mixed tensor or CART reads densely."""
+    base_dir, adapters, full = llama_family
+    with ExitStack() as stack:
+        base = stack.enter_context(ModelCheckpoint(base_dir, "base"))
+        for models, formed in ((adapters, False), ({"t0": full["t0"], "t1": adapters["t1"]}, True)):
+            tasks = [stack.enter_context(open_model(p, n, base)) for n, p in models.items()]
+            plan = build_plan(base, {t.name: t for t in tasks})
+            entry = next(e for e in plan.merged if e.key.endswith("layers.0.self_attn.q_proj.weight"))
+            for method, from_factors in (("tsv_m", True), ("ta_svd", True), ("cart", False)):
+                m = make_method(method, {}, MergeContext(TASKS, plan.merged_numel))
+                assert m.from_factors(entry.role, entry.shape) is from_factors
+                inputs = load_inputs(entry, base, tasks, factors_only=m.from_factors(entry.role, entry.shape))
+                assert is_unformed(inputs.taus) is (from_factors and not formed)

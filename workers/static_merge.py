@@ -35,25 +35,43 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
-                dtype: torch.dtype = torch.float32, pin: bool = False) -> TensorInputs:
+                dtype: torch.dtype = torch.float32, pin: bool = False, factors_only: bool = False) -> TensorInputs:
     """Read one tensor from every model and form task vectors (computed in fp32, stored in `dtype`), each written
     straight into its slot: a 16-bit stack never exists in fp32 as a whole. `pin`: stage them in page-locked memory,
-    so their copy to a GPU runs asynchronously (the host math is the same)."""
+    so their copy to a GPU runs asynchronously (the host math is the same). `factors_only` (the method merges this
+    tensor from LoRA factors alone): when every task has factors, no dense task vector is formed (see `unformed`)."""
     base_t = base.read(entry.key).float()
     if pin:
         base_t = base_t.pin_memory()
     if not all_finite(base_t):
         raise MergeInputError(f"the base has NaN/Inf values in {entry.key!r}", "use a healthy base checkpoint")
+    factors = tuple(ck.low_rank(src) for ck, src in zip(tasks, entry.sources))
+    if factors_only and all(f is not None for f in factors):
+        for ck, (left, right) in zip(tasks, factors):
+            _check_finite(ck, entry, all_finite(left) and all_finite(right))
+        return TensorInputs(entry.key, entry.role, base_t, unformed(len(tasks), entry.shape, dtype, base_t.device), factors)
     taus = torch.empty((len(tasks),) + entry.shape, dtype=dtype, pin_memory=pin)
     for t, (ck, src) in enumerate(zip(tasks, entry.sources)):
         torch.sub(ck.read(src), base_t, out=taus[t])
-        if not all_finite(taus[t]):
-            raise MergeInputError(
-                f"the task vector of {ck.name!r} has NaN/Inf values in {entry.key!r}",
-                "that fine-tuned checkpoint is corrupt or diverged: re-export it or leave it out",
-            )
-    factors = tuple(ck.low_rank(src) for ck, src in zip(tasks, entry.sources))
+        _check_finite(ck, entry, all_finite(taus[t]))
     return TensorInputs(entry.key, entry.role, base_t, taus, factors if any(f is not None for f in factors) else ())
+
+
+def _check_finite(ck: ModelCheckpoint, entry: TensorPlan, finite: bool) -> None:
+    if not finite:
+        raise MergeInputError(
+            f"the task vector of {ck.name!r} has NaN/Inf values in {entry.key!r}",
+            "that fine-tuned checkpoint is corrupt or diverged: re-export it or leave it out",
+        )
+
+
+def unformed(num_tasks: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [T, ...] stand-in for task vectors that are never formed: the right shape, one stored zero (stride 0)."""
+    return torch.zeros((), dtype=dtype, device=device).expand((num_tasks,) + tuple(shape))
+
+
+def is_unformed(taus: torch.Tensor) -> bool:
+    return taus.dim() > 0 and taus.numel() > 1 and all(stride == 0 for stride in taus.stride())
 
 
 def inputs_on(inputs: TensorInputs, device: torch.device) -> TensorInputs:
@@ -61,7 +79,9 @@ def inputs_on(inputs: TensorInputs, device: torch.device) -> TensorInputs:
     if device.type == "cpu":
         return inputs
     factors = tuple(f and (to_device(f[0], device), to_device(f[1], device)) for f in inputs.factors)
-    return TensorInputs(inputs.key, inputs.role, to_device(inputs.base, device), to_device(inputs.taus, device), factors)
+    taus = inputs.taus
+    taus = unformed(len(taus), taus.shape[1:], taus.dtype, device) if is_unformed(taus) else to_device(taus, device)
+    return TensorInputs(inputs.key, inputs.role, to_device(inputs.base, device), taus, factors)
 
 
 def _progress(total: int, desc: str) -> tqdm:
@@ -121,7 +141,7 @@ def merge_into(
 
     def load(entry: TensorPlan):
         if entry.role in (Role.SPECTRAL, Role.ELEMENTWISE):
-            return load_inputs(entry, base, tasks, pin=pin)
+            return load_inputs(entry, base, tasks, pin=pin, factors_only=method.from_factors(entry.role, entry.shape))
         return base.read(entry.key)
 
     def write(entry: TensorPlan, value: torch.Tensor) -> None:

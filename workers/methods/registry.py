@@ -70,6 +70,7 @@ class MergeMethod:
     summary: ClassVar[str]
     task_copies: ClassVar[float] = 0.0  # extra [T, ...] fp32 temporaries per tensor (for the memory prediction)
     factorizes: ClassVar[bool] = False  # builds per-task SVD factors of spectral tensors
+    svd_from_factors: ClassVar[bool] = False  # its factorization needs only each τ_t's SVD (LoRA factors suffice)
 
     def __init__(self, params: Params, ctx: MergeContext) -> None:
         self.params = params
@@ -90,6 +91,10 @@ class MergeMethod:
         `spectral_keys: all_2d` every other merged 2-D tensor as well."""
         all_2d = getattr(self.params, "spectral_keys", "blocks") == "all_2d"
         return self.factorizes and (role is Role.SPECTRAL or (all_2d and role is Role.ELEMENTWISE and len(shape) == 2))
+
+    def from_factors(self, role: Role, shape: tuple[int, ...]) -> bool:
+        """Whether this tensor is merged from per-task SVDs alone: LoRA inputs then never form a dense task vector."""
+        return self.svd_from_factors and not getattr(self, "centered", False) and self.factorized(role, shape)
 
 
 METHODS: dict[str, type[MergeMethod]] = {}
@@ -842,6 +847,7 @@ class _PerTaskSpectral(SpectralMethod):
 @register
 class TaSvd(_PerTaskSpectral):
     name = "ta_svd"
+    svd_from_factors = True
     label = "TA"  # AdaRank starts it at ρ = 1: task arithmetic, the AdaRank paper's TA+AdaRank
     summary = "TA-SVD: θ0 + λ Σ_t rank-max(1, ⌊ρ r⌋) SVD of τ_t (spectral tensors; full τ_t elsewhere)"
     adaptive_defaults = {"rho": 1.0}  # AdaRank-TA starts from task arithmetic: every component on
@@ -901,6 +907,7 @@ class _AlphaSvdParams(_AlphaParams, SvdParams):
 @register
 class TsvM(_SpectralOnMean):
     name = "tsv_m"
+    svd_from_factors = True
     label = "TSV-M"
     summary = "TSV-M: top ⌊r/T⌋ singular vectors per task, whitened (polar), × α"
 

@@ -79,7 +79,8 @@ def build_slot(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckp
     factorized = method.factorized(entry.role, entry.shape)
     # elementwise stacks are read straight into the factor dtype (a shifted origin is computed in fp32 first)
     dtype = torch.float32 if factorized or method.centered else options.factor_dtype
-    inputs = inputs_on(load_inputs(entry, base, tasks, dtype, pin=device.type == "cuda"), device)
+    inputs = inputs_on(load_inputs(entry, base, tasks, dtype, pin=device.type == "cuda",
+                                   factors_only=method.from_factors(entry.role, entry.shape)), device)
     origin, taus = inputs.base, inputs.taus
     shift = method.origin_shift(taus)
     if shift is None:  # the origin is the base itself: exact in the checkpoint's own (maybe 16-bit) dtype
