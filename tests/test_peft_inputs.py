@@ -17,6 +17,7 @@ from rankmerge.service.spec import job_from_dict
 from rankmerge.service.merge_job import open_inputs
 from rankmerge.service.tta_job import build_merger
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.methods import spectral as sp
 from rankmerge.workers.methods.registry import MergeContext, make_method
 from rankmerge.workers.methods.svd import lowrank_svd, thin_svd
 from rankmerge.workers.peft_adapter import open_model
@@ -71,8 +72,8 @@ def tiny_llama():
 
 
 def gpt2_lora():
-    # Every rank is at least TSV-M's ⌊32/2⌋ kept components: below it the extra components have σ = 0 and directions that
-    # are any orthonormal completion (LAPACK's choice for the dense delta), which TSV-M's polar step then mixes in.
+    # Every rank is at least TSV-M's ⌊32/2⌋ kept components: below it the dense SVD of the merged model has σ ≈ rounding
+    # with noise directions, which TSV-M's polar step mixes in; from the adapter they are zero (test_tsv_m_below_...).
     # Conv1D (fan_in_fan_out), rsLoRA, a rank and an alpha pattern, and the classifier as modules_to_save
     return LoraConfig(r=16, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], task_type="SEQ_CLS", use_rslora=True,
                       rank_pattern={"h.1.mlp.c_fc": 20}, alpha_pattern={"h.0.attn.c_proj": 3})
@@ -134,8 +135,9 @@ def test_lowrank_svd_is_the_svd_of_the_product():
     torch.testing.assert_close(s[:6], thin_svd(left @ right)[1][:6], atol=1e-4, rtol=1e-5)
     assert s[6:].abs().max() == 0
     torch.testing.assert_close((u * s) @ vh, left @ right, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(u.T @ u, torch.eye(10), atol=1e-5, rtol=0)
-    torch.testing.assert_close(vh @ vh.T, torch.eye(10), atol=1e-5, rtol=0)
+    torch.testing.assert_close(u[:, :6].T @ u[:, :6], torch.eye(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(vh[:6] @ vh[:6].T, torch.eye(6), atol=1e-5, rtol=0)
+    assert u[:, 6:].abs().max() == 0 and vh[6:].abs().max() == 0  # no invented directions beyond the rank
 
 
 @pytest.mark.parametrize("base_method", ["tsv_m", "ta_svd"])
@@ -258,3 +260,19 @@ def test_per_task_svd_methods_never_form_an_adapters_dense_task_vector(llama_fam
                 assert m.from_factors(entry.role, entry.shape) is from_factors
                 inputs = load_inputs(entry, base, tasks, factors_only=m.from_factors(entry.role, entry.shape))
                 assert is_unformed(inputs.taus) is (from_factors and not formed)
+
+
+def test_tsv_m_below_the_adapter_rank_whitens_only_the_true_directions():
+    """⌊r_W/T⌋ > adapter rank: TSV-M from the factors equals TSV-M over exactly each task's r nonzero components."""
+    gen = torch.Generator().manual_seed(0)
+    factors = tuple((torch.randn(24, 3, generator=gen), torch.randn(3, 20, generator=gen)) for _ in range(2))
+    taus = torch.stack([a @ b for a, b in factors])
+    got = sp.tsv_factorization(taus, low_rank=factors).materialize()  # k = ⌊20/2⌋ = 10 > 3
+    svds = [torch.linalg.svd(t.double(), full_matrices=False) for t in taus]
+    u = torch.cat([s[0][:, :3] for s in svds], 1)
+    vh = torch.cat([s[2][:3] for s in svds], 0)
+    sv = torch.cat([s[1][:3] for s in svds])
+    pu, _, qu = torch.linalg.svd(u, full_matrices=False)
+    pv, _, qv = torch.linalg.svd(vh, full_matrices=False)
+    expected = ((pu @ qu) * sv) @ (pv @ qv)
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)

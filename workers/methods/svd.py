@@ -77,8 +77,8 @@ def top_svd(a: Tensor, k: int, options: SvdOptions = EXACT) -> tuple[Tensor, Ten
 
 def lowrank_svd(left: Tensor, right: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """The exact leading k singular triplets of left @ right (m×r · r×n) without forming it: QR of both factors, SVD
-    of the r×r core. Beyond its rank r the singular values are 0 and the vectors an orthonormal completion (any
-    completion is an SVD; a dense SVD picks its own)."""
+    of the r×r core. Asked for more than its rank r, the components beyond are zero (σ = 0, zero vectors), not an
+    arbitrary completion: TSV-M's polar step then whitens only the true directions (docs/METHODS.md §3)."""
     q_l, r_l = torch.linalg.qr(left.float())
     q_r, r_r = torch.linalg.qr(right.float().T)
     u, s, vh = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)
@@ -87,14 +87,8 @@ def lowrank_svd(left: Tensor, right: Tensor, k: int) -> tuple[Tensor, Tensor, Te
     if k <= s.numel():
         return u[:, :k].contiguous(), s[:k].contiguous(), vh[:k].contiguous()
     extra = k - s.numel()
-    return (torch.cat([u, _completion(u, extra)], 1), torch.cat([s, s.new_zeros(extra)]),
-            torch.cat([vh, _completion(vh.T, extra).T], 0))
-
-
-def _completion(q: Tensor, count: int) -> Tensor:
-    """`count` orthonormal columns orthogonal to the orthonormal columns of q."""
-    full, _ = torch.linalg.qr(q, mode="complete")
-    return full[:, q.shape[1]: q.shape[1] + count]
+    return (torch.cat([u, u.new_zeros(u.shape[0], extra)], 1), torch.cat([s, s.new_zeros(extra)]),
+            torch.cat([vh, vh.new_zeros(extra, vh.shape[1])], 0))
 
 
 def factored_top_svd(dense: Tensor, k: int, options: SvdOptions = EXACT,
