@@ -52,7 +52,10 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheck
         return TensorInputs(entry.key, entry.role, base_t, unformed(len(tasks), entry.shape, dtype, base_t.device), factors)
     taus = torch.empty((len(tasks),) + entry.shape, dtype=dtype, pin_memory=pin)
     for t, (ck, src) in enumerate(zip(tasks, entry.sources)):
-        torch.sub(ck.read(src), base_t, out=taus[t])
+        if factors[t] is None:
+            torch.sub(ck.read(src), base_t, out=taus[t])
+        else:  # exactly s·B·A: not (θ0 + s·B·A) − θ0, and the base is not read again
+            taus[t].copy_(factors[t][0] @ factors[t][1])
         _check_finite(ck, entry, all_finite(taus[t]))
     return TensorInputs(entry.key, entry.role, base_t, taus, factors if any(f is not None for f in factors) else ())
 
