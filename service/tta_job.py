@@ -28,10 +28,10 @@ from rankmerge.service.driver import take_driver_lease
 from rankmerge.service.merge_job import open_inputs, publication
 from rankmerge.service.spec import MergeJob, parse_adaptive_params
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
-from rankmerge.workers.peft_adapter import open_model
 from rankmerge.workers.checkpoint_writer import check_output_free
 from rankmerge.workers.device import resolve_device
 from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.peft_adapter import open_model
 from rankmerge.workers.plan import MergePlan, build_plan
 from rankmerge.workers.publish import publish, tensor_writer
 from rankmerge.workers.tta.adapters import TaskModels, build_task_models, label_count

@@ -185,7 +185,6 @@ class TaskVectorMethod(MergeMethod):
         raise NotImplementedError
 
 
-
 # ---- simple elementwise methods -----------------------------------------------------------------------------------
 LAMBDA_BOUND = 10.0
 Lambda = Field(0.3, alias="lambda", ge=-LAMBDA_BOUND, le=LAMBDA_BOUND, description="scale of the summed task vectors")
@@ -754,6 +753,8 @@ class SpectralKeysParams(Params):
 
     spectral_keys: SpectralKeys = Field("blocks", description="blocks: 2-D weights inside repeated blocks; all_2d: every "
                                         "merged 2-D tensor (embeddings, position embeddings, lm_head too), as FusionBench does")
+
+
 MaxRank = Field(None, ge=1, description="at most this many components per task vector (memory and time cap)")
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
-from rankmerge.workers.peft_adapter import open_model
 from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.peft_adapter import open_model
 from rankmerge.workers.plan import MergePlan, build_plan
 
 
