@@ -276,3 +276,33 @@ def test_tsv_m_below_the_adapter_rank_whitens_only_the_true_directions():
     pv, _, qv = torch.linalg.svd(vh, full_matrices=False)
     expected = ((pu @ qu) * sv) @ (pv @ qv)
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def named_keys(weights, name):
+    """A save_pretrained file's keys as the live PEFT model's state_dict names them (adapter name inside)."""
+    out = {}
+    for k, v in weights.items():
+        if ".lora_" in k:
+            out[k.replace(".weight", f".{name}.weight")] = v
+        else:  # modules_to_save: the trained copy under the adapter name, the base's copy beside it
+            out[k.replace(".weight", f".modules_to_save.{name}.weight")] = v
+            out[k.replace(".weight", ".original_module.weight")] = torch.zeros_like(v)
+    return out
+
+
+def test_keys_with_an_adapter_name_map_like_saved_ones(gpt2_family, tmp_path, capsys):
+    base, adapters, full = gpt2_family
+    named = broken_adapter(gpt2_family, tmp_path, lambda c, w: (c, named_keys(w, "cars")))
+    models = {"t0": named, "t1": adapters["t1"]}
+    assert_same_state(merge(base, models, "task_arithmetic", tmp_path / "named"),
+                      merge(base, adapters, "task_arithmetic", tmp_path / "saved"))
+    heads = load_file(str(tmp_path / "named" / "heads" / "t0.safetensors"))
+    torch.testing.assert_close(heads["score.weight"], load_file(str(full["t0"] / "model.safetensors"))["score.weight"])
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "adapter_config.json").write_text((named / "adapter_config.json").read_text())
+    weights = load_file(str(named / "adapter_model.safetensors"))
+    save_file({**weights, **{k.replace(".cars.", ".dtd."): v.clone() for k, v in weights.items() if ".cars." in k}}, str(two / "adapter_model.safetensors"))
+    capsys.readouterr()
+    assert main(["merge", "--base", str(base), "--model", f"two={two}", "--method", "task_arithmetic", "--out", str(tmp_path / "o")]) == 2
+    assert "holds several adapters (cars, dtd)" in capsys.readouterr().err

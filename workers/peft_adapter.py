@@ -69,6 +69,19 @@ def pattern_value(patterns: dict, module: str, default: float) -> float:
     return default
 
 
+ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|modules_to_save)\.([^.]+)(?=\.|$)")
+
+
+def without_adapter_name(key: str) -> tuple[str, str | None]:
+    """A state-dict key as save_pretrained writes it: `….lora_A.default.weight` -> `….lora_A.weight` (and the name);
+    `….modules_to_save.default.weight` -> `….weight`."""
+    match = ADAPTER_NAME.search(key)
+    if match is None or (match.group(1) != "modules_to_save" and match.end() == len(key) and "embedding" not in match.group(1)):
+        return key, None
+    kept = "" if match.group(1) == "modules_to_save" else "." + match.group(1)
+    return key[: match.start()] + kept + key[match.end():], match.group(2)
+
+
 def read_adapter_config(path: Path, name: str) -> dict:
     """adapter_config.json, checked: only plain LoRA adapters are merged."""
     try:
@@ -129,8 +142,15 @@ class AdapterCheckpoint:
     def _map_keys(self) -> None:
         cfg = self.adapter_config
         factors: dict[str, dict[str, str]] = {}
+        names: set[str] = set()
         for key in self.weights.keys():
-            inner = key.removeprefix(PEFT_PREFIX)
+            inner, name = without_adapter_name(key.removeprefix(PEFT_PREFIX))
+            names |= {name} if name else set()
+            if len(names) > 1:
+                raise MergeInputError(f"{self.name}: the adapter file holds several adapters ({', '.join(sorted(names))})",
+                                      "save each adapter to its own folder (save_pretrained does)")
+            if ".original_module." in inner:
+                continue  # modules_to_save keeps the base's copy beside the trained one
             suffix = next((s for s in LORA_SUFFIXES if inner.endswith(s)), None)
             if suffix is None:
                 if "lora_" in inner or "magnitude" in inner:
