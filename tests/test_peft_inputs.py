@@ -306,3 +306,17 @@ def test_keys_with_an_adapter_name_map_like_saved_ones(gpt2_family, tmp_path, ca
     capsys.readouterr()
     assert main(["merge", "--base", str(base), "--model", f"two={two}", "--method", "task_arithmetic", "--out", str(tmp_path / "o")]) == 2
     assert "holds several adapters (cars, dtd)" in capsys.readouterr().err
+
+
+def test_an_embedding_lora_adds_peft_s_own_delta(tmp_path):
+    """LoRA on nn.Embedding (lora_embedding_A/B, stored transposed): task arithmetic at λ = 1 on one adapter gives the
+    base plus the delta PEFT's own layer computes."""
+    base_dir = tmp_path / "base"
+    base_model_of(tiny_llama)().save_pretrained(base_dir)
+    model = get_peft_model(base_model_of(tiny_llama)(), LoraConfig(r=4, lora_alpha=12, target_modules=["embed_tokens"]))
+    randomize_lora_(model, seed=3)
+    model.save_pretrained(tmp_path / "adapter")
+    layer = model.base_model.model.model.embed_tokens
+    expected = layer.base_layer.weight.detach() + layer.get_delta_weight("default").detach()
+    got = merge(base_dir, {"t": tmp_path / "adapter"}, "task_arithmetic", tmp_path / "out", "lambda=1.0")
+    torch.testing.assert_close(got["model.embed_tokens.weight"], expected, atol=1e-6, rtol=1e-6)

@@ -4,7 +4,8 @@ An `AdapterCheckpoint` looks like a `ModelCheckpoint` of the fine-tuned model (t
 so the planner, every static method and the adaptive merges take it unchanged, and full and adapter inputs mix
 freely. A LoRA-adapted weight reads as θ0 + s·B·A (s = lora_alpha / r, or lora_alpha / √r with rsLoRA; per-module r
 and alpha from rank_pattern / alpha_pattern; transposed for fan_in_fan_out layers such as GPT-2's Conv1D), every
-other tensor as the base's, and modules_to_save as the adapter's full tensors. `low_rank(key)` gives the task vector
+other tensor as the base's, and modules_to_save as the adapter's full tensors (an adapted embedding's stored pre-LoRA
+weight, which PEFT saves whole, is that module's starting point). `low_rank(key)` gives the task vector
 as two factors (left m×r, right r×n), from which the spectral methods take an exact SVD without the m×n SVD.
 
 Only plain LoRA is read: DoRA magnitudes, LoRA biases, LoHa/LoKr/IA³ and the other PEFT types, and LoRA on
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
+BASE_LAYER = ".base_layer.weight"
 LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
 UNSUPPORTED_OPTIONS = ("use_dora", "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices")
 USE_PLAIN_LORA = "merge it into its base (merge_and_unload) and pass that folder, or train a plain LoRA adapter"
@@ -116,10 +118,10 @@ class AdapterCheckpoint:
         self._map_keys()
         self.shapes = dict(base.shapes)
         self.dtypes = dict(base.dtypes)
-        for key in self.lora:
-            self.dtypes[key] = torch.float32  # θ0 + s·B·A is formed in fp32
         for key, src in self.full.items():
             self.shapes[key], self.dtypes[key] = self.weights.shapes[src], self.weights.dtypes[src]
+        for key in self.lora:
+            self.dtypes[key] = torch.float32  # θ0 + s·B·A is formed in fp32
 
     def _check_base_name(self) -> None:
         """A differing base name warns: an id and a local copy of it legitimately differ; shapes are checked anyway."""
@@ -151,6 +153,9 @@ class AdapterCheckpoint:
                                       "save each adapter to its own folder (save_pretrained does)")
             if ".original_module." in inner:
                 continue  # modules_to_save keeps the base's copy beside the trained one
+            if inner.endswith(BASE_LAYER):  # an adapted embedding's own pre-LoRA weight (PEFT saves it whole)
+                self._map_full(key, inner[: -len(BASE_LAYER)] + ".weight")
+                continue
             suffix = next((s for s in LORA_SUFFIXES if inner.endswith(s)), None)
             if suffix is None:
                 if "lora_" in inner or "magnitude" in inner:
@@ -196,20 +201,24 @@ class AdapterCheckpoint:
         return list(self.shapes)
 
     def low_rank(self, key: str) -> tuple[Tensor, Tensor] | None:
-        """The task vector of `key` as (left m×r, right r×n) fp32 factors; None where it is not low-rank."""
+        """The task vector of `key` as (left m×r, right r×n) fp32 factors; None where it is not low-rank (also where
+        the adapter stores a pre-LoRA weight that differs from the base's)."""
+        if key in self.full and not torch.equal(self.weights.read(self.full[key]), self.base.read(key)):
+            return None
+        return self._factors(key)
+
+    def _factors(self, key: str) -> tuple[Tensor, Tensor] | None:
         module = self.lora.get(key)
         if module is None:
             return None
         return lora_factors(self.weights.read(module.a_key), self.weights.read(module.b_key), module.scaling, module.transposed)
 
     def read(self, key: str) -> Tensor:
-        """The fine-tuned tensor: a modules_to_save value, θ0 + s·B·A (fp32; the one place the dense delta is
-        formed), or the base's own."""
-        if key in self.full:
-            return self.weights.read(self.full[key])
-        factors = self.low_rank(key)
-        base = self.base.read(key)
-        return base if factors is None else torch.addmm(base.float(), *factors)
+        """The fine-tuned tensor: the adapter's stored weight (modules_to_save, an embedding's pre-LoRA weight) or
+        the base's, plus s·B·A (in fp32) where the module is adapted."""
+        start = self.weights.read(self.full[key]) if key in self.full else self.base.read(key)
+        factors = self._factors(key)
+        return start if factors is None else torch.addmm(start.float(), *factors)
 
     def close(self) -> None:
         self.weights.close()
