@@ -50,6 +50,7 @@ ALGORITHMS = {
     "dare": "fusion_bench.method.DareTaskArithmetic",  # dare/task_arithmetic.yaml
     "tsv_m": "fusion_bench.method.TaskSingularVectorMerging",  # task_singular_vector/TaskSingularVectorMerging.yaml
     "iso_c": "fusion_bench.method.ISO_C_Merge",  # isotropic_merging/iso_c.yaml
+    "iso_cts": "fusion_bench.method.ISO_CTS_Merge",  # isotropic_merging/iso_cts.yaml
 }
 
 

@@ -37,7 +37,7 @@ class PreparedMerge:
 
     @property
     def predicted_peak_bytes(self) -> int:
-        return self.plan.predicted_peak_bytes(self.method.task_copies, self.method.factorizes)
+        return self.plan.predicted_peak_bytes(self.method.task_copies, self.method.factorized)
 
 
 def _overlaps(a: Path, b: Path) -> bool:

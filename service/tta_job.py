@@ -94,7 +94,7 @@ def evaluate_output(job: MergeJob, data: dict[str, Any], batch: int = 256, max_l
     with ExitStack() as stack:
         prepare_zero_shot_heads(job)
         base = stack.enter_context(ModelCheckpoint(job.base, "base", job.allow_pickle))
-        tasks = open_tasks(job.sources, stack)
+        tasks = open_tasks(job.sources, base, stack)
         merged_ck = stack.enter_context(ModelCheckpoint(job.output, "output"))
         plan = build_plan(base, {t.name: t for t in tasks})
         missing = sorted(set(job.models) - set(data))

@@ -93,7 +93,8 @@ def test_zero_shot_head_equals_the_clip_formula(clip_family, tmp_path):
         heads = {"task0": TaskHead(zero_shot=ZeroShot(classnames=CLASSES, templates=templates))}
         files = prepare_heads(heads, {"task0": tasks["task0"]}, base, tmp_path / f"job{len(templates)}")
         with ExitStack() as stack:
-            (task,) = open_tasks(Sources(base, {"task0": tasks["task0"]}, heads=files), stack)
+            base_ck = stack.enter_context(ModelCheckpoint(base, "base"))
+            (task,) = open_tasks(Sources(base, {"task0": tasks["task0"]}, heads=files), base_ck, stack)
             assert task.config["id2label"] == {"0": "cat", "1": "dog", "2": "car"}
             model = CLIPZeroShotClassifier(CLIPVisionModel.config_class(**task.config))
             with ModelCheckpoint(tasks["task0"], "task0") as encoder:

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
-PICKLE_NAMES = ("pytorch_model.bin.index.json", "pytorch_model.bin", "model.pt", "model.bin")
+PICKLE_NAMES = ("pytorch_model.bin.index.json", "pytorch_model.bin", "model.pt", "model.bin", "adapter_model.bin")
 
 
 class ModelCheckpoint:
@@ -173,6 +173,10 @@ class ModelCheckpoint:
             value = self._pickled[key]
             return value.numel() * value.element_size()
         return self.entries[key].nbytes
+
+    def low_rank(self, key: str) -> None:
+        """A full checkpoint's task vectors are dense (PEFT adapters give factors: workers/peft_adapter.py)."""
+        return None
 
     def close(self) -> None:
         for fd in self._fds.values():

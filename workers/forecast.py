@@ -91,7 +91,7 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
 def _sample_merged(entry: TensorPlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> tuple[float, float, float]:
     """(read s, stat-pass s, merge s) of one merged tensor through a fresh method instance sized to that tensor
     (its whole-model statistics, e.g. TIES' k-th magnitude, are then statistics of the sample)."""
-    inputs, read_s = timed(lambda: load_inputs(entry, base, tasks))
+    inputs, read_s = timed(lambda: load_inputs(entry, base, tasks, factors_only=method.from_factors(entry.role, entry.shape)))
     assert isinstance(inputs, TensorInputs)
     stat_s = 0.0
     for stat_pass in method.stat_passes():

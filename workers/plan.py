@@ -4,6 +4,7 @@ agree, and predict memory. Everything here is cheap, so every input mistake surf
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -67,19 +68,20 @@ class MergePlan:
         counts[Role.HEAD.value] = counts.get(Role.HEAD.value, 0) + sum(len(h) for h in self.heads.values())
         return counts
 
-    def predicted_peak_bytes(self, task_copies: float = 0.0, factorizes: bool = False) -> int:
+    def predicted_peak_bytes(self, task_copies: float = 0.0, factorized: Callable[[Role, tuple[int, ...]], bool] | None = None) -> int:
         """Resident memory now plus the largest per-tensor working set of the merge loop.
 
         Per tensor: the raw read, the fp32 base, T stacked fp32 task vectors, the delta, `task_copies` more [T, ...]
-        fp32 temporaries of the method, and for factorizing methods the per-task SVD factors (kept, concatenated and
-        whitened: about three copies).
+        fp32 temporaries of the method, and for the tensors it factorizes (`factorized(role, shape)`; a method's
+        `factorized`) the per-task SVD factors (kept, concatenated and whitened: about three copies). A LoRA adapter
+        input reads as a dense tensor of the same size (its factors are small), so the same bound holds.
         """
         num_tasks = len(self.task_names)
         worst = 0
         for t in self.merged:
             n = t.numel
             work = (num_tasks + 3) * 4 * n + task_copies * num_tasks * 4 * n
-            if factorizes and t.role is Role.SPECTRAL:
+            if factorized is not None and factorized(t.role, t.shape):
                 m, k = t.shape
                 r = min(m, k)
                 work += 3 * num_tasks * 4 * (m * r + r * k)

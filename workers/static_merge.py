@@ -37,12 +37,15 @@ def all_finite(x: torch.Tensor) -> bool:
 
 
 def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
-                dtype: torch.dtype = torch.float32, pin: bool = False, buffer: torch.Tensor | None = None) -> TensorInputs:
+                dtype: torch.dtype = torch.float32, pin: bool = False, buffer: torch.Tensor | None = None,
+                factors_only: bool = False) -> TensorInputs:
     """Read one tensor from every model and form task vectors (computed in fp32, stored in `dtype`), each written
     straight into its slot: a 16-bit stack never exists in fp32 as a whole. `pin`: stage them in page-locked memory,
     so their copy to a GPU runs asynchronously (the host math is the same). `buffer`: bytes to build them in
     (`input_bytes` long, e.g. a block of a `ReadRing`) instead of fresh memory; a task stored in `dtype` is read
-    straight into its slot and the base subtracted there, which gives the same values as subtracting into it."""
+    straight into its slot and the base subtracted there, which gives the same values as subtracting into it.
+    `factors_only` (the method merges this tensor from LoRA factors alone): when every task has factors, no dense
+    task vector is formed (see `unformed`)."""
     slots = _Slots(entry, base, tasks, dtype, buffer)
     base_t = base.read(entry.key, slots.take(base.dtypes[entry.key], torch.float32))
     if base_t.dtype != torch.float32:
@@ -51,19 +54,40 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheck
         base_t = base_t.pin_memory()
     if not all_finite(base_t):
         raise MergeInputError(f"the base has NaN/Inf values in {entry.key!r}", "use a healthy base checkpoint")
+    factors = tuple(ck.low_rank(src) for ck, src in zip(tasks, entry.sources))
+    if factors_only and all(f is not None for f in factors):
+        for ck, (left, right) in zip(tasks, factors):
+            _check_finite(ck, entry, all_finite(left) and all_finite(right))
+        return TensorInputs(entry.key, entry.role, base_t, unformed(len(tasks), entry.shape, dtype, base_t.device), factors)
     taus = slots.taus if buffer is not None else torch.empty((len(tasks),) + entry.shape, dtype=dtype, pin_memory=pin)
     for t, (ck, src) in enumerate(zip(tasks, entry.sources)):
-        raw = ck.read(src, slots.take(ck.dtypes[src], dtype, taus[t]))
-        if raw.data_ptr() == taus[t].data_ptr():
-            taus[t].sub_(base_t)
+        if factors[t] is not None:  # exactly s·B·A: not (θ0 + s·B·A) − θ0, and the base is not read again
+            taus[t].copy_(factors[t][0] @ factors[t][1])
         else:
-            torch.sub(raw, base_t, out=taus[t])
-        if not all_finite(taus[t]):
-            raise MergeInputError(
-                f"the task vector of {ck.name!r} has NaN/Inf values in {entry.key!r}",
-                "that fine-tuned checkpoint is corrupt or diverged: re-export it or leave it out",
-            )
-    return TensorInputs(entry.key, entry.role, base_t, taus)
+            raw = ck.read(src, slots.take(ck.dtypes[src], dtype, taus[t]))
+            if raw.data_ptr() == taus[t].data_ptr():
+                taus[t].sub_(base_t)
+            else:
+                torch.sub(raw, base_t, out=taus[t])
+        _check_finite(ck, entry, all_finite(taus[t]))
+    return TensorInputs(entry.key, entry.role, base_t, taus, factors if any(f is not None for f in factors) else ())
+
+
+def _check_finite(ck: ModelCheckpoint, entry: TensorPlan, finite: bool) -> None:
+    if not finite:
+        raise MergeInputError(
+            f"the task vector of {ck.name!r} has NaN/Inf values in {entry.key!r}",
+            "that fine-tuned checkpoint is corrupt or diverged: re-export it or leave it out",
+        )
+
+
+def unformed(num_tasks: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [T, ...] stand-in for task vectors that are never formed: the right shape, one stored zero (stride 0)."""
+    return torch.zeros((), dtype=dtype, device=device).expand((num_tasks,) + tuple(shape))
+
+
+def is_unformed(taus: torch.Tensor) -> bool:
+    return taus.dim() > 0 and taus.numel() > 1 and all(stride == 0 for stride in taus.stride())
 
 
 SLOT_ALIGN = 4096  # slots start on page boundaries
@@ -114,7 +138,10 @@ def inputs_on(inputs: TensorInputs, device: torch.device) -> TensorInputs:
     """The same inputs on `device` (themselves on the CPU: the host path is untouched)."""
     if device.type == "cpu":
         return inputs
-    return TensorInputs(inputs.key, inputs.role, to_device(inputs.base, device), to_device(inputs.taus, device))
+    factors = tuple(f and (to_device(f[0], device), to_device(f[1], device)) for f in inputs.factors)
+    taus = inputs.taus
+    taus = unformed(len(taus), taus.shape[1:], taus.dtype, device) if is_unformed(taus) else to_device(taus, device)
+    return TensorInputs(inputs.key, inputs.role, to_device(inputs.base, device), taus, factors)
 
 
 def _progress(total: int, desc: str) -> tqdm:
@@ -248,7 +275,8 @@ def merge_into(
     def load(entry: TensorPlan):
         data, block = ring.take(block_bytes(entry)) if ring is not None else (None, None)
         if entry.role in merged:
-            return load_inputs(entry, base, tasks, pin=pin, buffer=data), block
+            return load_inputs(entry, base, tasks, pin=pin, buffer=data,
+                               factors_only=method.from_factors(entry.role, entry.shape)), block
         return base.read(entry.key, None if data is None else data[: base.nbytes(entry.key)]), block
 
     def write(entry: TensorPlan, value: torch.Tensor, block: list | None) -> None:

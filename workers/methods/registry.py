@@ -25,6 +25,9 @@ from rankmerge.workers.methods.svd import SvdOptions
 from rankmerge.workers.roles import Role
 
 
+LowRank = sp.LowRank
+
+
 @dataclass
 class TensorInputs:
     """One merged tensor's inputs: key, role, fp32 base and stacked fp32 task vectors τ_t = θ_t − θ0 ([T, ...]).
@@ -36,6 +39,7 @@ class TensorInputs:
     role: Role
     base: Tensor
     taus: Tensor
+    factors: LowRank = ()  # per task, τ_t as (left, right) factors where it is a LoRA update, else None; () for none
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class MergeMethod:
     summary: ClassVar[str]
     task_copies: ClassVar[float] = 0.0  # extra [T, ...] fp32 temporaries per tensor (for the memory prediction)
     factorizes: ClassVar[bool] = False  # builds per-task SVD factors of spectral tensors
+    svd_from_factors: ClassVar[bool] = False  # its factorization needs only each τ_t's SVD (LoRA factors suffice)
 
     def __init__(self, params: Params, ctx: MergeContext) -> None:
         self.params = params
@@ -80,6 +85,16 @@ class MergeMethod:
 
     def merge(self, inputs: TensorInputs) -> tuple[Tensor, dict[str, Any]]:
         raise NotImplementedError
+
+    def factorized(self, role: Role, shape: tuple[int, ...]) -> bool:
+        """Whether this tensor is merged from an SVD (memory forecast; AdaRank masks): spectral-role tensors, and with
+        `spectral_keys: all_2d` every other merged 2-D tensor as well."""
+        all_2d = getattr(self.params, "spectral_keys", "blocks") == "all_2d"
+        return self.factorizes and (role is Role.SPECTRAL or (all_2d and role is Role.ELEMENTWISE and len(shape) == 2))
+
+    def from_factors(self, role: Role, shape: tuple[int, ...]) -> bool:
+        """Whether this tensor is merged from per-task SVDs alone: LoRA inputs then never form a dense task vector."""
+        return self.svd_from_factors and not getattr(self, "centered", False) and self.factorized(role, shape)
 
 
 METHODS: dict[str, type[MergeMethod]] = {}
@@ -168,10 +183,6 @@ class TaskVectorMethod(MergeMethod):
     def task_weight(self, num_tasks: int) -> float:
         """w of each task vector on tensors that are not factorized (the initial λ AdaMerging/AdaRank learn from)."""
         raise NotImplementedError
-
-    def factorized_role(self, role: Role) -> bool:
-        """Whether tensors of this role are merged from a factorization (and get AdaRank masks)."""
-        return False
 
 
 # ---- simple elementwise methods -----------------------------------------------------------------------------------
@@ -734,6 +745,16 @@ class SvdParams(Params):
 
 
 SVD_FIELDS = tuple(SvdParams.model_fields)
+SpectralKeys = Literal["blocks", "all_2d"]
+
+
+class SpectralKeysParams(Params):
+    """Which tensors a spectral method factorizes (every other merged tensor gets its elementwise rule)."""
+
+    spectral_keys: SpectralKeys = Field("blocks", description="blocks: 2-D weights inside repeated blocks; all_2d: every "
+                                        "merged 2-D tensor (embeddings, position embeddings, lm_head too), as FusionBench does")
+
+
 MaxRank = Field(None, ge=1, description="at most this many components per task vector (memory and time cap)")
 
 
@@ -743,11 +764,11 @@ class Star(MergeMethod):
     factorizes = True
     summary = "STAR: per-task spectral truncation to η% of the nuclear norm, rescaled; averaged"
 
-    class Params(Params):
+    class Params(SpectralKeysParams):
         eta: float = Field(40.0, gt=0.0, le=100.0, description="percent of singular-value mass kept")
 
     def merge(self, inputs):
-        if inputs.role is not Role.SPECTRAL:
+        if not self.factorized(inputs.role, tuple(inputs.taus.shape[1:])):
             return ew.weight_average(inputs.taus), {}
         truncated = [sp.star_truncate(t, self.params.eta) for t in inputs.taus]
         delta = torch.stack([d for d, _ in truncated]).mean(0)
@@ -766,9 +787,9 @@ class SpectralMethod(TaskVectorMethod):
     label: ClassVar[str]  # short name in tables ("CART+AdaRank")
     adaptive_defaults: ClassVar[dict[str, Any]] = {}  # where AdaRank starts when the spec leaves a parameter unset
 
-    def factorize(self, taus: Tensor, cap: int | None) -> sp.SpectralFactorization:
+    def factorize(self, taus: Tensor, cap: int | None, low_rank: LowRank = ()) -> sp.SpectralFactorization:
         """Components of one tensor's (shifted) task vectors, owners and the static initial mask; at most `cap` per
-        owner (None: all the method has)."""
+        owner (None: all the method has). `low_rank`: the unshifted τ_t's LoRA factors (per-task SVDs use them)."""
         raise NotImplementedError
 
     def static_cap(self, rank: int) -> int | None:
@@ -786,15 +807,12 @@ class SpectralMethod(TaskVectorMethod):
     def merge_info(self, fac: sp.SpectralFactorization) -> dict[str, Any]:
         return {"components": int(fac.initial_mask.sum())}
 
-    def factorized_role(self, role):
-        return role is Role.SPECTRAL
-
     def merge(self, inputs):
-        if not self.factorized_role(inputs.role):
+        if not self.factorized(inputs.role, tuple(inputs.taus.shape[1:])):
             return self.elementwise(inputs.taus), {}
         shift = self.origin_shift(inputs.taus)
         taus = inputs.taus if shift is None else inputs.taus.sub_(shift)  # the inputs are ours to consume
-        fac = self.factorize(taus, self.static_cap(min(taus.shape[1:])))
+        fac = self.factorize(taus, self.static_cap(min(taus.shape[1:])), inputs.factors if shift is None else ())
         delta = fac.materialize(scale=self.scale())
         return (delta if shift is None else shift.add_(delta)), self.merge_info(fac)
 
@@ -810,8 +828,9 @@ class _PerTaskSpectral(SpectralMethod):
     def keep(self, rank: int) -> int:
         return capped(sp.cart_keep(rank, self.params.rho), self.params.max_rank)
 
-    def factorize(self, taus, cap):
-        return sp.per_task_factorization(taus, keep=self.keep(min(taus.shape[1:])), cap=cap, svd=self.params.svd_options())
+    def factorize(self, taus, cap, low_rank=()):
+        return sp.per_task_factorization(taus, keep=self.keep(min(taus.shape[1:])), cap=cap, svd=self.params.svd_options(),
+                                         low_rank=low_rank)
 
     def static_cap(self, rank):
         return self.keep(rank)
@@ -829,11 +848,12 @@ class _PerTaskSpectral(SpectralMethod):
 @register
 class TaSvd(_PerTaskSpectral):
     name = "ta_svd"
+    svd_from_factors = True
     label = "TA"  # AdaRank starts it at ρ = 1: task arithmetic, the AdaRank paper's TA+AdaRank
     summary = "TA-SVD: θ0 + λ Σ_t rank-max(1, ⌊ρ r⌋) SVD of τ_t (spectral tensors; full τ_t elsewhere)"
     adaptive_defaults = {"rho": 1.0}  # AdaRank-TA starts from task arithmetic: every component on
 
-    class Params(SvdParams):
+    class Params(SvdParams, SpectralKeysParams):
         lambda_: float = Lambda
         rho: float = Field(0.1, ge=0.0, le=1.0, description="fraction of each task vector's rank kept")
         max_rank: int | None = MaxRank
@@ -851,7 +871,7 @@ class Cart(_PerTaskSpectral):
     summary = "CART: θ̄ + λ Σ low-rank(θ_t − θ̄), rank max(1, ⌊ρ r⌋)"
     adaptive_defaults = {"lambda": 2.3, "rho": 0.16}  # the AdaRank paper's CART start
 
-    class Params(SvdParams):
+    class Params(SvdParams, SpectralKeysParams):
         lambda_: float = Field(2.0, alias="lambda", ge=-10.0, le=10.0)
         rho: float = Field(0.12, ge=0.0, le=1.0, description="fraction of each centered task vector's rank kept")
         max_rank: int | None = MaxRank
@@ -877,7 +897,7 @@ class _SpectralOnMean(SpectralMethod):
         return ew.weight_average(taus).mul_(self.params.alpha)
 
 
-class _AlphaParams(Params):
+class _AlphaParams(SpectralKeysParams):
     alpha: float = Field(1.0, ge=-10.0, le=10.0, description="scale of the merged delta")
 
 
@@ -888,15 +908,16 @@ class _AlphaSvdParams(_AlphaParams, SvdParams):
 @register
 class TsvM(_SpectralOnMean):
     name = "tsv_m"
+    svd_from_factors = True
     label = "TSV-M"
     summary = "TSV-M: top ⌊r/T⌋ singular vectors per task, whitened (polar), × α"
 
     class Params(_AlphaSvdParams):
         max_rank: int | None = MaxRank
 
-    def factorize(self, taus, cap):
+    def factorize(self, taus, cap, low_rank=()):
         """Whitened over all its components first, then truncated: the kept directions are exactly the static ones."""
-        return sp.tsv_factorization(taus, self.params.svd_options(), self.params.max_rank).truncated(cap)
+        return sp.tsv_factorization(taus, self.params.svd_options(), self.params.max_rank, low_rank).truncated(cap)
 
 
 @register
@@ -906,7 +927,8 @@ class IsoC(_SpectralOnMean):
     summary = "Iso-C: spectrum of Σ τ_t flattened to its mean, × α"
     Params = _AlphaParams
 
-    def factorize(self, taus, cap):
+    def factorize(self, taus, cap, low_rank=()):
+        """Dense: σ̄ also lands on the null space of a low-rank Σ τ_t, so factors would not give the same merge."""
         return sp.iso_c_factorization(taus).truncated(cap)
 
 
@@ -919,5 +941,5 @@ class IsoCts(_SpectralOnMean):
     class Params(_AlphaSvdParams):
         common_fraction: float = Field(0.8, ge=0.0, le=1.0, description="share of the rank given to the common subspace")
 
-    def factorize(self, taus, cap):
+    def factorize(self, taus, cap, low_rank=()):
         return sp.iso_cts_factorization(taus, self.params.common_fraction, self.params.svd_options()).truncated(cap)

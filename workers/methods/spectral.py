@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rankmerge.workers.methods.svd import EXACT, SvdOptions, thin_svd, top_svd
+from rankmerge.workers.methods.svd import EXACT, SvdOptions, factored_top_svd, thin_svd, top_svd
+
+LowRank = tuple[tuple[Tensor, Tensor] | None, ...]  # per task: τ_t = left @ right, or None (dense)
 
 SHARED = -1  # task_of_component value for components that belong to no single task (Iso-CTS common block)
 
@@ -61,11 +63,12 @@ def _top_mask(num_tasks: int, rank: int, keep: int, device: torch.device | None 
 
 
 def per_task_factorization(taus: Tensor, keep: int | None = None, cap: int | None = None,
-                           svd: SvdOptions = EXACT) -> SpectralFactorization:
+                           svd: SvdOptions = EXACT, low_rank: LowRank = ()) -> SpectralFactorization:
     """SVD of every τ_t (its top `cap` components; None: all), concatenated; the initial mask keeps each task's top
-    `keep` (None: all it has)."""
+    `keep` (None: all it has). `low_rank`: τ_t's LoRA factors, where it has them, for an SVD from the factors."""
     full = min(taus.shape[1:])
-    factors = [top_svd(t, full if cap is None else cap, svd) for t in taus]
+    factors = [factored_top_svd(t, full if cap is None else cap, svd, low_rank[i] if low_rank else None)
+               for i, t in enumerate(taus)]
     rank = factors[0][1].numel()
     num_tasks = taus.shape[0]
     return SpectralFactorization(
@@ -89,7 +92,7 @@ def cart_factorization(centered: Tensor, rho: float, cap: int | None = None, svd
     return per_task_factorization(centered, keep=cart_keep(rank, rho), cap=cap, svd=svd)
 
 
-def tsv_factorization(taus: Tensor, svd: SvdOptions = EXACT, cap: int | None = None) -> SpectralFactorization:
+def tsv_factorization(taus: Tensor, svd: SvdOptions = EXACT, cap: int | None = None, low_rank: LowRank = ()) -> SpectralFactorization:
     """TSV-M: top ⌊r/T⌋ components per task (at most `cap`), concatenated, then U and Vh replaced by their polar
     factors."""
     num_tasks = taus.shape[0]
@@ -101,7 +104,7 @@ def tsv_factorization(taus: Tensor, svd: SvdOptions = EXACT, cap: int | None = N
             *(torch.zeros(shape, dtype=dtype, device=taus.device) for shape, dtype in
               (((m, 0), torch.float32), (0, torch.float32), ((0, n), torch.float32), (0, torch.long), (0, torch.bool)))
         )
-    factors = [top_svd(t, k, svd) for t in taus]
+    factors = [factored_top_svd(t, k, svd, low_rank[i] if low_rank else None) for i, t in enumerate(taus)]
     u_hat = torch.cat([f[0] for f in factors], dim=1)
     s_hat = torch.cat([f[1] for f in factors])
     vh_hat = torch.cat([f[2] for f in factors], dim=0)

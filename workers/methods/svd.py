@@ -73,3 +73,25 @@ def top_svd(a: Tensor, k: int, options: SvdOptions = EXACT) -> tuple[Tensor, Ten
     if k == rank:
         return u, s, vh
     return u[:, :k].contiguous(), s[:k].contiguous(), vh[:k].contiguous()  # contiguous copies free the full factors
+
+
+def lowrank_svd(left: Tensor, right: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The exact leading k singular triplets of left @ right (m×r · r×n) without forming it: QR of both factors, SVD
+    of the r×r core. Asked for more than its rank r, the components beyond are zero (σ = 0, zero vectors), not an
+    arbitrary completion: TSV-M's polar step then whitens only the true directions (docs/METHODS.md §3)."""
+    q_l, r_l = torch.linalg.qr(left.float())
+    q_r, r_r = torch.linalg.qr(right.float().T)
+    u, s, vh = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)
+    u, vh = q_l @ u, vh @ q_r.T
+    k = min(k, left.shape[0], right.shape[1])
+    if k <= s.numel():
+        return u[:, :k].contiguous(), s[:k].contiguous(), vh[:k].contiguous()
+    extra = k - s.numel()
+    return (torch.cat([u, u.new_zeros(u.shape[0], extra)], 1), torch.cat([s, s.new_zeros(extra)]),
+            torch.cat([vh, vh.new_zeros(extra, vh.shape[1])], 0))
+
+
+def factored_top_svd(dense: Tensor, k: int, options: SvdOptions = EXACT,
+                     factors: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`top_svd` of a task vector, from its low-rank factors when it has them (exact at any k)."""
+    return top_svd(dense, k, options) if factors is None else lowrank_svd(*factors, k)

@@ -11,6 +11,7 @@ import torch
 
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.peft_adapter import open_model
 from rankmerge.workers.plan import MergePlan, build_plan
 
 
@@ -23,18 +24,19 @@ class Sources:
     heads: dict[str, Path] = field(default_factory=dict)  # task name -> its computed zero-shot head (workers/zero_shot.py)
 
 
-def open_tasks(sources: Sources, stack: ExitStack) -> list[ModelCheckpoint]:
-    """The task checkpoints in order (closed with the stack); a task with a zero-shot head is read with it."""
+def open_tasks(sources: Sources, base: ModelCheckpoint, stack: ExitStack) -> list[ModelCheckpoint]:
+    """The task checkpoints in order (closed with the stack): full checkpoints or PEFT adapters on `base`; a task with
+    a zero-shot head is read with it."""
     from rankmerge.workers.zero_shot import ZeroShotTask
 
-    tasks = [stack.enter_context(ModelCheckpoint(path, name, sources.allow_pickle)) for name, path in sources.models.items()]
+    tasks = [stack.enter_context(open_model(path, name, base, sources.allow_pickle)) for name, path in sources.models.items()]
     return [ZeroShotTask(ck, sources.heads[ck.name]) if ck.name in sources.heads else ck for ck in tasks]
 
 
 def open_sources(sources: Sources, stack: ExitStack) -> tuple[ModelCheckpoint, list[ModelCheckpoint], MergePlan]:
     """Open base and task checkpoints (closed with the stack) and build the merge plan from their headers."""
     base = stack.enter_context(ModelCheckpoint(sources.base, "base", sources.allow_pickle))
-    tasks = open_tasks(sources, stack)
+    tasks = open_tasks(sources, base, stack)
     out_dtype = getattr(torch, sources.out_dtype) if sources.out_dtype else None
     plan = build_plan(base, {t.name: t for t in tasks}, out_dtype)
     if not plan.merged:

@@ -76,10 +76,11 @@ def build_state(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpo
 def build_slot(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], method: TaskVectorMethod,
                options: StateOptions, device: torch.device = torch.device("cpu")) -> tuple[Slot, float]:
     """One tensor's slot (on `device`) and its initial λ."""
-    factorized = method.factorized_role(entry.role)
+    factorized = method.factorized(entry.role, entry.shape)
     # elementwise stacks are read straight into the factor dtype (a shifted origin is computed in fp32 first)
     dtype = torch.float32 if factorized or method.centered else options.factor_dtype
-    inputs = inputs_on(load_inputs(entry, base, tasks, dtype, pin=device.type == "cuda"), device)
+    inputs = inputs_on(load_inputs(entry, base, tasks, dtype, pin=device.type == "cuda",
+                                   factors_only=method.from_factors(entry.role, entry.shape)), device)
     origin, taus = inputs.base, inputs.taus
     shift = method.origin_shift(taus)
     if shift is None:  # the origin is the base itself: exact in the checkpoint's own (maybe 16-bit) dtype
@@ -92,7 +93,7 @@ def build_slot(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckp
             merged = TaskVectorSum.apply(origin, torch.full((len(tasks),), weight, device=device), taus)  # one task at a time, in fp32
             return ElementwiseSlot(entry.key, merged, taus.new_empty((0, *taus.shape[1:]))), weight
         return ElementwiseSlot(entry.key, origin, taus.to(options.factor_dtype)), weight
-    fac = method.factorize(taus, options.cap(min(entry.shape)))
+    fac = method.factorize(taus, options.cap(min(entry.shape)), inputs.factors if shift is None else ())
     owner = torch.where(fac.task_of_component < 0, len(tasks), fac.task_of_component)
     slot = SpectralSlot(entry.key, origin, fac.U.to(options.factor_dtype).contiguous(), fac.s.float(),
                         fac.Vh.to(options.factor_dtype).contiguous(), owner, fac.initial_mask)

@@ -1,0 +1,87 @@
+"""`spectral_keys: all_2d` factorizes every merged 2-D tensor (embeddings, position embeddings, lm_head), as
+FusionBench does; `blocks` (the default) only the block weights; 1-D tensors and heads are never factorized."""
+
+from contextlib import ExitStack
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rankmerge.service.cli import main
+from rankmerge.service.merge_job import open_inputs
+from rankmerge.service.spec import job_from_dict
+from rankmerge.service.tta_job import build_merger
+from rankmerge.workers.methods.registry import MergeContext, make_method, spectral_methods
+from rankmerge.workers.roles import Role
+
+from conftest import make_adaptive_spec
+
+
+def merged(base, tasks, out, method, *sets):
+    args = ["merge", "--base", str(base), "--method", method, "--out", str(out)]
+    for name, path in tasks.items():
+        args += ["--model", f"{name}={path}"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    return load_file(str(out / "model.safetensors"))
+
+
+def task_vectors(base, tasks, key, prefix):
+    theta0 = load_file(str(base / "model.safetensors"))[key]
+    return torch.stack([load_file(str(p / "model.safetensors"))[prefix + key] - theta0 for p in tasks.values()]), theta0
+
+
+@pytest.mark.parametrize("family,prefix,outside_blocks", [
+    ("gpt2", "transformer.", ("wte.weight", "wpe.weight")),
+    ("llama", "", ("model.embed_tokens.weight", "lm_head.weight")),
+])
+def test_all_2d_gives_embeddings_iso_c_s_flat_spectrum(families, tmp_path, family, prefix, outside_blocks):
+    base, tasks = families(family)
+    blocks = merged(base, tasks, tmp_path / "blocks", "iso_c")
+    all_2d = merged(base, tasks, tmp_path / "all", "iso_c", "spectral_keys=all_2d")
+    assert blocks.keys() == all_2d.keys()
+    for key in outside_blocks:
+        taus, theta0 = task_vectors(base, tasks, key, prefix)
+        u, s, vh = torch.linalg.svd(taus.sum(0).double(), full_matrices=False)
+        expected = theta0.double() + s.mean() * u @ vh  # Iso-C, alpha 1, written out
+        torch.testing.assert_close(all_2d[key].double(), expected, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(blocks[key], theta0 + taus.mean(0), atol=2e-6, rtol=1e-5)  # blocks: the mean
+    for key in blocks:  # every other tensor (block weights, 1-D tensors) is the same under both settings
+        if key not in outside_blocks:
+            torch.testing.assert_close(all_2d[key], blocks[key], atol=0, rtol=0)
+
+
+def test_all_2d_leaves_non_2d_tensors_and_heads_alone(families, tmp_path):
+    """ViT: the position embeddings and CLS token are 3-D, the patch projection 4-D: averaged under both settings."""
+    base, tasks = families("vit")
+    blocks = merged(base, tasks, tmp_path / "blocks", "tsv_m")
+    all_2d = merged(base, tasks, tmp_path / "all", "tsv_m", "spectral_keys=all_2d")
+    for key in blocks:
+        torch.testing.assert_close(all_2d[key], blocks[key], atol=0, rtol=0)
+    for t in tasks:
+        assert load_file(str(tmp_path / "all" / "heads" / f"{t}.safetensors")).keys() == \
+            load_file(str(tmp_path / "blocks" / "heads" / f"{t}.safetensors")).keys()
+
+
+@pytest.mark.parametrize("method", [*spectral_methods(), "star"])
+def test_every_spectral_method_takes_spectral_keys(method):
+    m = make_method(method, {"spectral_keys": "all_2d"}, MergeContext(("a", "b"), 10))
+    assert m.factorized(Role.ELEMENTWISE, (8, 4)) and m.factorized(Role.SPECTRAL, (8, 4))
+    assert not m.factorized(Role.ELEMENTWISE, (8,)) and not m.factorized(Role.ELEMENTWISE, (1, 8, 4))
+    assert not make_method(method, {}, MergeContext(("a", "b"), 10)).factorized(Role.ELEMENTWISE, (8, 4))
+
+
+def test_adarank_over_all_2d_starts_at_the_static_all_2d_merge(families, tmp_path):
+    """gpt2's wte/wpe get masks too; step 0 equals the static tsv_m with spectral_keys all_2d."""
+    base, tasks = families("gpt2")
+    spec = make_adaptive_spec(families, tmp_path, params={"base": "tsv_m", "base_params": {"spectral_keys": "all_2d"}}, family="vit")
+    spec.update(base=str(base), models={k: str(v) for k, v in tasks.items()})
+    expected = merged(base, tasks, tmp_path / "static", "tsv_m", "spectral_keys=all_2d")
+    with ExitStack() as stack:
+        job = job_from_dict(spec, tmp_path)
+        b, cks, plan = open_inputs(job, stack)
+        merger = build_merger(job, plan, b, cks)
+        got = merger.final_weights()
+    for key, value in got.items():
+        torch.testing.assert_close(value, expected[key].float(), atol=2e-5, rtol=1e-4)
