@@ -251,8 +251,18 @@ class ZeroShotTask:
     def keys(self) -> list[str]:
         return list(self._keys)
 
-    def read(self, key: str) -> Tensor:
-        return self.head[key] if key in self.head else self.encoder.read(key)
+    def read(self, key: str, out: Tensor | None = None) -> Tensor:
+        if key not in self.head:
+            return self.encoder.read(key, out)
+        value = self.head[key]
+        return value if out is None else out.view(-1).view(value.dtype).view(value.shape).copy_(value)
+
+    def nbytes(self, key: str) -> int:
+        return self.head[key].nbytes if key in self.head else self.encoder.nbytes(key)
+
+    def low_rank(self, key: str) -> tuple[Tensor, Tensor] | None:
+        """The encoder's LoRA factors (an adapter encoder); a head is never low-rank."""
+        return None if key in self.head else self.encoder.low_rank(key)
 
     def close(self) -> None:
         self.encoder.close()
