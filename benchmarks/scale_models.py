@@ -147,11 +147,14 @@ def save_tokenizer(model_dir: Path) -> None:
 
 VITL = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
         "patch_size": 14, "image_size": 224, "projection_dim": 768}
+VITB32 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "patch_size": 32, "image_size": 224, "projection_dim": 512}
 LLAMA1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
            "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048,
            "tie_word_embeddings": False}
 FAMILIES = {
     "vitl": Family(VITL, torch.float16, clip_base, clip_task, "vision_model.", write_images, ".safetensors"),
+    "vitb32": Family(VITB32, torch.float32, clip_base, clip_task, "vision_model.", write_images, ".safetensors"),
     "llama1b": Family(LLAMA1B, torch.bfloat16, llama_model, llama_model, "", write_prompts, ".jsonl", save_tokenizer),
 }
 
