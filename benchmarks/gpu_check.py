@@ -95,7 +95,8 @@ def adaptive_spec(args: argparse.Namespace, method: str, out: Path) -> dict:
     return {"base": str(args.models / "base"), "models": {t: str(args.models / t) for t in tasks}, "method": method,
             "params": params, "output": str(out), "overwrite": True, "device": args.device,
             "tta": {"data": {t: str(args.models / "data" / f"{t}.safetensors") for t in tasks}, "steps": args.steps,
-                    "batch_size": args.images, "checkpoint_every": 1, "evaluate": False, "holdout": 0}}
+                    "batch_size": args.images, "checkpoint_every": 1, "evaluate": False, "holdout": 0,
+                    "objective": "entropy"}}
 
 
 def child_adaptive(args: argparse.Namespace) -> dict:
