@@ -186,9 +186,10 @@ def child_env() -> dict:
 
 def gpu_tests() -> str:
     """`pytest -m gpu` over the test files that hold gpu-marked tests: its summary line."""
-    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py") if "mark.gpu" in p.read_text())
+    files = sorted(p.name for p in (REPO / "tests").glob("test_*.py") if "mark.gpu" in p.read_text())
+    # run from tests/: `-m` puts the working folder on sys.path, and the checkout's rankmerge/ is not the installed package
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *files],
-                          cwd=REPO, capture_output=True, text=True, env=child_env(), timeout=TESTS_TIMEOUT_S)
+                          cwd=REPO / "tests", capture_output=True, text=True, env=child_env(), timeout=TESTS_TIMEOUT_S)
     lines = [line.strip("= ") for line in done.stdout.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", line)]
     if done.returncode not in (0, 5):
         log.error("%s", done.stdout[-4000:] + done.stderr[-2000:])
@@ -244,7 +245,7 @@ def ray_rows(args: argparse.Namespace, device: str, local_step: float) -> list[t
 
 def rankmerge_run(spec: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "rankmerge", "run", str(spec), *extra], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=child_env())
+                            stderr=subprocess.PIPE, text=True, env=child_env(), cwd=spec.parent)
 
 
 def finish(proc: subprocess.Popen, what: str) -> None:

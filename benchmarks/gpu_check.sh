@@ -10,7 +10,8 @@
 # Needs a Python with torch (any CUDA build), transformers, accelerate, safetensors and rankmerge installed — also
 # the air-gapped way: README, GPU machines. Without ray the Ray row is skipped with one line.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd -P)
+cd "${TMPDIR:-/tmp}"  # not the checkout: its rankmerge/ folder would shadow the installed package
 PYTHON="${PYTHON:-python3}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 if [[ "$DEVICE" == cuda* ]]; then
@@ -18,4 +19,4 @@ if [[ "$DEVICE" == cuda* ]]; then
 fi
 "$PYTHON" -c 'import rankmerge.service.cli, pytest' 2>/dev/null \
     || { echo "rankmerge or pytest is not importable by $PYTHON: install them (README: GPU machines)" >&2; exit 1; }
-exec "$PYTHON" benchmarks/gpu_check.py --device "$DEVICE" "$@"
+exec "$PYTHON" "$ROOT/benchmarks/gpu_check.py" --device "$DEVICE" "$@"

@@ -8,6 +8,7 @@ from contextlib import ExitStack
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from rankmerge.service.cli import main
 from rankmerge.service.merge_job import open_inputs
@@ -177,3 +178,107 @@ def test_cuda_adaptive_steps_match_cpu(families, tmp_path, method, params):
         on_cpu, on_cuda = next(cpu.weights_by_shard("final")), next(cuda.weights_by_shard("final"))
         for key, weight in on_cpu.items():
             torch.testing.assert_close(on_cuda[key], weight, atol=1e-4, rtol=1e-4)
+
+
+# ---- peak device memory in --dry-run ------------------------------------------------------------------------------------
+def test_the_device_forecast_is_the_kept_state_plus_the_largest_working_set():
+    from rankmerge.workers.forecast import device_peak_bytes
+
+    cuda = torch.device("cuda", 0)  # a device object needs no GPU
+    assert device_peak_bytes(cuda, 5 * 2**30, [2**30, 3 * 2**30, 2 * 2**30]) == 8 * 2**30
+    assert device_peak_bytes(cuda, 0, [7, 11]) == 11  # a static merge keeps nothing between tensors
+    assert device_peak_bytes(cuda, 13, []) == 13
+    assert device_peak_bytes(torch.device("cpu"), 5, [1, 2]) is None  # on the CPU the host peak is the forecast
+
+
+def test_the_summary_names_the_device_peak_only_for_a_gpu():
+    from rankmerge.workers.forecast import Forecast
+
+    common = dict(seconds=10.0, peak_bytes=2**30, parts={"write": 1.0}, shapes=3, calibration_s=0.5)
+    on_gpu = Forecast(**common, device_peak_bytes=3 * 2**30 // 2, device="cuda:0 (H100)").summary()
+    assert "predicted peak memory: 1.00 GiB; predicted peak device memory: 1.50 GiB on cuda:0 (H100) (measured" in on_gpu
+    assert "device memory" not in Forecast(**common).summary()
+
+
+def test_device_peak_counts_nothing_on_the_cpu():
+    from rankmerge.workers.device import DevicePeak
+
+    with DevicePeak(torch.device("cpu")) as peak:
+        kept = torch.ones(1 << 20)
+    assert peak.peak == 0 and kept.sum() == 1 << 20
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
+def test_a_static_dry_run_forecasts_device_memory_on_a_gpu_only(families, tmp_path, capsys, device):
+    base, tasks = families("vit")
+    args = ["merge", "--base", str(base), "--method", "tsv_m", "--out", str(tmp_path / "out"), "--device", device,
+            "--dry-run", *[f"--model={n}={p}" for n, p in tasks.items()]]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak memory:" in out and ("predicted peak device memory:" in out) == (device == "cuda")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
+def test_an_adaptive_dry_run_forecasts_device_memory_on_a_gpu_only(families, tmp_path, capsys, device):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({**make_job(families, tmp_path, objective="entropy"), "device": device}))
+    assert main(["run", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak memory:" in out and ("predicted peak device memory:" in out) == (device == "cuda")
+    assert not (tmp_path / "out").exists()
+
+
+def larger_vit(tmp_path):
+    """Tensors large enough that the allocator's rounding and fixed costs do not decide the comparison."""
+    from rankmerge.service.tiny_models import make_family
+
+    return make_family("vit", tmp_path / "models", sizes={"hidden_size": 256, "intermediate_size": 1024,
+                                                           "num_hidden_layers": 2, "num_attention_heads": 4})
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("method", ["tsv_m", "ties", "task_arithmetic"])
+def test_the_static_device_forecast_is_near_the_measured_peak(tmp_path, method):
+    from rankmerge.service.merge_job import forecast_merge, prepare, run_merge_job
+
+    base, tasks = larger_vit(tmp_path)
+    job = job_from_dict({"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": method,
+                         "output": str(tmp_path / "out"), "device": "cuda"}, tmp_path)
+    with ExitStack() as stack:
+        predicted = forecast_merge(prepare(job, stack), torch.device("cuda", 0)).device_peak_bytes
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run_merge_job(job)
+    measured = torch.cuda.max_memory_allocated() - before
+    assert 0.5 * measured <= predicted <= 2 * measured + 2**20, (predicted, measured)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_the_adaptive_device_forecast_is_near_the_measured_peak(tmp_path):
+    from rankmerge.service.tta_job import dry_run_adaptive_job
+
+    base, tasks = larger_vit(tmp_path)
+    data = {}
+    for i, name in enumerate(tasks):
+        data[name] = str(tmp_path / f"{name}.safetensors")
+        save_file({"pixel_values": torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i))}, data[name])
+    job = job_from_dict({"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": "adarank",
+                         "params": {"factorization": "ta"}, "output": str(tmp_path / "out"), "device": "cuda",
+                         "tta": {"data": data, "steps": 2, "batch_size": 8, "objective": "entropy", "holdout": 0}}, tmp_path)
+    text = dry_run_adaptive_job(job)
+    predicted = float(text.split("predicted peak device memory: ")[1].split(" GiB")[0]) * 2**30
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with ExitStack() as stack:
+        _, opened, plan = open_inputs(job, stack)
+        runner = start_executor(job, plan, "local", None)
+        stack.callback(runner.close)
+        for step in range(2):
+            runner.step([torch.arange(8) for _ in opened])
+    measured = torch.cuda.max_memory_allocated() - before
+    assert 0.5 * measured <= predicted + 0.01 * 2**30 and predicted <= 2 * measured + 0.01 * 2**30, (predicted, measured)
