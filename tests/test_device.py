@@ -282,3 +282,34 @@ def test_the_adaptive_device_forecast_is_near_the_measured_peak(tmp_path):
             runner.step([torch.arange(8) for _ in opened])
     measured = torch.cuda.max_memory_allocated() - before
     assert 0.5 * measured <= predicted + 0.01 * 2**30 and predicted <= 2 * measured + 0.01 * 2**30, (predicted, measured)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("partition", ["replicated", "zero3"])
+def test_ray_shard_and_worker_on_the_gpu_match_the_local_executor(families, tmp_path, partition):
+    """One GPU shared by a shard actor and a worker actor (half each): factors, masks, λ, Adam on the shard's GPU,
+    the worker's model on its own (ZeRO-3: DeepSpeed over NCCL); the result is the in-process one on the same GPU."""
+    ray = pytest.importorskip("ray")
+    if partition == "zero3":
+        pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    from rankmerge.service.tta_job import run_adaptive_job
+
+    spec = {**make_job(families, tmp_path, params={"factorization": "ta", "lambda": 0.3}, objective="entropy", steps=4)}
+    local = job_from_dict({**spec, "device": "cuda", "output": str(tmp_path / "local")}, tmp_path)
+    assert run_adaptive_job(local)["device"].startswith("cuda")
+    resources = {"shards": 1, "workers": 1, "partition": partition, "gpus_per_shard": 0.5, "gpus_per_worker": 0.5}
+    remote = job_from_dict({**spec, "device": "auto", "output": str(tmp_path / "ray"), "resources": resources}, tmp_path)
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        report = run_adaptive_job(remote, executor="ray")
+    finally:
+        ray.shutdown()
+    assert report["device"] == "cuda (shards), cuda (workers)"
+    for name in ("adaptive/lambda.safetensors", "adaptive/masks.safetensors", "model.safetensors"):
+        a, b = load_file(str(tmp_path / "ray" / name)), load_file(str(tmp_path / "local" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
