@@ -313,3 +313,23 @@ def test_ray_shard_and_worker_on_the_gpu_match_the_local_executor(families, tmp_
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
+def test_static_inputs_are_staged_pinned_for_a_gpu_and_stay_put_for_the_cpu(families, tmp_path, device):
+    """A GPU merge reads each tensor into page-locked buffers (their copy to the device is asynchronous); the CPU path
+    gets the very tensors it read."""
+    from rankmerge.workers.static_merge import inputs_on, load_inputs
+
+    base, tasks = families("vit")
+    job = job_from_dict({"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": "tsv_m",
+                         "output": str(tmp_path / "out"), "device": device}, tmp_path)
+    with ExitStack() as stack:
+        base_ck, task_cks, plan = open_inputs(job, stack)
+        entry = max(plan.merged, key=lambda e: e.numel)
+        staged = load_inputs(entry, base_ck, task_cks, pin=device == "cuda")
+        assert staged.base.is_pinned() == staged.taus.is_pinned() == (device == "cuda")
+        moved = inputs_on(staged, torch.device(device))
+        assert moved.taus.device.type == moved.base.device.type == device
+        assert (moved is staged) == (device == "cpu")
+        assert torch.equal(moved.taus.cpu(), staged.taus) and torch.equal(moved.base.cpu(), staged.base)
