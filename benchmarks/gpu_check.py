@@ -314,8 +314,11 @@ def main() -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import torch
+    from transformers.utils import logging as hf_logging
 
     from scale_models import generate
+
+    hf_logging.disable_progress_bar()  # save_pretrained's bars would break up the log above the table
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         log.error("torch %s sees no CUDA GPU (set GPU_CHECK_DEVICE=cpu to check the script without one)", torch.__version__)
