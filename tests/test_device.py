@@ -333,3 +333,17 @@ def test_static_inputs_are_staged_pinned_for_a_gpu_and_stay_put_for_the_cpu(fami
         assert moved.taus.device.type == moved.base.device.type == device
         assert (moved is staged) == (device == "cpu")
         assert torch.equal(moved.taus.cpu(), staged.taus) and torch.equal(moved.base.cpu(), staged.base)
+
+
+def test_the_cli_and_the_in_process_path_import_neither_ray_nor_deepspeed(tmp_path):
+    """What an air-gapped GPU machine without them runs (README, GPU machines): the CLI, static merges, the local
+    executor and the forecasts load ray and deepspeed only when a Ray or ZeRO-3 job asks for them."""
+    import subprocess
+    import sys
+
+    modules = ["rankmerge.service.cli", "rankmerge.service.merge_job", "rankmerge.service.tta_job",
+               "rankmerge.cluster.executor", "rankmerge.workers.forecast", "rankmerge.workers.tta.forecast"]
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            "print(sorted(m for m in ('ray', 'deepspeed') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert done.stdout.strip() == "[]"
