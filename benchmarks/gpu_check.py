@@ -296,7 +296,9 @@ def table(rows: list[tuple[str, str, str, str]], device: str) -> str:
 def device_label(device: str) -> str:
     import torch
 
-    return f"{device} ({torch.cuda.get_device_name(0)})" if device.startswith("cuda") else f"{device} (GPU_CHECK_DEVICE)"
+    if not device.startswith("cuda"):
+        return f"{device} (GPU_CHECK_DEVICE)"
+    return f"{device} ({torch.cuda.get_device_name(torch.device(device).index or 0)})"
 
 
 def main() -> int:
