@@ -3,12 +3,14 @@
     .venv/bin/python benchmarks/scale_models.py vitl --tasks 20 --out .bench/scale/vitl
     .venv/bin/python benchmarks/scale_models.py llama1b --tasks 8 --out .bench/scale/llama1b
 
-Two families, randomly initialised (this measures speed and memory at scale, not quality):
+Three families, randomly initialised (this measures speed and memory at scale, not quality):
 
 * ``vitl``: a CLIP ViT-L/14-shaped vision encoder. Base = ``CLIPVisionModel``; task t =
   ``CLIPForImageClassification`` (10 labels, its own seeded classifier head) whose backbone is
   base + a task vector; fp16 on disk. Plus ``data/t<i>.safetensors``: 32 unlabeled images
   (``pixel_values`` [32, 3, 224, 224] float32, seeded noise) per task for test-time adaptation.
+* ``vitb32``: the same at CLIP ViT-B/32's shape (12 layers, width 768, patch 32), fp32 on disk
+  (benchmarks/gpu_check.py).
 * ``llama1b``: a TinyLlama-1.1B-shaped ``LlamaForCausalLM`` (untied), bf16 on disk. Plus
   ``data/t<i>.jsonl``: 32 prompts ``{"text": ...}`` per task. rankmerge tokenises .jsonl data
   with the base directory's tokenizer, so every model directory carries a small real byte-level
