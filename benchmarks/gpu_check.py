@@ -222,9 +222,10 @@ def split(run: dict) -> str:
 def static_rows(args: argparse.Namespace, device: str) -> list[tuple[str, str, str, str]]:
     rows = []
     for method, label in (("tsv_m", "TSV-M"), ("task_arithmetic", "TA")):
-        runs = {d: run_child("static", args, d, args.work / f"{method}-{d.replace(':', '')}", method) for d in ("cpu", device)}
-        diff = max_difference(args.work / f"{method}-cpu", args.work / f"{method}-{device.replace(':', '')}")
-        rows.append((f"{label} static merge, {args.tasks} × ViT-B/32", measured(runs["cpu"]), measured(runs[device]),
+        outs = {"host": args.work / f"{method}-host", "device": args.work / f"{method}-device"}  # apart also in cpu mode
+        runs = {side: run_child("static", args, d, outs[side], method) for side, d in (("host", "cpu"), ("device", device))}
+        diff = max_difference(outs["host"], outs["device"])
+        rows.append((f"{label} static merge, {args.tasks} × ViT-B/32", measured(runs["host"]), measured(runs["device"]),
                      f"max |diff| {diff:.1e}"))
     return rows
 
