@@ -102,14 +102,14 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
     return value, time.perf_counter() - start
 
 
-def _sample_merged(entry: TensorPlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
-                   device: torch.device = CPU) -> tuple[float, float, float, int]:
-    """(read s, stat-pass s, merge s, device bytes) of one merged tensor through a fresh method instance sized to that
-    tensor (its whole-model statistics, e.g. TIES' k-th magnitude, are then statistics of the sample), on `device`
-    as the merge computes it; device bytes: its allocation there at its fullest (0 on the CPU)."""
+def _sample_merged(entry: TensorPlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint], device: torch.device = CPU) -> tuple[float, float, float, int]:
+    """(read s, stat-pass s, merge s) of one merged tensor through a fresh method instance sized to that tensor
+    (its whole-model statistics, e.g. TIES' k-th magnitude, are then statistics of the sample)."""
+    inputs, read_s = timed(lambda: load_inputs(entry, base, tasks))
+    assert isinstance(inputs, TensorInputs)
+    # on `device`, as the merge computes; and the bytes allocated there at the fullest (0 on the CPU)
     with DevicePeak(device) as on_device:
-        inputs, read_s = timed(lambda: inputs_on(load_inputs(entry, base, tasks, pin=device.type == "cuda"), device))
-        assert isinstance(inputs, TensorInputs)
+        inputs = inputs_on(inputs, device)
         stat_s = 0.0
         for stat_pass in method.stat_passes():
             _, spent = timed(lambda: (stat_pass.observe(inputs), stat_pass.finish()))
