@@ -3,12 +3,14 @@
     .venv/bin/python benchmarks/scale_models.py vitl --tasks 20 --out .bench/scale/vitl
     .venv/bin/python benchmarks/scale_models.py llama1b --tasks 8 --out .bench/scale/llama1b
 
-Two families, randomly initialised (this measures speed and memory at scale, not quality):
+Three families, randomly initialised (this measures speed and memory at scale, not quality):
 
 * ``vitl``: a CLIP ViT-L/14-shaped vision encoder. Base = ``CLIPVisionModel``; task t =
   ``CLIPForImageClassification`` (10 labels, its own seeded classifier head) whose backbone is
   base + a task vector; fp16 on disk. Plus ``data/t<i>.safetensors``: 32 unlabeled images
   (``pixel_values`` [32, 3, 224, 224] float32, seeded noise) per task for test-time adaptation.
+* ``vitb32``: the same at CLIP ViT-B/32's shape (12 layers, width 768, patch 32), fp32 on disk
+  (benchmarks/gpu_check.py).
 * ``llama1b``: a TinyLlama-1.1B-shaped ``LlamaForCausalLM`` (untied), bf16 on disk. Plus
   ``data/t<i>.jsonl``: 32 prompts ``{"text": ...}`` per task. rankmerge tokenises .jsonl data
   with the base directory's tokenizer, so every model directory carries a small real byte-level
@@ -147,11 +149,14 @@ def save_tokenizer(model_dir: Path) -> None:
 
 VITL = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
         "patch_size": 14, "image_size": 224, "projection_dim": 768}
+VITB32 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "patch_size": 32, "image_size": 224, "projection_dim": 512}
 LLAMA1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
            "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048,
            "tie_word_embeddings": False}
 FAMILIES = {
     "vitl": Family(VITL, torch.float16, clip_base, clip_task, "vision_model.", write_images, ".safetensors"),
+    "vitb32": Family(VITB32, torch.float32, clip_base, clip_task, "vision_model.", write_images, ".safetensors"),
     "llama1b": Family(LLAMA1B, torch.bfloat16, llama_model, llama_model, "", write_prompts, ".jsonl", save_tokenizer),
 }
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 from rankmerge.workers.device import resolve_device
 from rankmerge.workers.checkpoint_writer import check_disk_space, check_output_free, check_output_parent, parse_size
@@ -115,12 +117,12 @@ def prepare(job: MergeJob, stack: ExitStack) -> PreparedMerge:
     return PreparedMerge(job, base, tasks, plan, method)
 
 
-def forecast_merge(prepared: PreparedMerge) -> Forecast:
-    """Time and memory of this merge, measured on one tensor of each shape (see workers/forecast.py)."""
+def forecast_merge(prepared: PreparedMerge, device: torch.device = torch.device("cpu")) -> Forecast:
+    """Time and memory of this merge, measured on one tensor of each shape on `device` (see workers/forecast.py)."""
     job = prepared.job
     names = tuple(job.models)
     return forecast(prepared.plan, lambda numel: make_method(job.method, job.params, MergeContext(names, numel)),
-                    prepared.base, prepared.tasks, job.output)
+                    prepared.base, prepared.tasks, job.output, device)
 
 
 def describe_plan(prepared: PreparedMerge, predicted: Forecast | None = None) -> str:
@@ -153,7 +155,7 @@ def run_merge_job(job: MergeJob, dry_run: bool = False) -> dict[str, Any] | str:
     with ExitStack() as stack:
         prepared = prepare(job, stack)
         if dry_run:
-            return describe_plan(prepared, forecast_merge(prepared))
+            return describe_plan(prepared, forecast_merge(prepared, device))
         log.info("merging %d models with %s into %s on %s", len(prepared.tasks), job.method, job.output, device)
         pub = publication(job, prepared.plan, prepared.base, prepared.tasks, prepared.method.params.model_dump(by_alias=True))
         return run_static_merge(pub, prepared.method,

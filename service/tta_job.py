@@ -171,7 +171,7 @@ def dry_run_adaptive_job(job: MergeJob) -> str:
         params = parse_adaptive_params(job.method, job.params)
         dtype = getattr(torch, compute_dtype(tta.compute_dtype, plan))
         predicted = forecast_adaptive(plan, params, tta.lr, base, tasks, models, datasets, tta.batch_size, tta.steps,
-                                      dtype, job.output.parent)
+                                      dtype, job.output.parent, resolve_device(job.device))
     counts = ", ".join(f"{n} {role}" for role, n in plan.role_counts().items())
     return "\n".join([
         f"architecture rules: {plan.rules.name}; tasks: {', '.join(plan.task_names)}",

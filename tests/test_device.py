@@ -8,6 +8,7 @@ from contextlib import ExitStack
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from rankmerge.service.cli import main
 from rankmerge.service.merge_job import open_inputs
@@ -177,3 +178,172 @@ def test_cuda_adaptive_steps_match_cpu(families, tmp_path, method, params):
         on_cpu, on_cuda = next(cpu.weights_by_shard("final")), next(cuda.weights_by_shard("final"))
         for key, weight in on_cpu.items():
             torch.testing.assert_close(on_cuda[key], weight, atol=1e-4, rtol=1e-4)
+
+
+# ---- peak device memory in --dry-run ------------------------------------------------------------------------------------
+def test_the_device_forecast_is_the_kept_state_plus_the_largest_working_set():
+    from rankmerge.workers.forecast import device_peak_bytes
+
+    cuda = torch.device("cuda", 0)  # a device object needs no GPU
+    assert device_peak_bytes(cuda, 5 * 2**30, [2**30, 3 * 2**30, 2 * 2**30]) == 8 * 2**30
+    assert device_peak_bytes(cuda, 0, [7, 11]) == 11  # a static merge keeps nothing between tensors
+    assert device_peak_bytes(cuda, 13, []) == 13
+    assert device_peak_bytes(torch.device("cpu"), 5, [1, 2]) is None  # on the CPU the host peak is the forecast
+
+
+def test_the_summary_names_the_device_peak_only_for_a_gpu():
+    from rankmerge.workers.forecast import Forecast
+
+    common = dict(seconds=10.0, peak_bytes=2**30, parts={"write": 1.0}, shapes=3, calibration_s=0.5)
+    on_gpu = Forecast(**common, device_peak_bytes=3 * 2**30 // 2, device="cuda:0 (H100)").summary()
+    assert "predicted peak memory: 1.00 GiB; predicted peak device memory: 1.50 GiB on cuda:0 (H100) (measured" in on_gpu
+    assert "device memory" not in Forecast(**common).summary()
+
+
+def test_device_peak_counts_nothing_on_the_cpu():
+    from rankmerge.workers.device import DevicePeak
+
+    with DevicePeak(torch.device("cpu")) as peak:
+        kept = torch.ones(1 << 20)
+    assert peak.peak == 0 and kept.sum() == 1 << 20
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
+def test_a_static_dry_run_forecasts_device_memory_on_a_gpu_only(families, tmp_path, capsys, device):
+    base, tasks = families("vit")
+    args = ["merge", "--base", str(base), "--method", "tsv_m", "--out", str(tmp_path / "out"), "--device", device,
+            "--dry-run", *[f"--model={n}={p}" for n, p in tasks.items()]]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak memory:" in out and ("predicted peak device memory:" in out) == (device == "cuda")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
+def test_an_adaptive_dry_run_forecasts_device_memory_on_a_gpu_only(families, tmp_path, capsys, device):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({**make_job(families, tmp_path, objective="entropy"), "device": device}))
+    assert main(["run", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak memory:" in out and ("predicted peak device memory:" in out) == (device == "cuda")
+    assert not (tmp_path / "out").exists()
+
+
+def larger_vit(tmp_path):
+    """Tensors large enough that the allocator's rounding and fixed costs do not decide the comparison."""
+    from rankmerge.service.tiny_models import make_family
+
+    return make_family("vit", tmp_path / "models", sizes={"hidden_size": 256, "intermediate_size": 1024,
+                                                           "num_hidden_layers": 2, "num_attention_heads": 4})
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("method", ["tsv_m", "ties", "task_arithmetic"])
+def test_the_static_device_forecast_is_near_the_measured_peak(tmp_path, method):
+    from rankmerge.service.merge_job import forecast_merge, prepare, run_merge_job
+
+    base, tasks = larger_vit(tmp_path)
+    job = job_from_dict({"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": method,
+                         "output": str(tmp_path / "out"), "device": "cuda"}, tmp_path)
+    with ExitStack() as stack:
+        predicted = forecast_merge(prepare(job, stack), torch.device("cuda", 0)).device_peak_bytes
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run_merge_job(job)
+    measured = torch.cuda.max_memory_allocated() - before
+    assert 0.5 * measured <= predicted <= 2 * measured + 2**20, (predicted, measured)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_the_adaptive_device_forecast_is_near_the_measured_peak(tmp_path):
+    from rankmerge.service.tta_job import dry_run_adaptive_job
+
+    base, tasks = larger_vit(tmp_path)
+    data = {}
+    for i, name in enumerate(tasks):
+        data[name] = str(tmp_path / f"{name}.safetensors")
+        save_file({"pixel_values": torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i))}, data[name])
+    job = job_from_dict({"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": "adarank",
+                         "params": {"factorization": "ta"}, "output": str(tmp_path / "out"), "device": "cuda",
+                         "tta": {"data": data, "steps": 2, "batch_size": 8, "objective": "entropy", "holdout": 0}}, tmp_path)
+    text = dry_run_adaptive_job(job)
+    predicted = float(text.split("predicted peak device memory: ")[1].split(" GiB")[0]) * 2**30
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with ExitStack() as stack:
+        _, opened, plan = open_inputs(job, stack)
+        runner = start_executor(job, plan, "local", None)
+        stack.callback(runner.close)
+        for step in range(2):
+            runner.step([torch.arange(8) for _ in opened])
+    measured = torch.cuda.max_memory_allocated() - before
+    assert 0.5 * measured <= predicted + 0.01 * 2**30 and predicted <= 2 * measured + 0.01 * 2**30, (predicted, measured)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("partition", ["replicated", "zero3"])
+def test_ray_shard_and_worker_on_the_gpu_match_the_local_executor(families, tmp_path, partition):
+    """One GPU shared by a shard actor and a worker actor (half each): factors, masks, λ, Adam on the shard's GPU,
+    the worker's model on its own (ZeRO-3: DeepSpeed over NCCL); the result is the in-process one on the same GPU."""
+    ray = pytest.importorskip("ray")
+    if partition == "zero3":
+        pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    from rankmerge.service.tta_job import run_adaptive_job
+
+    spec = {**make_job(families, tmp_path, params={"factorization": "ta", "lambda": 0.3}, objective="entropy", steps=4)}
+    local = job_from_dict({**spec, "device": "cuda", "output": str(tmp_path / "local")}, tmp_path)
+    assert run_adaptive_job(local)["device"].startswith("cuda")
+    resources = {"shards": 1, "workers": 1, "partition": partition, "gpus_per_shard": 0.5, "gpus_per_worker": 0.5}
+    remote = job_from_dict({**spec, "device": "auto", "output": str(tmp_path / "ray"), "resources": resources}, tmp_path)
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        report = run_adaptive_job(remote, executor="ray")
+    finally:
+        ray.shutdown()
+    assert report["device"] == "cuda (shards), cuda (workers)"
+    for name in ("adaptive/lambda.safetensors", "adaptive/masks.safetensors", "model.safetensors"):
+        a, b = load_file(str(tmp_path / "ray" / name)), load_file(str(tmp_path / "local" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu])])
+def test_static_inputs_are_staged_pinned_for_a_gpu_and_stay_put_for_the_cpu(families, tmp_path, device):
+    """A GPU merge reads each tensor into page-locked buffers (their copy to the device is asynchronous); the CPU path
+    gets the very tensors it read."""
+    from rankmerge.workers.static_merge import inputs_on, load_inputs
+
+    base, tasks = families("vit")
+    job = job_from_dict({"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": "tsv_m",
+                         "output": str(tmp_path / "out"), "device": device}, tmp_path)
+    with ExitStack() as stack:
+        base_ck, task_cks, plan = open_inputs(job, stack)
+        entry = max(plan.merged, key=lambda e: e.numel)
+        staged = load_inputs(entry, base_ck, task_cks, pin=device == "cuda")
+        assert staged.base.is_pinned() == staged.taus.is_pinned() == (device == "cuda")
+        moved = inputs_on(staged, torch.device(device))
+        assert moved.taus.device.type == moved.base.device.type == device
+        assert (moved is staged) == (device == "cpu")
+        assert torch.equal(moved.taus.cpu(), staged.taus) and torch.equal(moved.base.cpu(), staged.base)
+
+
+def test_the_cli_and_the_in_process_path_import_neither_ray_nor_deepspeed(tmp_path):
+    """What an air-gapped GPU machine without them runs (README, GPU machines): the CLI, static merges, the local
+    executor and the forecasts load ray and deepspeed only when a Ray or ZeRO-3 job asks for them."""
+    import subprocess
+    import sys
+
+    modules = ["rankmerge.service.cli", "rankmerge.service.merge_job", "rankmerge.service.tta_job",
+               "rankmerge.cluster.executor", "rankmerge.workers.forecast", "rankmerge.workers.tta.forecast"]
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+            "print(sorted(m for m in ('ray', 'deepspeed') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert done.stdout.strip() == "[]"

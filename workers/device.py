@@ -59,3 +59,25 @@ def device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return str(device)
     return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
+class DevicePeak:
+    """Bytes a block allocated on a GPU at its fullest, above what was allocated when it began: the caching
+    allocator's own count, so exact for tensors (library workspaces such as cuSOLVER's are not tensors). On the CPU
+    it stays 0: host memory is what RSS measures."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+        self._start = 0
+
+    def __enter__(self) -> "DevicePeak":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = max(0, torch.cuda.max_memory_allocated(self.device) - self._start)

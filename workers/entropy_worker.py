@@ -160,7 +160,7 @@ class EntropyWorker:
             for g in out.values():
                 dist.reduce(g, dst=0)
                 g.div_(self.world)
-        return (out if self.rank == 0 else {}), [float(e.detach()) for e in per_task]
+        return (out if self.rank == 0 else {}), torch.stack(per_task).detach().tolist()  # one device sync, not T
 
     def _zero3_gradients(self, batches: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[float]]:
         engine = self.engine

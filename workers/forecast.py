@@ -8,6 +8,9 @@ samples (the largest group's working set, read the same way the merge reads it) 
 on top: the next tensor read ahead and the previous result waiting to be written.
 
 The sample costs about one tensor of each shape: a few percent of a merge over many layers.
+
+On a GPU the samples run there, as the merge will: peak device memory is the largest sample's allocation (the merge
+holds one tensor's inputs, workspace and result on the device at a time; reads ahead and writes stay on the host).
 """
 
 from __future__ import annotations
@@ -19,17 +22,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.device import DevicePeak, device_name
 from rankmerge.workers.methods.registry import MergeMethod, TensorInputs
 from rankmerge.workers.memory import current_rss_bytes, peak_rss_bytes
 from rankmerge.workers.plan import MergePlan, TensorPlan
 from rankmerge.workers.roles import Role
 from rankmerge.workers.safetensors_format import nbytes
-from rankmerge.workers.static_merge import PREFETCH_BUDGET_BYTES, load_inputs
+from rankmerge.workers.static_merge import CPU, PREFETCH_BUDGET_BYTES, inputs_on, load_inputs
 
 log = logging.getLogger(__name__)
 WRITE_PROBE_BYTES = 64 * 2**20
@@ -62,11 +66,21 @@ class Forecast:
     parts: dict[str, float]  # named parts of the time (seconds)
     shapes: int  # (role, shape) groups sampled
     calibration_s: float
+    device_peak_bytes: int | None = None  # on a GPU only: what the job allocates there at its fullest
+    device: str = "cpu"
 
     def summary(self) -> str:
         parts = ", ".join(f"{name} {value:.1f} s" for name, value in self.parts.items())
-        return (f"predicted wall time: {self.seconds:.1f} s ({parts}); predicted peak memory: {self.peak_bytes / 2**30:.2f} GiB "
-                f"(measured on one tensor of each of {self.shapes} shapes in {self.calibration_s:.1f} s)")
+        on_device = ("" if self.device_peak_bytes is None else
+                     f"; predicted peak device memory: {self.device_peak_bytes / 2**30:.2f} GiB on {self.device}")
+        return (f"predicted wall time: {self.seconds:.1f} s ({parts}); predicted peak memory: {self.peak_bytes / 2**30:.2f} GiB"
+                f"{on_device} (measured on one tensor of each of {self.shapes} shapes in {self.calibration_s:.1f} s)")
+
+
+def device_peak_bytes(device: torch.device, kept: int, working: Iterable[int]) -> int | None:
+    """A GPU's fullest moment: what stays on it for the whole job (`kept`) plus the largest working set of one unit
+    of work (one tensor, one step), which run one at a time. None on the CPU (the host peak covers it)."""
+    return kept + max(working, default=0) if device.type == "cuda" else None
 
 
 def group_entries(entries: list[TensorPlan]) -> dict[tuple[Role, tuple[int, ...]], list[TensorPlan]]:
@@ -88,22 +102,26 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
     return value, time.perf_counter() - start
 
 
-def _sample_merged(entry: TensorPlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> tuple[float, float, float]:
+def _sample_merged(entry: TensorPlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint], device: torch.device = CPU) -> tuple[float, float, float, int]:
     """(read s, stat-pass s, merge s) of one merged tensor through a fresh method instance sized to that tensor
     (its whole-model statistics, e.g. TIES' k-th magnitude, are then statistics of the sample)."""
     inputs, read_s = timed(lambda: load_inputs(entry, base, tasks, factors_only=method.from_factors(entry.role, entry.shape)))
     assert isinstance(inputs, TensorInputs)
-    stat_s = 0.0
-    for stat_pass in method.stat_passes():
-        _, spent = timed(lambda: (stat_pass.observe(inputs), stat_pass.finish()))
-        stat_s += spent
+    # on `device`, as the merge computes; and the bytes allocated there at the fullest (0 on the CPU)
+    with DevicePeak(device) as on_device:
+        inputs = inputs_on(inputs, device)
+        stat_s = 0.0
+        for stat_pass in method.stat_passes():
+            _, spent = timed(lambda: (stat_pass.observe(inputs), stat_pass.finish()))
+            stat_s += spent
 
-    def merge() -> torch.Tensor:
-        delta, _ = method.merge(inputs)
-        return delta.add_(inputs.base).to(entry.out_dtype)
+        def merge() -> torch.Tensor:
+            delta, _ = method.merge(inputs)
+            return delta.add_(inputs.base).cpu().to(entry.out_dtype)
 
-    _, merge_s = timed(merge)
-    return read_s, stat_s, merge_s
+        _, merge_s = timed(merge)
+        del inputs
+    return read_s, stat_s, merge_s, on_device.peak
 
 
 def process_age_seconds() -> float:
@@ -138,20 +156,22 @@ def pipeline_extra_bytes(plan: MergePlan, num_tasks: int) -> int:
 
 
 def forecast(plan: MergePlan, new_method: Callable[[int], MergeMethod], base: ModelCheckpoint, tasks: list[ModelCheckpoint],
-             output: Path) -> Forecast:
-    """Measure one tensor per (role, shape) group, largest last, and extrapolate to the whole merge.
+             output: Path, device: torch.device = CPU) -> Forecast:
+    """Measure one tensor per (role, shape) group, largest last, on `device`, and extrapolate to the whole merge.
 
     `new_method(merged_numel)` builds the method for a model of that many merged entries: each sample gets one
     sized to itself, since whole-model statistics over a model the sample is not cannot be computed from it."""
     start, startup_s = time.perf_counter(), process_age_seconds()
     groups = sorted(group_entries(plan.tensors).items(), key=lambda kv: kv[1][0].numel)
     passes = len(new_method(plan.merged_numel).stat_passes()) + 1
-    costs = []
+    costs, device_working = [], []
     for (role, shape), entries in groups:
         samples = []
         for entry in _spread(entries):
             if role in (Role.SPECTRAL, Role.ELEMENTWISE):
-                samples.append(_sample_merged(entry, new_method(entry.numel), base, tasks))
+                *seconds, on_device = _sample_merged(entry, new_method(entry.numel), base, tasks, device)
+                samples.append(tuple(seconds))
+                device_working.append(on_device)
             else:
                 samples.append((timed(lambda: base.read(entry.key))[1], 0.0, 0.0))
             if sum(samples[-1]) > CHEAP_SAMPLE_S:
@@ -164,4 +184,5 @@ def forecast(plan: MergePlan, new_method: Callable[[int], MergeMethod], base: Mo
     compute = sum(c.seconds(passes if c.role in (Role.SPECTRAL, Role.ELEMENTWISE) else 1) for c in costs)
     peak = max(peak_rss_bytes(), current_rss_bytes()) + pipeline_extra_bytes(plan, len(tasks))
     parts = {"start-up": startup_s, f"{passes} pass{'es' if passes > 1 else ''} over the inputs": compute, "write": write_s}
-    return Forecast(startup_s + compute + write_s, peak, parts, len(costs), time.perf_counter() - start)
+    return Forecast(startup_s + compute + write_s, peak, parts, len(costs), time.perf_counter() - start,
+                    device_peak_bytes(device, 0, device_working), device_name(device))

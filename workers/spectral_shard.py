@@ -91,7 +91,8 @@ class SpectralShard:
         self.merger.optimizer.step()
         self._pending = None
         after = self.merger.hard_masks()
-        return sum(int((self._before[k] != after[k]).sum()) for k in after)
+        flips = [(self._before[k] != after[k]).sum() for k in after]
+        return int(torch.stack(flips).sum()) if flips else 0  # one device sync per step, not one per tensor
 
     # ---- checkpoint state ----------------------------------------------------------------------------------------
     def _named_params(self) -> dict[str, Tensor]:
