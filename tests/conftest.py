@@ -51,3 +51,18 @@ def make_adaptive_spec(families, tmp_path, method="adarank", params=None, steps=
     spec = {"base": str(base), "models": {k: str(v) for k, v in tasks.items()}, "method": method, "params": params or {},
             "output": str(tmp_path / "out"), "tta": {"data": data, "steps": steps, "batch_size": 6, "checkpoint_every": 2, **tta}}
     return spec
+
+
+def cli_merge(base, tasks: dict, method: str, out, *sets: str) -> dict:
+    """`rankmerge merge` of `tasks` on `base` with `--set` pairs; the merged tensors."""
+    from safetensors.torch import load_file
+    from rankmerge.service.cli import main
+
+    args = ["merge", "--base", str(base), "--method", method, "--out", str(out)]
+    for name, path in tasks.items():
+        args += ["--model", f"{name}={path}"]
+    for pair in sets:
+        args += ["--set", pair]
+    assert main(args) == 0
+    return load_file(str(out / "model.safetensors"))
+

@@ -24,8 +24,9 @@ from rankmerge.workers.peft_adapter import open_model
 from rankmerge.workers.plan import build_plan
 from rankmerge.workers.static_merge import is_unformed, load_inputs
 
-TASKS = ("t0", "t1")
+from conftest import cli_merge
 
+TASKS = ("t0", "t1")
 
 def randomize_lora_(model, seed: int) -> None:
     """LoRA starts with B = 0 (no change): give every factor seeded values, as training would."""
@@ -36,7 +37,6 @@ def randomize_lora_(model, seed: int) -> None:
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
             elif "modules_to_save" in name:
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
-
 
 def build_family(root, make_model, lora_config, *, base_dtype=torch.float32):
     """(base dir, {task: adapter dir}, {task: merge_and_unload dir}) from one seeded base."""
@@ -52,24 +52,20 @@ def build_family(root, make_model, lora_config, *, base_dtype=torch.float32):
         model.merge_and_unload().save_pretrained(full[name])
     return root / "base", adapters, full
 
-
 def base_model_of(make_model):
     def make():
         torch.manual_seed(0)  # every task starts from the same base weights
         return make_model()
     return make
 
-
 def tiny_gpt2():
     cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0,
                      pad_token_id=0, num_labels=3)
     return GPT2ForSequenceClassification(cfg)
 
-
 def tiny_llama():
     return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32))
-
 
 def gpt2_lora():
     # Every rank is at least TSV-M's ⌊32/2⌋ kept components: below it the dense SVD of the merged model has σ ≈ rounding
@@ -78,36 +74,21 @@ def gpt2_lora():
     return LoraConfig(r=16, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], task_type="SEQ_CLS", use_rslora=True,
                       rank_pattern={"h.1.mlp.c_fc": 20}, alpha_pattern={"h.0.attn.c_proj": 3})
 
-
 def llama_lora():
     return LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM")
-
 
 @pytest.fixture(scope="module")
 def gpt2_family(tmp_path_factory):
     return build_family(tmp_path_factory.mktemp("gpt2"), base_model_of(tiny_gpt2), gpt2_lora)
 
-
 @pytest.fixture(scope="module")
 def llama_family(tmp_path_factory):
     return build_family(tmp_path_factory.mktemp("llama"), base_model_of(tiny_llama), llama_lora)
-
-
-def merge(base, tasks, method, out, *params):
-    args = ["merge", "--base", str(base), "--method", method, "--out", str(out)]
-    for name, path in tasks.items():
-        args += ["--model", f"{name}={path}"]
-    for p in params:
-        args += ["--set", p]
-    assert main(args) == 0
-    return load_file(str(out / "model.safetensors"))
-
 
 def assert_same_state(got, expected):
     assert got.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
-
 
 @pytest.mark.parametrize("method,params", [
     ("task_arithmetic", ["lambda=0.5"]),
@@ -118,15 +99,14 @@ def assert_same_state(got, expected):
 @pytest.mark.parametrize("family", ["gpt2_family", "llama_family"])
 def test_adapters_merge_as_their_merged_models(request, tmp_path, family, method, params):
     base, adapters, full = request.getfixturevalue(family)
-    expected = merge(base, full, method, tmp_path / "full", *params)
-    assert_same_state(merge(base, adapters, method, tmp_path / "adapters", *params), expected)
+    expected = cli_merge(base, full, method, tmp_path / "full", *params)
+    assert_same_state(cli_merge(base, adapters, method, tmp_path / "adapters", *params), expected)
     mixed = {"t0": full["t0"], "t1": adapters["t1"]}
-    assert_same_state(merge(base, mixed, method, tmp_path / "mixed", *params), expected)
+    assert_same_state(cli_merge(base, mixed, method, tmp_path / "mixed", *params), expected)
     if family == "gpt2_family":  # the classifier came from modules_to_save: each task's own head file
         for t in TASKS:
             heads = load_file(str(tmp_path / "adapters" / "heads" / f"{t}.safetensors"))
             torch.testing.assert_close(heads["score.weight"], load_file(str(full[t] / "model.safetensors"))["score.weight"])
-
 
 def test_lowrank_svd_is_the_svd_of_the_product():
     gen = torch.Generator().manual_seed(0)
@@ -138,7 +118,6 @@ def test_lowrank_svd_is_the_svd_of_the_product():
     torch.testing.assert_close(u[:, :6].T @ u[:, :6], torch.eye(6), atol=1e-5, rtol=0)
     torch.testing.assert_close(vh[:6] @ vh[:6].T, torch.eye(6), atol=1e-5, rtol=0)
     assert u[:, 6:].abs().max() == 0 and vh[6:].abs().max() == 0  # no invented directions beyond the rank
-
 
 @pytest.mark.parametrize("base_method", ["tsv_m", "ta_svd"])
 def test_adarank_from_adapters_starts_where_it_does_from_merged_models(llama_family, tmp_path, base_method):
@@ -163,7 +142,6 @@ def test_adarank_from_adapters_starts_where_it_does_from_merged_models(llama_fam
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{key}: {m}")
 
-
 def broken_adapter(gpt2_family, tmp_path, edit):
     """A copy of a real adapter with one defect."""
     _, adapters, _ = gpt2_family
@@ -176,7 +154,6 @@ def broken_adapter(gpt2_family, tmp_path, edit):
     if weights is not None:
         save_file(weights, str(out / "adapter_model.safetensors"))
     return out
-
 
 @pytest.mark.parametrize("edit,phrase", [
     (lambda c, w: ({**c, "use_dora": True}, w), "use_dora"),
@@ -198,7 +175,6 @@ def test_bad_adapters_stop_in_one_line(gpt2_family, tmp_path, capsys, edit, phra
     assert code == 2 and phrase in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
-
 def test_a_pickled_adapter_needs_allow_pickle_and_loha_is_refused(gpt2_family, tmp_path, capsys):
     base, adapters, full = gpt2_family
     pickled = tmp_path / "pickled"
@@ -217,7 +193,6 @@ def test_a_pickled_adapter_needs_allow_pickle_and_loha_is_refused(gpt2_family, t
     assert main(["merge", "--base", str(base), "--model", f"l={tmp_path / 'loha'}", "--method", "task_arithmetic", "--out", str(tmp_path / "out2")]) == 2
     assert "LOHA adapters are not supported" in capsys.readouterr().err
 
-
 def test_mergekit_config_and_dry_run_take_adapters(gpt2_family, tmp_path, capsys):
     """A mergekit YAML may list adapter folders; --dry-run plans and forecasts them (header reads plus one real tensor
     per shape) and writes nothing."""
@@ -229,7 +204,7 @@ def test_mergekit_config_and_dry_run_take_adapters(gpt2_family, tmp_path, capsys
     assert main(["merge", str(config), "--out", str(tmp_path / "out")]) == 0
     expected = {"t0": full["t0"], "t1": full["t1"]}
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
-    assert_same_state(got, merge(base, expected, "task_arithmetic", tmp_path / "ref", "lambda=0.5"))
+    assert_same_state(got, cli_merge(base, expected, "task_arithmetic", tmp_path / "ref", "lambda=0.5"))
     capsys.readouterr()
     assert main(["merge", "--base", str(base), "--model", f"t0={adapters['t0']}", "--model", f"t1={adapters['t1']}",
                  "--method", "tsv_m", "--out", str(tmp_path / "dry"), "--dry-run"]) == 0
@@ -237,14 +212,12 @@ def test_mergekit_config_and_dry_run_take_adapters(gpt2_family, tmp_path, capsys
     assert "predicted peak memory" in out and "h.0.attn.c_attn.weight" in out
     assert not (tmp_path / "dry").exists()
 
-
 def test_an_adapter_for_another_base_name_warns(gpt2_family, tmp_path, caplog):
     base, adapters, full = gpt2_family
     renamed = broken_adapter(gpt2_family, tmp_path, lambda c, w: ({**c, "base_model_name_or_path": "org/other-model"}, w))
     with caplog.at_level("WARNING"):
-        merge(base, {"r": renamed, "t1": full["t1"]}, "task_arithmetic", tmp_path / "out")
+        cli_merge(base, {"r": renamed, "t1": full["t1"]}, "task_arithmetic", tmp_path / "out")
     assert any("trained on 'org/other-model'" in r.getMessage() for r in caplog.records)
-
 
 def test_per_task_svd_methods_never_form_an_adapters_dense_task_vector(llama_family):
     """TA-SVD / TSV-M on adapter-only spectral tensors read the factors alone; a mixed tensor or CART reads densely."""
@@ -261,7 +234,6 @@ def test_per_task_svd_methods_never_form_an_adapters_dense_task_vector(llama_fam
                 inputs = load_inputs(entry, base, tasks, factors_only=m.from_factors(entry.role, entry.shape))
                 assert is_unformed(inputs.taus) is (from_factors and not formed)
 
-
 def test_tsv_m_below_the_adapter_rank_whitens_only_the_true_directions():
     """⌊r_W/T⌋ > adapter rank: TSV-M from the factors equals TSV-M over exactly each task's r nonzero components."""
     gen = torch.Generator().manual_seed(0)
@@ -277,7 +249,6 @@ def test_tsv_m_below_the_adapter_rank_whitens_only_the_true_directions():
     expected = ((pu @ qu) * sv) @ (pv @ qv)
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
 
-
 def named_keys(weights, name):
     """A save_pretrained file's keys as the live PEFT model's state_dict names them (adapter name inside)."""
     out = {}
@@ -289,13 +260,12 @@ def named_keys(weights, name):
             out[k.replace(".weight", ".original_module.weight")] = torch.zeros_like(v)
     return out
 
-
 def test_keys_with_an_adapter_name_map_like_saved_ones(gpt2_family, tmp_path, capsys):
     base, adapters, full = gpt2_family
     named = broken_adapter(gpt2_family, tmp_path, lambda c, w: (c, named_keys(w, "cars")))
     models = {"t0": named, "t1": adapters["t1"]}
-    assert_same_state(merge(base, models, "task_arithmetic", tmp_path / "named"),
-                      merge(base, adapters, "task_arithmetic", tmp_path / "saved"))
+    assert_same_state(cli_merge(base, models, "task_arithmetic", tmp_path / "named"),
+                      cli_merge(base, adapters, "task_arithmetic", tmp_path / "saved"))
     heads = load_file(str(tmp_path / "named" / "heads" / "t0.safetensors"))
     torch.testing.assert_close(heads["score.weight"], load_file(str(full["t0"] / "model.safetensors"))["score.weight"])
     two = tmp_path / "two"
@@ -307,7 +277,6 @@ def test_keys_with_an_adapter_name_map_like_saved_ones(gpt2_family, tmp_path, ca
     assert main(["merge", "--base", str(base), "--model", f"two={two}", "--method", "task_arithmetic", "--out", str(tmp_path / "o")]) == 2
     assert "holds several adapters (cars, dtd)" in capsys.readouterr().err
 
-
 def test_an_embedding_lora_adds_peft_s_own_delta(tmp_path):
     """LoRA on nn.Embedding (lora_embedding_A/B, stored transposed): task arithmetic at λ = 1 on one adapter gives the
     base plus the delta PEFT's own layer computes."""
@@ -318,5 +287,5 @@ def test_an_embedding_lora_adds_peft_s_own_delta(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     layer = model.base_model.model.model.embed_tokens
     expected = layer.base_layer.weight.detach() + layer.get_delta_weight("default").detach()
-    got = merge(base_dir, {"t": tmp_path / "adapter"}, "task_arithmetic", tmp_path / "out", "lambda=1.0")
+    got = cli_merge(base_dir, {"t": tmp_path / "adapter"}, "task_arithmetic", tmp_path / "out", "lambda=1.0")
     torch.testing.assert_close(got["model.embed_tokens.weight"], expected, atol=1e-6, rtol=1e-6)

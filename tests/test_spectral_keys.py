@@ -14,17 +14,8 @@ from rankmerge.service.tta_job import build_merger
 from rankmerge.workers.methods.registry import MergeContext, make_method, spectral_methods
 from rankmerge.workers.roles import Role
 
-from conftest import make_adaptive_spec
+from conftest import cli_merge, make_adaptive_spec
 
-
-def merged(base, tasks, out, method, *sets):
-    args = ["merge", "--base", str(base), "--method", method, "--out", str(out)]
-    for name, path in tasks.items():
-        args += ["--model", f"{name}={path}"]
-    for s in sets:
-        args += ["--set", s]
-    assert main(args) == 0
-    return load_file(str(out / "model.safetensors"))
 
 
 def task_vectors(base, tasks, key, prefix):
@@ -38,8 +29,8 @@ def task_vectors(base, tasks, key, prefix):
 ])
 def test_all_2d_gives_embeddings_iso_c_s_flat_spectrum(families, tmp_path, family, prefix, outside_blocks):
     base, tasks = families(family)
-    blocks = merged(base, tasks, tmp_path / "blocks", "iso_c")
-    all_2d = merged(base, tasks, tmp_path / "all", "iso_c", "spectral_keys=all_2d")
+    blocks = cli_merge(base, tasks, "iso_c", tmp_path / "blocks")
+    all_2d = cli_merge(base, tasks, "iso_c", tmp_path / "all", "spectral_keys=all_2d")
     assert blocks.keys() == all_2d.keys()
     for key in outside_blocks:
         taus, theta0 = task_vectors(base, tasks, key, prefix)
@@ -55,8 +46,8 @@ def test_all_2d_gives_embeddings_iso_c_s_flat_spectrum(families, tmp_path, famil
 def test_all_2d_leaves_non_2d_tensors_and_heads_alone(families, tmp_path):
     """ViT: the position embeddings and CLS token are 3-D, the patch projection 4-D: averaged under both settings."""
     base, tasks = families("vit")
-    blocks = merged(base, tasks, tmp_path / "blocks", "tsv_m")
-    all_2d = merged(base, tasks, tmp_path / "all", "tsv_m", "spectral_keys=all_2d")
+    blocks = cli_merge(base, tasks, "tsv_m", tmp_path / "blocks")
+    all_2d = cli_merge(base, tasks, "tsv_m", tmp_path / "all", "spectral_keys=all_2d")
     for key in blocks:
         torch.testing.assert_close(all_2d[key], blocks[key], atol=0, rtol=0)
     for t in tasks:
@@ -77,7 +68,7 @@ def test_adarank_over_all_2d_starts_at_the_static_all_2d_merge(families, tmp_pat
     base, tasks = families("gpt2")
     spec = make_adaptive_spec(families, tmp_path, params={"base": "tsv_m", "base_params": {"spectral_keys": "all_2d"}}, family="vit")
     spec.update(base=str(base), models={k: str(v) for k, v in tasks.items()})
-    expected = merged(base, tasks, tmp_path / "static", "tsv_m", "spectral_keys=all_2d")
+    expected = cli_merge(base, tasks, "tsv_m", tmp_path / "static", "spectral_keys=all_2d")
     with ExitStack() as stack:
         job = job_from_dict(spec, tmp_path)
         b, cks, plan = open_inputs(job, stack)
