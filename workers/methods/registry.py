@@ -18,6 +18,7 @@ from torch import Tensor
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.methods import elementwise as ew
 from rankmerge.workers.methods import interpolate as ip
+from rankmerge.workers.methods import least_squares as lsq
 from rankmerge.workers.methods import sparsify as spz
 from rankmerge.workers.methods import spectral as sp
 from rankmerge.workers.methods.streaming_stats import StreamingKthSmallest
@@ -553,6 +554,23 @@ class MagMax(MergeMethod):
 
     def merge(self, inputs):
         return spz.magmax(inputs.taus).mul_(self.params.scaling_factor), {}
+
+
+@register
+class Wudi(MergeMethod):
+    name = "wudi"
+    task_copies = 3.0
+    summary = ("WUDI (FusionBench): per 2-D tensor, Adam from Σ τ_t on Σ_t ‖(τ − τ_t) τ_tᵀ‖²/‖τ_t‖² (data-free); "
+               "the mean task vector elsewhere")
+
+    class Params(Params):
+        iter_num: int = Field(400, ge=0, le=100_000, description="Adam steps per 2-D tensor (FusionBench: 400)")
+        lr: float = Field(1e-5, gt=0.0, le=1.0, description="Adam learning rate (FusionBench: 1e-5)")
+
+    def merge(self, inputs):
+        if inputs.taus.dim() != 3:
+            return ew.weight_average(inputs.taus), {}
+        return lsq.wudi(inputs.taus, self.params.iter_num, self.params.lr), {}
 
 
 # ---- interpolation of whole weights (mergekit's slerp, nuslerp, karcher, model_stock) -------------------------------
