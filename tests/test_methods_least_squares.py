@@ -62,3 +62,27 @@ def test_wudi_method_defaults_and_other_tensors():
     torch.testing.assert_close(merge_one("wudi", bias, Role.ELEMENTWISE), bias.mean(0))
     dead = torch.cat([taus[:2], torch.zeros(1, 6, 4)])  # an unchanged tensor of one task: no NaN (FusionBench: 0/0)
     assert torch.isfinite(merge_one("wudi", dead, iter_num=5)).all()
+
+
+def test_regmean_formula_with_reduced_off_diagonals():
+    taus, base = random_taus((5, 4)), random_taus((5, 4), seed=2, tasks=1)[0]
+    xs = [random_taus((30, 4), seed=10 + t, tasks=1)[0] for t in range(3)]
+    grams = torch.stack([x.T @ x / len(x) for x in xs])
+    ratio = 0.7
+    reduced = [g * ratio + torch.diag(torch.diagonal(g)) * (1 - ratio) for g in grams]
+    weights = [base + tau for tau in taus]  # FusionBench's rule on whole weights: (Σ G̃)⁻¹ Σ G̃ Wᵀ, transposed back
+    expected = (torch.inverse(sum(reduced)) @ sum(g @ w.T for g, w in zip(reduced, weights))).T
+    torch.testing.assert_close(base + lsq.regmean(taus, grams, ratio), expected)
+    conv = lsq.regmean(taus.transpose(1, 2), grams, ratio, transposed=False)  # Conv1D stores the same weight [in, out]
+    torch.testing.assert_close(conv, lsq.regmean(taus, grams, ratio).T)
+
+
+def test_regmean_with_plain_inputs_is_the_least_squares_merge():
+    """ratio 1: W* minimises Σ_t ‖X_t W − X_t W_t‖² over the tasks' own inputs (RegMean's defining problem)."""
+    taus = random_taus((5, 4))
+    xs = [random_taus((30, 4), seed=10 + t, tasks=1)[0] for t in range(3)]
+    grams = torch.stack([x.T @ x for x in xs])
+    stacked_x = torch.cat(xs)
+    stacked_y = torch.cat([x @ tau.T for x, tau in zip(xs, taus)])
+    expected = torch.linalg.lstsq(stacked_x, stacked_y).solution.T
+    torch.testing.assert_close(lsq.regmean(taus, grams, 1.0), expected)

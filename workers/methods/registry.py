@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -67,6 +67,7 @@ class MergeMethod:
     summary: ClassVar[str]
     task_copies: ClassVar[float] = 0.0  # extra [T, ...] fp32 temporaries per tensor (for the memory prediction)
     factorizes: ClassVar[bool] = False  # builds per-task SVD factors of spectral tensors
+    needs_data: ClassVar[bool] = False  # reads each task's unlabeled inputs (`tta.data`) before merging
 
     def __init__(self, params: Params, ctx: MergeContext) -> None:
         self.params = params
@@ -571,6 +572,36 @@ class Wudi(MergeMethod):
         if inputs.taus.dim() != 3:
             return ew.weight_average(inputs.taus), {}
         return lsq.wudi(inputs.taus, self.params.iter_num, self.params.lr), {}
+
+
+GramLookup = Callable[[str], "tuple[Tensor, bool] | None"]  # key -> ([T, n, n] input Gram matrices, stored [out, in])
+
+
+@register
+class RegMean(MergeMethod):
+    name = "regmean"
+    needs_data = True
+    task_copies = 2.0
+    summary = ("RegMean (FusionBench): per linear layer W = (Σ G̃_t)⁻¹ Σ G̃_t W_t from each task model's input Gram "
+               "matrices on its `tta.data` (off-diagonals × ratio); other tensors averaged")
+
+    class Params(Params):
+        num_regmean_examples: int = Field(256, ge=1, description="rows of each task's data the Gram matrices are computed on")
+        reduce_non_diagonal_ratio: float = Field(0.95, ge=0.0, le=1.0, description="off-diagonal Gram entries × this "
+                                                 "(FusionBench's CLIP setting; 1 is plain RegMean)")
+
+    grams: GramLookup | None = None  # set by the job once the Gram pass has run (workers/tta/grams.py)
+
+    def merge(self, inputs):
+        if self.grams is None:
+            raise MergeInputError("regmean needs each task's input Gram matrices",
+                                  "run it from a job spec with `tta: {data: {task: file}}` (`rankmerge run job.yaml`)")
+        found = self.grams(inputs.key) if inputs.taus.dim() == 3 else None
+        if found is None:
+            return ew.weight_average(inputs.taus), {}
+        grams, transposed = found
+        delta = lsq.regmean(inputs.taus, grams.to(inputs.taus.device), self.params.reduce_non_diagonal_ratio, transposed)
+        return delta, {"regmean": True}
 
 
 # ---- interpolation of whole weights (mergekit's slerp, nuslerp, karcher, model_stock) -------------------------------
