@@ -33,6 +33,18 @@ Matched hyper-parameters (each tool's own names):
 | DARE | p 0.5, lambda 0.3, rescale, seed 0 | dare_linear, density 0.5, weight 0.3 (rescale true by default), --random-seed 0 | DareTaskArithmetic, sparsity_ratio 0.5, scaling_factor 0.3, rescale, all tensors |
 | TSV-M | alpha 1.0 | - (no such method) | TaskSingularVectorMerging, alpha 1.0 |
 | Iso-C | alpha 1.0 | - (no such method) | ISO_C_Merge, scaling_factor 1.0 |
+| SLERP (1 task) | t 0.3 | slerp, t 0.3 (base_model joins the models) | - |
+| NuSLERP (2 tasks) | weight {t0: 1.0, t1: 0.6} | nuslerp, weight 1.0 / 0.6, with base_model | - |
+| Karcher | max_iter 10, tol 1e-5, include_base true | karcher, max_iter 10, tol 1e-5 (base_model is one of its inputs) | - |
+| Model Stock | filter_wise false | model_stock, filter_wise false | - |
+| Breadcrumbs | weight 0.3, density 0.8, gamma 0.01, normalize false | breadcrumbs, the same | - |
+| Breadcrumbs-TIES | weight 0.3, density 0.8, gamma 0.01, normalize true | breadcrumbs_ties, the same | - |
+| DELLA | weight 0.3, density 0.5, epsilon 0.15, normalize, rescale, seed 0 | della, the same, --random-seed 0 | - |
+| DELLA-linear | as DELLA, normalize false | della_linear, the same, --random-seed 0 | - |
+| SCE | select_topk 0.5 | sce, select_topk 0.5 | - |
+| MagMax | scaling_factor 0.5 | - | MagMaxAlgorithm, scaling_factor 0.5 (pool in float32) |
+| WUDI | iter_num 20, lr 1e-5 | - | WUDIMerging, iter_num 20 (its lr is fixed at 1e-5; pool in float32) |
+| RegMean | num_regmean_examples 32, reduce_non_diagonal_ratio 0.95, tta.data = <ck>/data | - | RegMeanAlgorithmForCLIP, the same, images from <ck>/data (fusionbench_merge.py file_regmean; pool in float32) |
 
 What cannot be matched exactly:
 - Arithmetic dtype. rankmerge computes in float32 and writes the input dtype; mergekit is given
@@ -53,6 +65,14 @@ What cannot be matched exactly:
 - TSV-M / Iso-C: rankmerge factorises only 2-D weights inside the repeated blocks and averages
   (x alpha) every other tensor; FusionBench factorises every 2-D tensor, embeddings and position
   embeddings (and a Llama's lm_head) included. Both keep floor(r/T) components per task.
+- DELLA: each tool draws its own random masks (same keep probabilities, not the same draws).
+- MagMax, WUDI, RegMean: FusionBench's pool is loaded in float32 for these (``fusionbench_dtype``): its
+  arithmetic then matches rankmerge's float32 one (in fp16, WUDI's lr-1e-5 Adam steps are below the
+  weights' resolution), and the result is cast to the files' dtype before saving.
+- WUDI runs 20 Adam steps per tensor here, not the 400 of FusionBench's config: 400 steps over
+  every 2-D tensor take too long for this CPU benchmark; the rule per step is the same.
+- RegMean: FusionBench's CLIP RegMean reads a named train split and a CLIP processor; here the
+  images are the benchmark's own preprocessed files, the same rows for both tools.
 - mergekit on the CLIP checkpoints: 0.1.5 has no CLIP architecture definition; its inferred
   fallback takes tensor names from transformers 5's CLIPVisionModel, which lack the
   ``vision_model.`` prefix the stored checkpoints (written the way transformers 4 and the hub
@@ -139,7 +159,8 @@ METHODS = {
                                ("della_linear", {"normalize": False, "rescale": True},
                                 {"weight": 0.3, "density": 0.5, "epsilon": 0.15}), None),
     "sce": MethodSpec({"select_topk": 0.5}, ("sce", {"select_topk": 0.5}, {}), None),
-    "magmax": MethodSpec({"scaling_factor": 0.5}, None, {"scaling_factor": 0.5, "inplace": True}),
+    "magmax": MethodSpec({"scaling_factor": 0.5}, None, {"scaling_factor": 0.5, "inplace": True},
+                         fusionbench_dtype="float32"),
     "wudi": MethodSpec({"iter_num": 20, "lr": 1e-5}, None, {"iter_num": 20, "exclude_keys": None},
                        fusionbench_dtype="float32"),
     "regmean": MethodSpec({"num_regmean_examples": 32, "reduce_non_diagonal_ratio": 0.95}, None,

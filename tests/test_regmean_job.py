@@ -93,6 +93,8 @@ def test_regmean_job_matches_a_float64_reference(families, tmp_path, family):
 def test_regmean_reuses_its_gram_matrices_and_refuses_missing_data(families, tmp_path):
     spec = make_adaptive_spec(families, tmp_path, method="regmean", params={"num_regmean_examples": 12})
     job = job_from_dict(spec, tmp_path)
+    assert "method: regmean" in run_merge_job(job, dry_run=True)  # forecast on stand-in Gram matrices, no data pass
+    assert not (job.resolved_job_dir / "grams").exists()
     run_merge_job(job)
     grams = sorted((job.resolved_job_dir / "grams").glob("*.safetensors"))
     assert len(grams) == 3 and json.loads(grams[0].with_name(grams[0].name + ".sha256").read_text())["identity"]
