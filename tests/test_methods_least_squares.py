@@ -20,7 +20,7 @@ def direct_wudi_loss(merged, taus):
     return (product.square() / norms.reshape(-1, 1, 1)).sum()
 
 
-@pytest.mark.parametrize("shape", [(12, 5), (5, 12), (2, 40)])  # n ≤ T·m (A formed), n > T·m ((X Sᵀ) S)
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12), (2, 40)])  # n ≤ 2T·m: A formed; n > 2T·m: (X Sᵀ) S
 def test_wudi_quadratic_form_is_the_direct_loss(shape):
     taus = random_taus(shape)
     merged = random_taus(shape, seed=1, tasks=1)[0]

@@ -11,9 +11,9 @@ from torch import Tensor
 
 
 def gram_product(rows: Tensor) -> Callable[[Tensor], Tensor]:
-    """X ↦ X·RᵀR for a row stack R [r, n], associated the cheaper way: RᵀR (n×n) is formed once when n ≤ r,
-    otherwise each call computes (X·Rᵀ)·R and nothing n×n is ever held."""
-    if rows.shape[1] <= rows.shape[0]:
+    """X ↦ X·RᵀR for a row stack R [r, n], associated the cheaper way: RᵀR (n×n) is formed once when n ≤ 2r (a
+    call then costs n² per row of X, against 2rn), otherwise each call computes (X·Rᵀ)·R and nothing n×n is held."""
+    if rows.shape[1] <= 2 * rows.shape[0]:
         gram = rows.T @ rows
         return lambda x: x @ gram
     return lambda x: (x @ rows.T) @ rows
