@@ -48,8 +48,8 @@ def linear_layers(models: TaskModels, task: int) -> dict[str, tuple[torch.nn.Mod
 @torch.no_grad()
 def task_grams(models: TaskModels, plan: MergePlan, ck: ModelCheckpoint, task: int, data: dict[str, Tensor],
                batch: int, max_rows: int) -> tuple[dict[str, Tensor], list[str]]:
-    """Task `task`'s Gram matrix per linear layer over its first `max_rows` rows (accumulated in float64), and the
-    keys stored [in, out]. A layer the forward never calls has none (RegMean then averages it, as FusionBench)."""
+    """Task `task`'s Gram matrix per linear layer over its first `max_rows` rows (each batch's in float32, their sum in
+    float64), and the keys stored [in, out]. A layer the forward never calls has none (RegMean then averages it, as FusionBench)."""
     layers = linear_layers(models, task)
     if not layers:
         raise MergeInputError(f"regmean: task model {ck.name!r} has no linear layer among the merged tensors",
@@ -58,15 +58,18 @@ def task_grams(models: TaskModels, plan: MergePlan, ck: ModelCheckpoint, task: i
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     current: dict[str, Tensor] = {}
+    last: list = [None, None, 0]  # the last input seen and its batch Gram: q, k and v projections share one input
 
     def record(key: str):
         def hook(module, args, output):
-            x, mask = args[0], current.get("attention_mask")
-            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-                x = x[mask.bool()]  # padding tokens are not inputs of the task
-            x = x.reshape(-1, x.shape[-1]).double()
-            sums[key] = sums[key].addmm_(x.T, x) if key in sums else x.T @ x
-            counts[key] = counts.get(key, 0) + x.shape[0]
+            if args[0] is not last[0]:
+                x, mask = args[0], current.get("attention_mask")
+                if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+                    x = x[mask.bool()]  # padding tokens are not inputs of the task
+                x = x.reshape(-1, x.shape[-1]).float()
+                last[:] = [args[0], (x.T @ x).double(), x.shape[0]]  # per batch in fp32, summed over batches in fp64
+            sums[key] = sums[key].add_(last[1]) if key in sums else last[1].clone()
+            counts[key] = counts.get(key, 0) + last[2]
         return hook
 
     handles = [module.register_forward_hook(record(key)) for key, (module, _) in layers.items()]
