@@ -14,9 +14,11 @@ given as the ``transformers.CLIPVisionModel.from_pretrained`` config its docs sh
 eager loading), so every model is loaded in the dtype of its files, and only when the algorithm
 asks for it (``_recursive_: false``, as in FusionBench's own modelpool configs). The algorithm is FusionBench's own class, built from
 a ``_target_`` config exactly like its ``fusion_bench_config/method/*.yaml`` (anchors.py passes
-the parameters; FusionBench's shipped defaults for these five methods are the values the
-benchmark uses). It runs on CPU; the merged model is saved with ``save_pretrained``
-(safetensors) in the dtype it came out in, which is logged. Prints one JSON line last.
+the parameters: FusionBench's shipped defaults, except WUDI's step count and RegMean's row count,
+see anchors.py). RegMean reads its images from files (``file_regmean``); MagMax, WUDI and RegMean
+run on a float32 pool (``--dtype``) and are cast back (``--out-dtype``). It runs on CPU; the merged
+model is saved with ``save_pretrained`` (safetensors) in the dtype it came out in, which is logged.
+Prints one JSON line last.
 
 Offline: nothing is fetched from a hub (HF_HUB_OFFLINE=1 is set here too).
 """
