@@ -33,6 +33,18 @@ Matched hyper-parameters (each tool's own names):
 | DARE | p 0.5, lambda 0.3, rescale, seed 0 | dare_linear, density 0.5, weight 0.3 (rescale true by default), --random-seed 0 | DareTaskArithmetic, sparsity_ratio 0.5, scaling_factor 0.3, rescale, all tensors |
 | TSV-M | alpha 1.0 | - (no such method) | TaskSingularVectorMerging, alpha 1.0 |
 | Iso-C | alpha 1.0 | - (no such method) | ISO_C_Merge, scaling_factor 1.0 |
+| SLERP (1 task) | t 0.3 | slerp, t 0.3 (base_model joins the models) | - |
+| NuSLERP (2 tasks) | weight {t0: 1.0, t1: 0.6} | nuslerp, weight 1.0 / 0.6, with base_model | - |
+| Karcher | max_iter 10, tol 1e-5, include_base true | karcher, max_iter 10, tol 1e-5 (base_model is one of its inputs) | - |
+| Model Stock | filter_wise false | model_stock, filter_wise false | - |
+| Breadcrumbs | weight 0.3, density 0.8, gamma 0.01, normalize false | breadcrumbs, the same | - |
+| Breadcrumbs-TIES | weight 0.3, density 0.8, gamma 0.01, normalize true | breadcrumbs_ties, the same | - |
+| DELLA | weight 0.3, density 0.5, epsilon 0.15, normalize, rescale, seed 0 | della, the same, --random-seed 0 | - |
+| DELLA-linear | as DELLA, normalize false | della_linear, the same, --random-seed 0 | - |
+| SCE | select_topk 0.5 | sce, select_topk 0.5 | - |
+| MagMax | scaling_factor 0.5 | - | MagMaxAlgorithm, scaling_factor 0.5 (pool in float32) |
+| WUDI | iter_num 20, lr 1e-5 | - | WUDIMerging, iter_num 20 (its lr is fixed at 1e-5; pool in float32) |
+| RegMean | num_regmean_examples 32, reduce_non_diagonal_ratio 0.95, tta.data = <ck>/data | - | RegMeanAlgorithmForCLIP, the same, images from <ck>/data (fusionbench_merge.py file_regmean; pool in float32) |
 
 What cannot be matched exactly:
 - Arithmetic dtype. rankmerge computes in float32 and writes the input dtype; mergekit is given
@@ -53,6 +65,14 @@ What cannot be matched exactly:
 - TSV-M / Iso-C: rankmerge factorises only 2-D weights inside the repeated blocks and averages
   (x alpha) every other tensor; FusionBench factorises every 2-D tensor, embeddings and position
   embeddings (and a Llama's lm_head) included. Both keep floor(r/T) components per task.
+- DELLA: each tool draws its own random masks (same keep probabilities, not the same draws).
+- MagMax, WUDI, RegMean: FusionBench's pool is loaded in float32 for these (``fusionbench_dtype``): its
+  arithmetic then matches rankmerge's float32 one (in fp16, WUDI's lr-1e-5 Adam steps are below the
+  weights' resolution), and the result is cast to the files' dtype before saving.
+- WUDI runs 20 Adam steps per tensor here, not the 400 of FusionBench's config: 400 steps over
+  every 2-D tensor take too long for this CPU benchmark; the rule per step is the same.
+- RegMean: FusionBench's CLIP RegMean reads a named train split and a CLIP processor; here the
+  images are the benchmark's own preprocessed files, the same rows for both tools.
 - mergekit on the CLIP checkpoints: 0.1.5 has no CLIP architecture definition; its inferred
   fallback takes tensor names from transformers 5's CLIPVisionModel, which lack the
   ``vision_model.`` prefix the stored checkpoints (written the way transformers 4 and the hub
@@ -102,7 +122,10 @@ class MethodSpec:
 
     rankmerge: dict
     mergekit: tuple[str, dict, dict] | None  # (merge_method, shared parameters, per-model parameters)
-    fusionbench: dict
+    fusionbench: dict | None  # None: FusionBench has no such method
+    tasks: int | None = None  # merge only the first N task models (methods defined for a fixed number)
+    fusionbench_dtype: str | None = None  # load FusionBench's pool in this dtype instead of the files' one
+    data: bool = False  # reads each task's unlabeled data (<ck>/data/<task>.*): rankmerge runs a spec with tta.data
 
 
 METHODS = {
@@ -117,6 +140,32 @@ METHODS = {
                         "rescale": True}),
     "tsv_m": MethodSpec({"alpha": 1.0}, None, {"alpha": 1.0, "exclude_keys": []}),
     "iso_c": MethodSpec({"alpha": 1.0}, None, {"scaling_factor": 1.0}),
+    "slerp": MethodSpec({"t": 0.3}, ("slerp", {"t": 0.3}, {}), None, tasks=1),
+    "nuslerp": MethodSpec({"weight": {"t0": 1.0, "t1": 0.6}}, ("nuslerp", {}, {"t0": {"weight": 1.0}, "t1": {"weight": 0.6}}),
+                          None, tasks=2),
+    "karcher": MethodSpec({"max_iter": 10, "tol": 1e-5, "include_base": True},
+                          ("karcher", {"max_iter": 10, "tol": 1e-5}, {}), None),
+    "model_stock": MethodSpec({"filter_wise": False}, ("model_stock", {"filter_wise": False}, {}), None),
+    "breadcrumbs": MethodSpec({"weight": 0.3, "density": 0.8, "gamma": 0.01, "normalize": False},
+                              ("breadcrumbs", {"normalize": False}, {"weight": 0.3, "density": 0.8, "gamma": 0.01}), None),
+    "breadcrumbs_ties": MethodSpec({"weight": 0.3, "density": 0.8, "gamma": 0.01, "normalize": True},
+                                   ("breadcrumbs_ties", {"normalize": True}, {"weight": 0.3, "density": 0.8, "gamma": 0.01}),
+                                   None),
+    "della": MethodSpec({"weight": 0.3, "density": 0.5, "epsilon": 0.15, "normalize": True, "rescale": True, "seed": 0},
+                        ("della", {"normalize": True, "rescale": True}, {"weight": 0.3, "density": 0.5, "epsilon": 0.15}),
+                        None),
+    "della_linear": MethodSpec({"weight": 0.3, "density": 0.5, "epsilon": 0.15, "normalize": False, "rescale": True,
+                                "seed": 0},
+                               ("della_linear", {"normalize": False, "rescale": True},
+                                {"weight": 0.3, "density": 0.5, "epsilon": 0.15}), None),
+    "sce": MethodSpec({"select_topk": 0.5}, ("sce", {"select_topk": 0.5}, {}), None),
+    "magmax": MethodSpec({"scaling_factor": 0.5}, None, {"scaling_factor": 0.5, "inplace": True},
+                         fusionbench_dtype="float32"),
+    "wudi": MethodSpec({"iter_num": 20, "lr": 1e-5}, None, {"iter_num": 20, "exclude_keys": None},
+                       fusionbench_dtype="float32"),
+    "regmean": MethodSpec({"num_regmean_examples": 32, "reduce_non_diagonal_ratio": 0.95}, None,
+                          {"num_regmean_examples": 32, "reduce_non_diagonal_ratio": 0.95, "weight_transpose": True,
+                           "exclude_param_names_regex": []}, fusionbench_dtype="float32", data=True),
 }
 
 
@@ -138,6 +187,7 @@ class Context:
     base_count: int
     params: int
     versions: str = ""
+    compare: int = COMPARED_TENSORS  # tensors compared per output (0: every common float tensor)
 
     @property
     def inputs(self) -> list[Path]:
@@ -223,11 +273,19 @@ def parse_extras(values: list[str]) -> dict[str, list[dict]]:
 # --------------------------------------------------------------------------- commands
 def rankmerge_job(rankmerge: Path, ck: Path, tasks: list[str], method: str, params: dict, outs: Path,
                   variant: dict | None = None) -> Job:
-    """rankmerge merge with the matched parameters (plus a variant's overrides)."""
+    """rankmerge merge with the matched parameters (plus a variant's overrides); a method that reads data runs a
+    spec whose `tta.data` names each task's data file."""
     variant = variant or {}
     tag = ",".join(f"{k}={v}" for k, v in variant.items())
     label = f"rankmerge {tag}" if tag else "rankmerge"
     out = outs / (f"rankmerge-{method}" + (f"-{tag.replace(',', '-').replace('=', '_')}" if tag else ""))
+    if METHODS[method].data:
+        spec = {"base": str(ck / "base"), "models": {t: str(ck / t) for t in tasks}, "method": method,
+                "params": {**params, **variant}, "output": str(out), "overwrite": True,
+                "tta": {"data": {t: str(data_file(ck, t)) for t in tasks}}}
+        path = outs.parent / "logs" / f"rankmerge-{method}.yml"
+        path.write_text(json.dumps(spec, indent=1) + "\n")  # JSON is YAML
+        return Job("rankmerge", method, label, [str(rankmerge), "merge", str(path)], out)
     sets = [a for k, v in {**params, **variant}.items() for a in ("--set", f"{k}={fmt(v)}")]
     cmd = [str(rankmerge), "merge", "--base", str(ck / "base"),
            *[a for t in tasks for a in ("--model", f"{t}={ck / t}")],
@@ -235,8 +293,15 @@ def rankmerge_job(rankmerge: Path, ck: Path, tasks: list[str], method: str, para
     return Job("rankmerge", method, label, cmd, out)
 
 
+def data_file(ck: Path, task: str) -> Path:
+    """The task's unlabeled data that scale_models.py wrote (images .safetensors, or prompts .jsonl)."""
+    return next(p for p in sorted((ck / "data").glob(f"{task}.*")) if p.suffix in (".safetensors", ".jsonl"))
+
+
 def fmt(value: object) -> str:
-    """A parameter as `--set` spells it (booleans lower-case)."""
+    """A parameter as `--set` spells it (booleans lower-case, mappings as JSON)."""
+    if isinstance(value, dict):
+        return json.dumps(value)
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -248,7 +313,8 @@ def mergekit_config(path: Path, spec: tuple[str, dict, dict], ck: Path, tasks: l
         lines.append("parameters: " + json.dumps(shared))
     lines.append("models:")
     for t in tasks:
-        lines += [f"  - model: {ck / t}", f"    parameters: {json.dumps(per_model)}"]
+        own = per_model.get(t, per_model)  # {task: parameters} where the models differ
+        lines += [f"  - model: {ck / t}"] + ([f"    parameters: {json.dumps(own)}"] if own else [])
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -259,7 +325,7 @@ def mergekit_job(mergekit: Path, ck: Path, tasks: list[str], method: str, outs: 
     cfg = configs / f"mergekit-{method}.yml"
     mergekit_config(cfg, spec, ck, tasks, dtype)
     out = outs / f"{label.replace(' ', '-')}-{method}"
-    seed = ["--random-seed", "0"] if spec[0].startswith("dare") else []
+    seed = ["--random-seed", "0"] if spec[0].startswith(("dare", "della")) else []
     cmd = [str(mergekit), str(cfg), str(out), "--no-copy-tokenizer", *seed, *extra_flags]
     return Job("mergekit", method, label, cmd, out, ref=ref)
 
@@ -267,10 +333,13 @@ def mergekit_job(mergekit: Path, ck: Path, tasks: list[str], method: str, outs: 
 def fusionbench_job(python: Path, ck: Path, tasks: list[str], method: str, outs: Path, family: dict) -> Job:
     """benchmarks/fusionbench_merge.py in FusionBench's venv: its pool, its algorithm class."""
     out = outs / f"fusionbench-{method}"
-    params = [a for k, v in METHODS[method].fusionbench.items() for a in ("--param", f"{k}={json.dumps(v)}")]
-    cmd = [str(python), str(BENCH / "fusionbench_merge.py"), "--pool", family["pool"], "--dtype", family["dtype"],
+    spec = METHODS[method]
+    params = [a for k, v in spec.fusionbench.items() for a in ("--param", f"{k}={json.dumps(v)}")]
+    data = [a for t in tasks for a in ("--data", f"{t}={data_file(ck, t)}")] if spec.data else []
+    cmd = [str(python), str(BENCH / "fusionbench_merge.py"), "--pool", family["pool"],
+           "--dtype", spec.fusionbench_dtype or family["dtype"], "--out-dtype", family["dtype"],
            "--base", str(ck / "base"), *[a for t in tasks for a in ("--model", f"{t}={ck / t}")],
-           "--method", method, *params, "--out", str(out)]
+           "--method", method, *params, *data, "--out", str(out)]
     return Job("fusionbench", method, "fusionbench", cmd, out)
 
 
@@ -310,17 +379,17 @@ def is_float(index: dict[str, Path], key: str) -> bool:
         return "F" in f.get_slice(key).get_dtype()
 
 
-def sampled(ck: Path, *dirs: Path) -> tuple[list[str], list[dict[str, Path]], list[dict[str, str]]]:
+def sampled(ck: Path, *dirs: Path, count: int = COMPARED_TENSORS) -> tuple[list[str], list[dict[str, Path]], list[dict[str, str]]]:
     """A few float tensor names present in the base and in every dir, with each dir's index and names."""
     idx = [tensor_index(d) for d in (ck / "base", *dirs)]
     names = [canonical(i) for i in idx]
     common = [n for n in names[0] if all(n in other for other in names[1:]) and is_float(idx[0], names[0][n])]
-    return sample_names(common, COMPARED_TENSORS), idx, names
+    return (sample_names(common, count) if count > 0 else sorted(common)), idx, names
 
 
-def compare(out: Path, ref: Path, ck: Path) -> dict:
+def compare(out: Path, ref: Path, ck: Path, count: int = COMPARED_TENSORS) -> dict:
     """max |a-b| / max |b| and ||a-b|| / ||b - base|| (float64) over a few tensors; a = `out`, b = rankmerge's `ref`."""
-    sample, (i_base, i_out, i_ref), (n_base, n_out, n_ref) = sampled(ck, out, ref)
+    sample, (i_base, i_out, i_ref), (n_base, n_out, n_ref) = sampled(ck, out, ref, count=count)
     result = {"tensors": len(sample), "max_rel": 0.0, "delta_rel": 0.0}
     for name in sample:
         a, b, base = read(i_out, n_out[name]), read(i_ref, n_ref[name]), read(i_base, n_base[name])
@@ -329,9 +398,9 @@ def compare(out: Path, ref: Path, ck: Path) -> dict:
     return result
 
 
-def ta_reference_error(out: Path, ck: Path, tasks: list[str], lam: float) -> dict:
+def ta_reference_error(out: Path, ck: Path, tasks: list[str], lam: float, count: int = COMPARED_TENSORS) -> dict:
     """max |out - (base + lambda * sum(ft - base))| / max |reference| over a few tensors, float64 reference."""
-    sample, (i_base, i_out, *i_tasks), (n_base, n_out, *n_tasks) = sampled(ck, out, *(ck / t for t in tasks))
+    sample, (i_base, i_out, *i_tasks), (n_base, n_out, *n_tasks) = sampled(ck, out, *(ck / t for t in tasks), count=count)
     worst = 0.0
     for name in sample:
         base = read(i_base, n_base[name])
@@ -358,9 +427,9 @@ def check_main(arg: str) -> None:
     spec = json.loads(arg)
     paths = {k: Path(spec[k]) for k in ("out", "ref", "ck") if k in spec}
     if spec["kind"] == "compare":
-        result = compare(paths["out"], paths["ref"], paths["ck"])
+        result = compare(paths["out"], paths["ref"], paths["ck"], spec["count"])
     else:
-        result = ta_reference_error(paths["out"], paths["ck"], spec["tasks"], spec["lam"])
+        result = ta_reference_error(paths["out"], paths["ck"], spec["tasks"], spec["lam"], spec["count"])
     print(json.dumps(result))
 
 
@@ -381,6 +450,7 @@ def check_weights(job: Job, base_count: int, model: str) -> None:
 def execute(job: Job, ctx: Context, args: argparse.Namespace) -> None:
     """Measure one job (warm inputs, flushed writes, quiet machine, memory guard, timeout) and record it."""
     shutil.rmtree(job.out, ignore_errors=True)
+    shutil.rmtree(job.out.with_name(job.out.name + ".job"), ignore_errors=True)  # a data pass's cache: never reused
     job.cache = "warm" if warm_page_cache(ctx.inputs) else "as left"
     flush()
     wait_quiet(args.quiet_wait)
@@ -399,23 +469,25 @@ def execute(job: Job, ctx: Context, args: argparse.Namespace) -> None:
 def plan(method: str, ctx: Context, args: argparse.Namespace) -> list[Job]:
     """The runs of one method: rankmerge (and its variants) first, then each anchor that has the method."""
     spec, tools = METHODS[method], set(args.tools.split(","))
-    jobs = [rankmerge_job(ctx.rankmerge, ctx.ck, ctx.tasks, method, spec.rankmerge, ctx.outs)]
+    tasks = ctx.tasks[:spec.tasks]
+    jobs = [rankmerge_job(ctx.rankmerge, ctx.ck, tasks, method, spec.rankmerge, ctx.outs)]
     mergekit_ref = "rankmerge"
     if method == "ties" and "scope" in rankmerge_params(ctx.rankmerge, "ties"):
-        jobs.append(rankmerge_job(ctx.rankmerge, ctx.ck, ctx.tasks, method, spec.rankmerge, ctx.outs,
+        jobs.append(rankmerge_job(ctx.rankmerge, ctx.ck, tasks, method, spec.rankmerge, ctx.outs,
                                   {"scope": "tensor"}))
         mergekit_ref = jobs[-1].label
-    jobs += [rankmerge_job(ctx.rankmerge, ctx.ck, ctx.tasks, method, spec.rankmerge, ctx.outs, extra)
+    jobs += [rankmerge_job(ctx.rankmerge, ctx.ck, tasks, method, spec.rankmerge, ctx.outs, extra)
              for extra in ctx.extras.get(method, [])]
     if "mergekit" in tools:
         if spec.mergekit is None or spec.mergekit[0] not in ctx.mergekit_methods:
             jobs.append(unsupported("mergekit", method, "mergekit 0.1.5 has no such merge method"))
         else:
             flags = {"mergekit": [], **({"mergekit tuned": args.mergekit_tuned.split()} if args.mergekit_tuned else {})}
-            jobs += [mergekit_job(ctx.mergekit, ctx.ck, ctx.tasks, method, ctx.outs, ctx.logs,
+            jobs += [mergekit_job(ctx.mergekit, ctx.ck, tasks, method, ctx.outs, ctx.logs,
                                   ctx.family["dtype"], mergekit_ref, extra, label) for label, extra in flags.items()]
     if "fusionbench" in tools:
-        jobs.append(fusionbench_job(ctx.fusionbench, ctx.ck, ctx.tasks, method, ctx.outs, ctx.family))
+        jobs.append(fusionbench_job(ctx.fusionbench, ctx.ck, tasks, method, ctx.outs, ctx.family) if spec.fusionbench
+                    is not None else unsupported("fusionbench", method, "FusionBench 0.2.33 has no such merge method"))
     return jobs
 
 
@@ -427,9 +499,9 @@ def check(job: Job, ref: Job | None, ctx: Context, method: str) -> None:
     lam = float(METHODS[method].rankmerge.get("lambda", 1.0))
     if job is ref:
         if method == "task_arithmetic":
-            job.checks = checked("ta_reference", out=job.out, ck=ctx.ck, tasks=ctx.tasks, lam=lam)
+            job.checks = checked("ta_reference", out=job.out, ck=ctx.ck, tasks=ctx.tasks, lam=lam, count=ctx.compare)
     else:
-        job.checks = checked("compare", out=job.out, ref=ref.out, ck=ctx.ck)
+        job.checks = checked("compare", out=job.out, ref=ref.out, ck=ctx.ck, count=ctx.compare)
     if job.checks:
         LOG.info("%s %s vs %s: %s", job.label, method, ref.label if job is not ref else "float64 TA", job.checks)
 
@@ -509,7 +581,7 @@ def report(jobs: list[Job], ctx: Context) -> dict:
     print("\nwall = the whole process; peak RSS = ru_maxrss of the tool's process (wait4); tree RSS = peak of the "
           "summed RSS of its process tree, sampled every 50 ms; ratios = row / its 'vs' rankmerge row; max rel diff "
           "= max|a-b|/max|b| and delta rel diff = ||a-b||/||b-base|| over "
-          f"{COMPARED_TENSORS} tensors, b = that rankmerge row's output.")
+          f"{ctx.compare or 'all common float'} tensors, b = that rankmerge row's output.")
     caches = sorted({j.cache for j in jobs if j.cache})
     print(f"Page cache before each run: {', '.join(caches)}.")
     print(f"Other CPU load during the runs: at most {bg:.2f} cores (of {os.cpu_count()})"
@@ -555,6 +627,8 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=180.0, help="seconds to wait for a quiet machine per run")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--keep", action="store_true", help="keep the merged outputs")
+    ap.add_argument("--compare", type=int, default=COMPARED_TENSORS,
+                    help="tensors compared per output, spread over the sorted names (0: every common float tensor)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     unknown = set(args.methods.split(",")) - set(METHODS)
@@ -577,7 +651,7 @@ def benchmark(args: argparse.Namespace, root: Path) -> None:
                   mergekit_methods=mergekit_methods(mergekit_py),
                   fusionbench=ensure_venv("fusionbench", BENCH / "fusionbench-requirements.txt", work),
                   extras=parse_extras(args.rankmerge_extra), outs=root / "out", logs=root / "logs",
-                  base_count=len(tensor_index(ck / "base")), params=n_params(ck / "base"))
+                  base_count=len(tensor_index(ck / "base")), params=n_params(ck / "base"), compare=args.compare)
     ctx.outs.mkdir(parents=True, exist_ok=True)
     ctx.logs.mkdir(parents=True, exist_ok=True)
     ctx.versions = versions(ctx)  # before the runs: the tree may change while they go

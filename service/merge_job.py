@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -57,7 +59,7 @@ def _check_output_location(job: MergeJob) -> None:
         if path == job.base:
             raise MergeInputError(f"model {name!r} is the base itself ({path}): its task vector is zero",
                                   "give the folder of the checkpoint fine-tuned for that task")
-    if job.adaptive:
+    if job.tta is not None:
         for name, path in job.tta.data.items():
             if _overlaps(out, path):
                 raise MergeInputError(f"output {out} overlaps the data of task {name!r} at {path}", "write the output to a separate folder")
@@ -105,7 +107,7 @@ def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[
 def publication(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
                 params: dict[str, Any]) -> Publication:
     """The job's output as workers/publish.py writes it; `params`: the method's validated parameters."""
-    data = dict(job.tta.data) if job.adaptive else {}
+    data = dict(job.tta.data) if job.tta is not None else {}
     return Publication(job.output, plan, base, tasks, job.method, params, data, parse_size(job.max_shard_size), job.overwrite)
 
 
@@ -118,11 +120,45 @@ def prepare(job: MergeJob, stack: ExitStack) -> PreparedMerge:
 
 
 def forecast_merge(prepared: PreparedMerge, device: torch.device = torch.device("cpu")) -> Forecast:
-    """Time and memory of this merge, measured on one tensor of each shape on `device` (see workers/forecast.py)."""
+    """Time and memory of this merge, measured on one tensor of each shape on `device` (see workers/forecast.py);
+    RegMean's solve is timed on identity Gram matrices (its pass over the data is not in the forecast)."""
     job = prepared.job
     names = tuple(job.models)
-    return forecast(prepared.plan, lambda numel: make_method(job.method, job.params, MergeContext(names, numel)),
-                    prepared.base, prepared.tasks, job.output, device)
+
+    def sample_method(numel: int) -> MergeMethod:
+        method = make_method(job.method, job.params, MergeContext(names, numel))
+        if method.needs_data:
+            from rankmerge.workers.tta.grams import identity_grams
+
+            method.grams = identity_grams(prepared.plan, len(names))
+        return method
+
+    return forecast(prepared.plan, sample_method, prepared.base, prepared.tasks, job.output, device)
+
+
+def attach_grams(prepared: PreparedMerge) -> None:
+    """RegMean's input Gram matrices (workers/tta/grams.py): computed once per job — each task model over the first
+    rows of its `tta.data` — or reused from the job folder when the models, data and row count are the same. Imported
+    here: a plain static merge never loads transformers."""
+    from rankmerge.cluster.checkpoints import job_identity
+    from rankmerge.workers.tta.adapters import build_task_models
+    from rankmerge.workers.tta.data import load_task_data
+    from rankmerge.workers.tta.grams import prepare_grams, task_grams
+
+    job, plan, tasks, tta = prepared.job, prepared.plan, prepared.tasks, prepared.job.tta
+    rows = prepared.method.params.num_regmean_examples
+    names = [ck.name for ck in tasks]
+    what = hashlib.sha256(json.dumps([job.method, rows, tta.max_length]).encode()).hexdigest()[:16]
+    identity = job_identity(what, [prepared.base, *tasks], tta.data.values())
+    models: list = []  # built on the first task that has no cached Gram matrices
+
+    def compute(t: int):
+        if not models:
+            models.append(build_task_models(plan, prepared.base, tasks))
+        data = load_task_data(tta.data[names[t]], names[t], job.base, tta.max_length)
+        return task_grams(models[0], plan, tasks[t], t, data, tta.eval_batch_size, rows)
+
+    prepared.method.grams = prepare_grams(job.resolved_job_dir, names, identity, compute)
 
 
 def describe_plan(prepared: PreparedMerge, predicted: Forecast | None = None) -> str:
@@ -156,6 +192,8 @@ def run_merge_job(job: MergeJob, dry_run: bool = False) -> dict[str, Any] | str:
         prepared = prepare(job, stack)
         if dry_run:
             return describe_plan(prepared, forecast_merge(prepared, device))
+        if prepared.method.needs_data:
+            attach_grams(prepared)
         log.info("merging %d models with %s into %s on %s", len(prepared.tasks), job.method, job.output, device)
         pub = publication(job, prepared.plan, prepared.base, prepared.tasks, prepared.method.params.model_dump(by_alias=True))
         return run_static_merge(pub, prepared.method,

@@ -135,16 +135,22 @@ class MergeJob(BaseModel):
             if self.tta is None:
                 raise ValueError(f"method {self.method} adapts at test time and needs a `tta:` block with data per task")
             parse_adaptive_params(self.method, self.params)
-            missing = sorted(set(self.models) - set(self.tta.data))
-            extra = sorted(set(self.tta.data) - set(self.models))
-            if missing or extra:
-                raise ValueError(f"tta.data must name exactly the tasks in models (missing {missing}, unknown {extra})")
             if self.tta.batch_size % self.resources.workers:
                 raise ValueError(f"tta.batch_size {self.tta.batch_size} must be a multiple of resources.workers {self.resources.workers}")
+        elif METHODS[self.method].needs_data:
+            if self.tta is None:
+                raise ValueError(f"method {self.method} computes each task model's input statistics from unlabeled data: "
+                                 "add a `tta:` block with `data:` naming a file or image folder per task")
+            parse_params(self.method, self.params, len(self.models))
         else:
             if self.tta is not None:
                 raise ValueError(f"method {self.method} is static: remove the `tta:` block or use adarank/adamerging")
             parse_params(self.method, self.params, len(self.models))
+        if self.tta is not None:
+            missing = sorted(set(self.models) - set(self.tta.data))
+            extra = sorted(set(self.tta.data) - set(self.models))
+            if missing or extra:
+                raise ValueError(f"tta.data must name exactly the tasks in models (missing {missing}, unknown {extra})")
         return self
 
     def resolved(self, root: Path) -> "MergeJob":

@@ -3,9 +3,14 @@ content, never a half-written file, also on shared (NFS-like) storage where rena
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import secrets
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def fsync_path(path: Path) -> None:
@@ -45,3 +50,25 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_checked(path: Path, data: bytes, identity: str) -> None:
+    """A job cache: `data` in `path` atomically, then a `<name>.sha256` sidecar with its checksum and the `identity`
+    (job and inputs) it was computed for. The sidecar goes last, so a crash in between leaves a cache that fails its
+    check and is recomputed."""
+    write_atomic(path, data)
+    write_atomic(path.with_name(f"{path.name}.sha256"), json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "identity": identity}))
+
+
+def read_checked(path: Path, identity: str) -> bytes | None:
+    """A cache's bytes when its sidecar names `identity` and their checksum (read once: checked and parsed from the
+    same bytes); None when there is none yet, or it belongs to another job or is damaged (then recompute it)."""
+    try:
+        record = json.loads(path.with_name(f"{path.name}.sha256").read_text())
+        data = path.read_bytes()
+    except (OSError, ValueError):
+        return None  # no cache yet, or an unreadable sidecar
+    if not isinstance(record, dict) or record.get("identity") != identity or record.get("sha256") != hashlib.sha256(data).hexdigest():
+        log.warning("cache %s does not match this job or is damaged: recomputing it", path)
+        return None
+    return data

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,6 +18,7 @@ from torch import Tensor
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.methods import elementwise as ew
 from rankmerge.workers.methods import interpolate as ip
+from rankmerge.workers.methods import least_squares as lsq
 from rankmerge.workers.methods import sparsify as spz
 from rankmerge.workers.methods import spectral as sp
 from rankmerge.workers.methods.streaming_stats import StreamingKthSmallest
@@ -71,6 +72,7 @@ class MergeMethod:
     task_copies: ClassVar[float] = 0.0  # extra [T, ...] fp32 temporaries per tensor (for the memory prediction)
     factorizes: ClassVar[bool] = False  # builds per-task SVD factors of spectral tensors
     svd_from_factors: ClassVar[bool] = False  # its factorization needs only each τ_t's SVD (LoRA factors suffice)
+    needs_data: ClassVar[bool] = False  # reads each task's unlabeled inputs (`tta.data`) before merging
 
     def __init__(self, params: Params, ctx: MergeContext) -> None:
         self.params = params
@@ -564,6 +566,53 @@ class MagMax(MergeMethod):
 
     def merge(self, inputs):
         return spz.magmax(inputs.taus).mul_(self.params.scaling_factor), {}
+
+
+@register
+class Wudi(MergeMethod):
+    name = "wudi"
+    task_copies = 3.0
+    summary = ("WUDI (FusionBench): per 2-D tensor, Adam from Σ τ_t on Σ_t ‖(τ − τ_t) τ_tᵀ‖²/‖τ_t‖² (data-free); "
+               "the mean task vector elsewhere")
+
+    class Params(Params):
+        iter_num: int = Field(400, ge=0, le=100_000, description="Adam steps per 2-D tensor (FusionBench: 400)")
+        lr: float = Field(1e-5, gt=0.0, le=1.0, description="Adam learning rate (FusionBench: 1e-5)")
+
+    def merge(self, inputs):
+        if inputs.taus.dim() != 3:
+            return ew.weight_average(inputs.taus), {}
+        return lsq.wudi(inputs.taus, self.params.iter_num, self.params.lr), {}
+
+
+GramLookup = Callable[[str], "tuple[Tensor, bool] | None"]  # key -> ([T, n, n] input Gram matrices, stored [out, in])
+
+
+@register
+class RegMean(MergeMethod):
+    name = "regmean"
+    needs_data = True
+    task_copies = 2.0
+    summary = ("RegMean (FusionBench): per linear layer W = (Σ G̃_t)⁻¹ Σ G̃_t W_t from each task model's input Gram "
+               "matrices on its `tta.data` (off-diagonals × ratio); other tensors averaged")
+
+    class Params(Params):
+        num_regmean_examples: int = Field(256, ge=1, description="rows of each task's data the Gram matrices are computed on")
+        reduce_non_diagonal_ratio: float = Field(0.95, ge=0.0, le=1.0, description="off-diagonal Gram entries × this "
+                                                 "(FusionBench's CLIP setting; 1 is plain RegMean)")
+
+    grams: GramLookup | None = None  # set by the job once the Gram pass has run (workers/tta/grams.py)
+
+    def merge(self, inputs):
+        if self.grams is None:
+            raise MergeInputError("regmean needs each task's input Gram matrices",
+                                  "run it from a job spec with `tta: {data: {task: file}}` (`rankmerge run job.yaml`)")
+        found = self.grams(inputs.key) if inputs.taus.dim() == 3 else None
+        if found is None:
+            return ew.weight_average(inputs.taus), {}
+        grams, transposed = found
+        delta = lsq.regmean(inputs.taus, grams.to(inputs.taus.device), self.params.reduce_non_diagonal_ratio, transposed)
+        return delta, {"regmean": True}
 
 
 # ---- interpolation of whole weights (mergekit's slerp, nuslerp, karcher, model_stock) -------------------------------

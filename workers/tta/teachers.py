@@ -13,8 +13,6 @@ recomputes (same values: same inputs, same order) otherwise.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 from safetensors.torch import load, load_file, save
 from torch import Tensor
 
-from rankmerge.workers.atomic_io import write_atomic
+from rankmerge.workers.atomic_io import read_checked, write_checked
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 from rankmerge.workers.plan import MergePlan
 from rankmerge.workers.progress import progress
@@ -61,28 +59,17 @@ def teacher_targets(models: TaskModels, plan: MergePlan, tasks: list[ModelCheckp
 
 
 def save_teachers(job_dir: Path, names: list[str], targets: list[dict[str, Tensor]], identity: str) -> Path:
-    """Write the cache atomically with its identity; the checksum sidecar goes last, so a crash in between leaves a
-    cache that fails its check and is recomputed."""
+    """Write the cache atomically with its identity and checksum (workers/atomic_io.py `write_checked`)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     flat = {f"{name}/{key}": value.contiguous() for name, part in zip(names, targets) for key, value in part.items()}
-    data = save(flat, metadata={"identity": identity})
-    write_atomic(job_dir / CACHE, data)
-    write_atomic(job_dir / f"{CACHE}.sha256", json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "identity": identity}))
+    write_checked(job_dir / CACHE, save(flat, metadata={"identity": identity}), identity)
     return job_dir / CACHE
 
 
 def load_teachers(job_dir: Path, names: list[str], identity: str) -> list[dict[str, Tensor]] | None:
-    """The cached targets when they belong to this job and are intact; None otherwise (then recompute). The file is
-    read once: checked and parsed from the same bytes."""
-    try:
-        record = json.loads((job_dir / f"{CACHE}.sha256").read_text())
-        data = (job_dir / CACHE).read_bytes()
-    except (OSError, ValueError):
-        return None  # no cache yet, or an unreadable sidecar
-    if not isinstance(record, dict) or record.get("identity") != identity or record.get("sha256") != hashlib.sha256(data).hexdigest():
-        log.warning("teacher cache in %s does not match this job or is damaged: recomputing it", job_dir)
-        return None
-    return _per_task(load(data), names)
+    """The cached targets when they belong to this job and are intact; None otherwise (then recompute)."""
+    data = read_checked(job_dir / CACHE, identity)
+    return None if data is None else _per_task(load(data), names)
 
 
 def read_teachers(path: Path, names: list[str]) -> list[dict[str, Tensor]]:
