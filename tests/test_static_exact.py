@@ -12,7 +12,8 @@ from rankmerge.workers.plan import build_plan
 from rankmerge.workers.tta.params import ADAPTIVE_METHODS
 
 FEW_MODELS = {"slerp": 1, "nuslerp": 2}
-STATIC = sorted(set(METHODS) - set(ADAPTIVE_METHODS))
+# regmean reads task data first: its end-to-end check is tests/test_regmean_job.py
+STATIC = sorted(m for m in set(METHODS) - set(ADAPTIVE_METHODS) if not METHODS[m].needs_data)
 
 
 def state(folder):
