@@ -171,3 +171,23 @@ def test_bf16_llama_on_zero3_workers_matches_the_local_executor(families, tmp_pa
     local, ray_ = (torch.tensor([h["task_loss"] for h in reports[e]["history"]]) for e in ("local", "ray"))
     torch.testing.assert_close(ray_, local, rtol=2e-2, atol=0)  # bf16 forward over other batch splits
     assert reports["ray"]["timing"]["bytes_per_step"] > 0
+
+
+def test_a_static_merge_never_imports_model_classes(families, tmp_path):
+    """transformers (≈ 150 MB and a second of imports) is for adaptive jobs, zero-shot heads and RegMean's data pass;
+    a plain static merge, also one with a job spec, reads headers and tensors only."""
+    import subprocess
+    import sys
+
+    base, tasks = families("vit")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"base": str(base), "models": {n: str(p) for n, p in tasks.items()},
+                                    "method": "tsv_m", "output": str(tmp_path / "spec-out")}))
+    args = ["merge", "--base", str(base), "--method", "ties", "--out", str(tmp_path / "out")]
+    args += [a for name, path in tasks.items() for a in ("--model", f"{name}={path}")]
+    code = ("import sys\nfrom rankmerge.service.cli import main\n"
+            f"assert main({args!r}) == 0 and main(['merge', {str(spec)!r}]) == 0\n"
+            "print(sorted(m for m in ('transformers', 'datasets', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -77,7 +77,8 @@ def test_zero_shot_head_equals_the_clip_formula(clip_family, tmp_path):
     """One template: exactly CLIPModel's own logits_per_image; several: the normalise-mean-normalise order."""
     from rankmerge.workers.checkpoint_reader import ModelCheckpoint
     from rankmerge.workers.tta.sources import Sources, open_tasks
-    from rankmerge.workers.zero_shot import CLIPZeroShotClassifier, TaskHead, prepare_heads
+    from rankmerge.workers.zero_shot import TaskHead, prepare_heads
+    from rankmerge.workers.zero_shot_model import CLIPZeroShotClassifier
     from contextlib import ExitStack
 
     base, tasks = clip_family
@@ -179,7 +180,7 @@ def test_adaptive_merge_and_eval_run_through_zero_shot_heads(clip_family, tmp_pa
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     # exported as a plain folder, the task model reloads through its own class with the same logits
     from rankmerge.service.task_model import export_task_model
-    from rankmerge.workers.zero_shot import CLIPZeroShotClassifier
+    from rankmerge.workers.zero_shot_model import CLIPZeroShotClassifier
 
     exported = CLIPZeroShotClassifier.from_pretrained(export_task_model(out, "task2", tmp_path / "task2_model")).eval()
     with torch.no_grad():

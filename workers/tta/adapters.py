@@ -103,7 +103,7 @@ def label_count(config: dict) -> int:
 
 def model_class(arch: str) -> type | None:
     """A task-model class by name: a transformers class, or this package's own (workers/zero_shot.py)."""
-    from rankmerge.workers.zero_shot import MODEL_CLASSES
+    from rankmerge.workers.zero_shot_model import MODEL_CLASSES
 
     return MODEL_CLASSES.get(arch) or getattr(transformers, arch, None)
 
