@@ -679,7 +679,7 @@ class NuSlerp(MergeMethod):
 @register
 class Karcher(MergeMethod):
     name = "karcher"
-    task_copies = 2.0
+    task_copies = 1.0  # include_base's stack; the directions are normalised in place
     summary = "Karcher mean (mergekit): Riemannian mean of the models' directions on the sphere × their mean norm"
 
     class Params(Params):
