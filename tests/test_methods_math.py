@@ -333,13 +333,13 @@ def test_karcher_is_the_spherical_mean_times_mean_norm(taus):
 
 def test_karcher_keeps_its_digits_for_fine_tunes_of_one_base():
     """Fine-tunes point in nearly one direction (angles ~1e-3 rad), where an arccos of float32 cosines loses the
-    update entirely: float32 must land within 1% of the float64 result on the update itself, not on the weights."""
+    update entirely: float32 must land within 0.1% of the float64 result on the update itself, not on the weights."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(512, 256, generator=g)
     taus = 1e-3 * torch.randn(T, 512, 256, generator=g)
     got = run("karcher", taus, base=base).double()
     ref = run("karcher", taus.double(), base=base.double())
-    assert float((got - ref).norm() / ref.norm()) < 1e-2
+    assert float((got - ref).norm() / ref.norm()) < 1e-3
 
 
 def test_model_stock_matches_formula(taus):

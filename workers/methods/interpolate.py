@@ -50,6 +50,19 @@ def nuslerp(t: float, v0: Tensor, v1: Tensor, row_wise: bool = False, flatten: b
     return out.reshape(shape)
 
 
+CHUNK = 1 << 16  # entries per float64 partial sum in `_dot`
+
+
+def _dot(a: Tensor, b: Tensor) -> float:
+    """⟨a, b⟩ of two 1-D tensors, summed in float64 chunk by chunk: a float32 sum of 10⁷ products is off by ~5e-4,
+    more than a fine-tune's whole change to a weight's norm."""
+    return sum(float(torch.dot(x.double(), y.double())) for x, y in zip(a.split(CHUNK), b.split(CHUNK)))
+
+
+def _norm(flat: Tensor) -> float:
+    return math.sqrt(_dot(flat, flat))
+
+
 def karcher_mean(tensors: Tensor, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
     """mergekit `karcher` with its equal weights 1/N: the Riemannian mean of the unit directions times the mean norm.
 
@@ -59,34 +72,35 @@ def karcher_mean(tensors: Tensor, max_iter: int = 10, tol: float = 1e-5) -> Tens
     Fine-tunes of one base point in nearly one direction (θ_i ~ 1e-3), where the arccos of a float32 cosine keeps
     almost no digits; so θ_i comes from the chord, 2 asin(‖u_i − u‖/2), and the step is the tangent part of
     Σ a_i θ_i/sin θ_i (u_i − u) — the same vector in exact arithmetic, without the radial rounding that otherwise keeps
-    a float32 step of a 10⁷-entry tensor above `tol` forever. One task at a time, and the directions are normalised in
-    place: `tensors` is consumed, and no other [N, ...] tensor is made.
+    a float32 step of a 10⁷-entry tensor above `tol` forever. Norms and dot products are summed in float64 (`_dot`). One task at a
+    time, and the directions are normalised in place: `tensors` is consumed, and no other [N, ...] tensor is made.
     """
     flat = tensors.reshape(len(tensors), -1)
-    norms = torch.linalg.vector_norm(flat, dim=1)
+    norms = torch.tensor([_norm(row) for row in flat], dtype=torch.float64)
     valid = norms > tol
     if not bool(valid.any()):
         return torch.zeros_like(tensors[0])
-    units = flat.div_(norms[:, None]) if bool(valid.all()) else flat[valid] / norms[valid, None]  # `tensors` consumed
+    scale = norms.to(flat.dtype)[:, None]
+    units = flat.div_(scale) if bool(valid.all()) else flat[valid] / scale[valid]  # `tensors` consumed
     u = units.mean(0)
-    u = units[0].clone() if float(torch.linalg.vector_norm(u)) < tol else u / torch.linalg.vector_norm(u)
+    u = units[0].clone() if _norm(u) < tol else u.div_(_norm(u))
     diff, step = torch.empty_like(u), torch.empty_like(u)
     for _ in range(max_iter):
         step.zero_()
         for unit in units:
-            chord = float(torch.linalg.vector_norm(torch.sub(unit, u, out=diff)))
+            chord = _norm(torch.sub(unit, u, out=diff))
             theta = 2.0 * math.asin(min(chord / 2.0, 1.0))
             if theta >= tol:
                 step.add_(diff, alpha=theta / math.sin(theta) / len(units))
-        step.sub_(u, alpha=float(step @ u))  # the tangent part: the log map's own radial terms cancel exactly
-        length = float(torch.linalg.vector_norm(step))
+        step.sub_(u, alpha=_dot(step, u))  # the tangent part: the log map's own radial terms cancel exactly
+        length = _norm(step)
         if length < tol:
             break
         u = u.mul(math.cos(length)).add_(step, alpha=math.sin(length) / length)
-        u_norm = float(torch.linalg.vector_norm(u))
+        u_norm = _norm(u)
         if u_norm > tol:
             u.div_(u_norm)
-    return (norms.mean() * u).reshape(tensors.shape[1:])
+    return u.mul_(float(norms.mean())).reshape(tensors.shape[1:])
 
 
 def model_stock(taus: Tensor, filter_wise: bool = False) -> Tensor:
