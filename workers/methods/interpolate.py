@@ -60,7 +60,8 @@ def _dot(a: Tensor, b: Tensor) -> float:
 
 
 def _norm(flat: Tensor) -> float:
-    return math.sqrt(_dot(flat, flat))
+    """‖x‖ as `_dot` sums it, each chunk converted once."""
+    return math.sqrt(sum(float(torch.dot(x, x)) for x in (chunk.double() for chunk in flat.split(CHUNK))))
 
 
 def karcher_mean(tensors: Tensor, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
