@@ -102,6 +102,7 @@ def bench(runs: dict[str, tuple[list[str], Path]], logs: Path, repeats: int) -> 
     """
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     samples: dict[str, list[tuple[float, int, int, float]]] = {name: [] for name in runs}
+    phases: dict[str, list[float]] = {name: [] for name in runs}  # rankmerge's own merge seconds (its report)
     for i in range(repeats + 1):
         for name, (cmd, out) in runs.items():
             for _ in range(3):
@@ -118,13 +119,17 @@ def bench(runs: dict[str, tuple[list[str], Path]], logs: Path, repeats: int) -> 
                     break
             if i:
                 samples[name].append((wall, rss, tree, bg))
+                report = out / "merge_report.json"
+                if name == "rankmerge" and report.exists():
+                    phases[name].append(json.loads(report.read_text())["wall_seconds"])
     # median over the measured runs (== the single run when --repeats 1)
     return [{"tool": name, "cmd": cmd, "out": out,
              "walls": [r[0] for r in samples[name]],
              "wall": statistics.median(r[0] for r in samples[name]),
              "rss": statistics.median(r[1] for r in samples[name]),
              "tree": statistics.median(r[2] for r in samples[name]),
-             "background": max(r[3] for r in samples[name])}
+             "background": max(r[3] for r in samples[name]),
+             "phases": phases[name]}
             for name, (cmd, out) in runs.items()]
 
 
@@ -177,6 +182,12 @@ def ratios(results: list[dict]) -> str:
             rounds = [a / b for a, b in zip(by[num]["walls"], by[den]["walls"])]
             lines.append(f"{num} / {den}: {by[num]['wall'] / by[den]['wall']:.2f} (goal {goal}; "
                          f"round by round {', '.join(f'{x:.2f}' for x in rounds)})")
+    if by.get("rankmerge", {}).get("phases") and FLOOR in by:
+        phase = by["rankmerge"]["phases"]
+        rounds = [a / b for a, b in zip(phase, by[FLOOR]["walls"])]
+        lines.append(f"rankmerge's merge alone (its report's wall_seconds: after starting Python and importing torch, "
+                     f"{statistics.median(phase):.1f} s) / {FLOOR}: {statistics.median(phase) / by[FLOOR]['wall']:.2f} "
+                     f"(round by round {', '.join(f'{x:.2f}' for x in rounds)})")
     return "\n" + "\n".join(lines) if lines else ""
 
 

@@ -347,3 +347,29 @@ def test_the_cli_and_the_in_process_path_import_neither_ray_nor_deepspeed(tmp_pa
             "print(sorted(m for m in ('ray', 'deepspeed') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_copy_streams_move_tensors_beside_the_compute_stream_and_back():
+    """What a GPU merge does per tensor: a read-ahead thread uploads on the side stream, the compute stream waits for
+    it, the result comes down on the other side stream; memory freed meanwhile is not reused under the copies."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rankmerge.workers.device import CopyStreams
+
+    cuda = torch.device("cuda", 0)
+    assert CopyStreams.of(torch.device("cpu")) is None
+    streams = CopyStreams.of(cuda)
+    host = torch.randn(4096, 1024).pin_memory()
+    with ThreadPoolExecutor(1) as pool:
+        moved, done = pool.submit(streams.upload, lambda: host.to(cuda, non_blocking=True)).result()
+    streams.arrived([moved], done)
+    result = moved * 2 + 1
+    copy, copied = streams.download(result)
+    assert copy.is_pinned() and copy.device.type == "cpu"
+    del moved, result
+    filler = [torch.full((4096, 1024), 7.0, device=cuda) for _ in range(4)]
+    copied.synchronize()
+    torch.testing.assert_close(copy, host * 2 + 1)
+    assert all(bool((f == 7).all()) for f in filler)

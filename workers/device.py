@@ -8,12 +8,15 @@ checkpoints never depend on the device they were made on.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from rankmerge.workers.errors import MergeInputError
 
+T = TypeVar("T")
 DEVICE_SETTING = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DEVICE_HELP = "auto (the GPU when one is visible, else the CPU), cpu, or cuda[:N]"
 
@@ -59,6 +62,48 @@ def device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return str(device)
     return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
+class CopyStreams:
+    """Host↔device copies of a streamed merge on two side streams of one GPU, so that they overlap the math on its
+    compute stream: the next tensor goes up while this one is merged, the last result comes down while the next one
+    is merged. Host ends are pinned, so the copies are asynchronous; `of` gives None on the CPU, where nothing moves.
+
+    Memory that one stream fills and another reads is recorded on the reader (`Tensor.record_stream`), so the caching
+    allocator never hands it out again before the reading kernels are done."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.compute = torch.cuda.current_stream(device)
+        self.up, self.down = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+    @classmethod
+    def of(cls, device: torch.device) -> "CopyStreams | None":
+        return cls(device) if device.type == "cuda" else None
+
+    def upload(self, move: Callable[[], T]) -> tuple[T, Any]:
+        """Run `move` (host → device copies) on the upload stream; any thread may call it (e.g. a read-ahead)."""
+        with torch.cuda.stream(self.up):
+            moved = move()
+            done = torch.cuda.Event()
+            done.record(self.up)
+        return moved, done
+
+    def arrived(self, tensors: Iterable[Tensor], done: Any) -> None:
+        """Make the compute stream wait for an upload before it touches `tensors` (what `upload` moved)."""
+        self.compute.wait_event(done)
+        for tensor in tensors:
+            tensor.record_stream(self.compute)
+
+    def download(self, tensor: Tensor) -> tuple[Tensor, Any]:
+        """A pinned host copy of `tensor` once the returned event is done (wait on it before reading the copy)."""
+        copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.down.wait_stream(self.compute)
+        with torch.cuda.stream(self.down):
+            copy.copy_(tensor, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.down)
+        tensor.record_stream(self.down)
+        return copy, done
 
 
 class DevicePeak:

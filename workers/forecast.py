@@ -9,8 +9,9 @@ on top: the next tensor read ahead and the previous result waiting to be written
 
 The sample costs about one tensor of each shape: a few percent of a merge over many layers.
 
-On a GPU the samples run there, as the merge will: peak device memory is the largest sample's allocation (the merge
-holds one tensor's inputs, workspace and result on the device at a time; reads ahead and writes stay on the host).
+On a GPU the samples run there, as the merge will: peak device memory is the largest sample's allocation plus what
+the pipeline holds there besides (the merge works on one tensor at a time while the next one's inputs go up and the
+last result comes down: `device_pipeline_bytes`).
 """
 
 from __future__ import annotations
@@ -155,6 +156,13 @@ def pipeline_extra_bytes(plan: MergePlan, num_tasks: int) -> int:
     return max(ahead, default=0) + pending
 
 
+def device_pipeline_bytes(plan: MergePlan, num_tasks: int) -> int:
+    """What a merge on a GPU holds there besides the tensor being merged (`CopyStreams`): the next inputs, uploaded
+    by the read-ahead (within the prefetch budget), and the last result on its way down to the host."""
+    ahead = [e.numel * 4 * (num_tasks + 1) for e in plan.merged if e.numel * 4 * (num_tasks + 2) <= PREFETCH_BUDGET_BYTES]
+    return max(ahead, default=0) + max((e.numel * 4 for e in plan.merged), default=0)
+
+
 def forecast(plan: MergePlan, new_method: Callable[[int], MergeMethod], base: ModelCheckpoint, tasks: list[ModelCheckpoint],
              output: Path, device: torch.device = CPU) -> Forecast:
     """Measure one tensor per (role, shape) group, largest last, on `device`, and extrapolate to the whole merge.
@@ -185,4 +193,5 @@ def forecast(plan: MergePlan, new_method: Callable[[int], MergeMethod], base: Mo
     peak = max(peak_rss_bytes(), current_rss_bytes()) + pipeline_extra_bytes(plan, len(tasks))
     parts = {"start-up": startup_s, f"{passes} pass{'es' if passes > 1 else ''} over the inputs": compute, "write": write_s}
     return Forecast(startup_s + compute + write_s, peak, parts, len(costs), time.perf_counter() - start,
-                    device_peak_bytes(device, 0, device_working), device_name(device))
+                    device_peak_bytes(device, device_pipeline_bytes(plan, len(tasks)), device_working),
+                    device_name(device))

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 from rankmerge.workers.checkpoint_writer import StreamingCheckpointWriter
-from rankmerge.workers.device import device_name, to_device
+from rankmerge.workers.device import CopyStreams, device_name, to_device
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.methods.registry import MergeMethod, TensorInputs
 from rankmerge.workers.plan import MergePlan, TensorPlan
@@ -144,6 +144,22 @@ def inputs_on(inputs: TensorInputs, device: torch.device) -> TensorInputs:
     return TensorInputs(inputs.key, inputs.role, to_device(inputs.base, device), taus, factors)
 
 
+def upload(inputs: TensorInputs, device: torch.device, streams: CopyStreams | None) -> tuple[TensorInputs, Any]:
+    """`inputs_on`, on a GPU on the upload stream (from the read-ahead thread too); hand the pair to `arrived`."""
+    if streams is None:
+        return inputs_on(inputs, device), None
+    return streams.upload(lambda: inputs_on(inputs, device))
+
+
+def arrived(staged: tuple[TensorInputs, Any], streams: CopyStreams | None) -> TensorInputs:
+    """The uploaded inputs, once the compute stream waits for their copies (on the CPU: the inputs themselves)."""
+    inputs, done = staged
+    if streams is not None:
+        factors = [t for pair in inputs.factors if pair is not None for t in pair]
+        streams.arrived([inputs.base, inputs.taus, *factors], done)
+    return inputs
+
+
 def _progress(total: int, desc: str) -> tqdm:
     return progress(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
 
@@ -235,10 +251,11 @@ def _pipelined(entries: list[TensorPlan], load, budget: int | None = PREFETCH_BU
 def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], desc: str,
                 device: torch.device = CPU) -> Iterator[TensorInputs]:
     entries = plan.merged
-    pin = device.type == "cuda"
+    streams = CopyStreams.of(device)
     with _progress(sum(e.numel for e in entries) * 4 * (len(tasks) + 1), desc) as bar:
-        for entry, inputs in _pipelined(entries, lambda e: load_inputs(e, base, tasks, pin=pin)):
-            yield inputs_on(inputs, device)
+        load = lambda e: upload(load_inputs(e, base, tasks, pin=streams is not None), device, streams)  # noqa: E731
+        for entry, staged in _pipelined(entries, load):
+            yield arrived(staged, streams)
             bar.update(entry.numel * 4 * (len(tasks) + 1))
 
 
@@ -262,9 +279,11 @@ def merge_into(
     Three stages overlap: the next tensor is read while this one is merged, and the previous one is being written.
     On the CPU every input is read into one reused `ReadRing`; a block is given back once the method's result no
     longer needs it (after the write when the result is the block itself: a copied tensor). On a GPU the inputs are
-    read into pinned memory and the merged tensor comes back to the host for the writer.
+    read into pinned memory and copied up by the read-ahead, and the merged tensor comes back to pinned memory while
+    the next one is merged (`CopyStreams`); the writer waits for that copy.
     """
-    pin = device.type == "cuda"
+    streams = CopyStreams.of(device)
+    pin = streams is not None
     merged = (Role.SPECTRAL, Role.ELEMENTWISE)
 
     def block_bytes(entry: TensorPlan) -> int:
@@ -275,11 +294,13 @@ def merge_into(
     def load(entry: TensorPlan):
         data, block = ring.take(block_bytes(entry)) if ring is not None else (None, None)
         if entry.role in merged:
-            return load_inputs(entry, base, tasks, pin=pin, buffer=data,
-                               factors_only=method.from_factors(entry.role, entry.shape)), block
+            inputs = load_inputs(entry, base, tasks, pin=pin, buffer=data, factors_only=method.from_factors(entry.role, entry.shape))
+            return upload(inputs, device, streams), block
         return base.read(entry.key, None if data is None else data[: base.nbytes(entry.key)]), block
 
-    def write(entry: TensorPlan, value: torch.Tensor, block: list | None) -> None:
+    def write(entry: TensorPlan, value: torch.Tensor, block: list | None, copied: Any = None) -> None:
+        if copied is not None:
+            copied.synchronize()  # the result's copy down from the GPU
         for name in (entry.key, *entry.aliases):
             writer.write(name, value)
         if block is not None:
@@ -292,14 +313,18 @@ def merge_into(
         try:
             pending = None
             for entry, (loaded, block) in loads:
-                if isinstance(loaded, TensorInputs):
-                    loaded = inputs_on(loaded, device)
+                copied = None
+                if isinstance(loaded, tuple):  # a merged tensor's (inputs, upload)
+                    loaded = arrived(loaded, streams)
                     delta, info = method.merge(loaded)
-                    infos[entry.key] = {"delta_norm": round(float(torch.linalg.vector_norm(delta)), 6), **info}
+                    # a 0-d tensor until the end: on a GPU, reading it now would wait for the merge
+                    infos[entry.key] = {"delta_norm": torch.linalg.vector_norm(delta), **info}
                     if ring is not None and delta.dtype == loaded.base.dtype and delta.shape == loaded.base.shape:
                         value = loaded.base.add_(delta)  # the same sums (addition commutes exactly), in the ring:
-                    else:  # the delta is freed before the write, not after it
-                        value = delta.add_(loaded.base).cpu()
+                    elif streams is not None:  # the delta is freed before the write, not after it
+                        value, copied = streams.download(delta.add_(loaded.base))
+                    else:
+                        value = delta.add_(loaded.base)
                     del delta
                 else:
                     value, infos[entry.key] = loaded, {}
@@ -309,7 +334,7 @@ def merge_into(
                     block = None
                 if pending is not None:
                     pending.result()  # at most one tensor waits to be written
-                pending = write_pool.submit(write, entry, value, block)
+                pending = write_pool.submit(write, entry, value, block, copied)
                 bar.update(entry.numel * 4 * (len(tasks) + 1))
             if pending is not None:
                 pending.result()
@@ -317,6 +342,9 @@ def merge_into(
             if ring is not None:
                 ring.close()  # a read-ahead waiting for room raises instead of blocking the shutdown below
             loads.close()
+    for info in infos.values():
+        if "delta_norm" in info:
+            info["delta_norm"] = round(float(info["delta_norm"]), 6)
     return infos
 
 
