@@ -307,6 +307,8 @@ def merge_into(
             ring.release(block)
 
     infos: dict[str, dict[str, Any]] = {}
+    # ‖delta‖ per merged tensor, in one allocation (0-d tensors kept between the big ones fragment the host heap)
+    norms, slots = torch.empty(len(plan.tensors), device=device), {}
     loads = _pipelined(plan.tensors, load, budget=None if ring is not None else PREFETCH_BUDGET_BYTES)
     with _progress(sum(e.numel for e in plan.tensors) * 4 * (len(tasks) + 1), f"merge ({method.name})") as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="rankmerge-write") as write_pool:
@@ -317,8 +319,9 @@ def merge_into(
                 if isinstance(loaded, tuple):  # a merged tensor's (inputs, upload)
                     loaded = arrived(loaded, streams)
                     delta, info = method.merge(loaded)
-                    # a 0-d tensor until the end: on a GPU, reading it now would wait for the merge
-                    infos[entry.key] = {"delta_norm": torch.linalg.vector_norm(delta), **info}
+                    # read at the end: on a GPU, reading it now would wait for the merge
+                    torch.linalg.vector_norm(delta, out=norms[len(slots)])
+                    slots[entry.key], infos[entry.key] = len(slots), info
                     if ring is not None and delta.dtype == loaded.base.dtype and delta.shape == loaded.base.shape:
                         value = loaded.base.add_(delta)  # the same sums (addition commutes exactly), in the ring:
                     elif streams is not None:  # the delta is freed before the write, not after it
@@ -342,10 +345,8 @@ def merge_into(
             if ring is not None:
                 ring.close()  # a read-ahead waiting for room raises instead of blocking the shutdown below
             loads.close()
-    for info in infos.values():
-        if "delta_norm" in info:
-            info["delta_norm"] = round(float(info["delta_norm"]), 6)
-    return infos
+    on_host = norms.tolist()
+    return {key: {"delta_norm": round(on_host[slots[key]], 6), **info} if key in slots else info for key, info in infos.items()}
 
 
 def run_static_merge(pub: Publication, method: MergeMethod, report: Mapping[str, Any] | None = None,
