@@ -1,19 +1,15 @@
 """Lazy reading of HF model directories: headers first, then one tensor at a time.
 
-Tensors are read with positional reads into the caller's buffer (or fresh memory), not through a long-lived memory
-map: mapped pages of every input file would otherwise count towards (and inflate) the process's resident memory as a
-merge walks the files. `mapped` is the one exception, for a value used once and at once (a fine-tune minus the
-base): a view of the page cache for the length of one `with` block, whose pages leave the process when it ends.
+Tensors are read with positional reads into fresh buffers rather than through a memory map: mapped pages of every
+input file would otherwise count towards (and inflate) the process's resident memory as a merge walks the files, and
+freeing a tensor here returns its memory at once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,7 +38,6 @@ class ModelCheckpoint:
             )
         self.config: dict = self._read_config()
         self._fds: dict[Path, int] = {}
-        self._maps: dict[Path, mmap.mmap] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self.entries: dict[str, TensorEntry] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -160,7 +155,9 @@ class ModelCheckpoint:
         buf = torch.empty(entry.nbytes, dtype=torch.uint8) if out is None else out.view(-1).view(torch.uint8)
         if entry.numel == 0:
             return buf.view(entry.dtype).reshape(entry.shape)
-        fd = self._fd(entry.path)
+        fd = self._fds.get(entry.path)
+        if fd is None:
+            fd = self._fds[entry.path] = os.open(entry.path, os.O_RDONLY)
         view = memoryview(buf.numpy())
         done = 0
         while done < entry.nbytes:
@@ -169,37 +166,6 @@ class ModelCheckpoint:
                 raise MergeInputError(f"{self.name}: {entry.path.name} ended while reading {key!r}", "re-download the checkpoint")
             done += n
         return buf.view(entry.dtype).reshape(entry.shape)
-
-    @contextmanager
-    def mapped(self, key: str) -> Iterator[torch.Tensor | None]:
-        """The stored tensor as a view of its file's pages in the page cache, for one `with` block: no copy, unlike
-        `read` (about half the cost of forming a task vector from a warm cache). None where there is no such view
-        (a pickle, an empty tensor): read it then. Read-only by contract; the mapping is private, so not even a
-        stray write could reach the file. When the block ends the pages leave this process, which so holds one
-        tensor's pages at a time. A file cut shorter since it was opened is a one-line error here rather than a
-        SIGBUS on a page past its end."""
-        entry = None if self._pickled is not None else self.entries[key]
-        if entry is None or entry.numel == 0:
-            yield None
-            return
-        fd = self._fd(entry.path)
-        if os.fstat(fd).st_size < entry.end:
-            raise MergeInputError(f"{self.name}: {entry.path.name} became shorter while it was being read",
-                                  "leave the inputs alone until the job ends, then run it again")
-        pages = self._maps.get(entry.path)
-        if pages is None:
-            pages = self._maps[entry.path] = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        try:
-            yield torch.frombuffer(pages, dtype=entry.dtype, count=entry.numel, offset=entry.start).view(entry.shape)
-        finally:
-            first = entry.start - entry.start % mmap.PAGESIZE
-            pages.madvise(mmap.MADV_DONTNEED, first, entry.end - first)
-
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
 
     def nbytes(self, key: str) -> int:
         """Bytes of one stored tensor, from the header."""
@@ -213,12 +179,6 @@ class ModelCheckpoint:
         return None
 
     def close(self) -> None:
-        for pages in self._maps.values():
-            try:
-                pages.close()
-            except BufferError:  # a view of it is still alive somewhere: the mapping goes with the last one
-                pass
-        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import re
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,10 +220,6 @@ class AdapterCheckpoint:
         factors = self._factors(key)
         value = start if factors is None else torch.addmm(start.float(), *factors)
         return value if out is None else out.view(-1).view(value.dtype).view(value.shape).copy_(value)
-
-    def mapped(self, key: str) -> AbstractContextManager[Tensor | None]:
-        """No stored view: a fine-tuned tensor here is computed (`read`)."""
-        return nullcontext(None)
 
     def nbytes(self, key: str) -> int:
         return math.prod(self.shapes[key]) * self.dtypes[key].itemsize

@@ -64,13 +64,11 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheck
         if factors[t] is not None:  # exactly s·B·A: not (θ0 + s·B·A) − θ0, and the base is not read again
             taus[t].copy_(factors[t][0] @ factors[t][1])
         else:
-            with ck.mapped(src) as stored:  # straight from the page cache, else read into the slot
-                if stored is None:
-                    stored = ck.read(src, slots.take(ck.dtypes[src], dtype, taus[t]))
-                if stored.data_ptr() == taus[t].data_ptr():
-                    taus[t].sub_(base_t)
-                else:
-                    torch.sub(stored, base_t, out=taus[t])
+            raw = ck.read(src, slots.take(ck.dtypes[src], dtype, taus[t]))
+            if raw.data_ptr() == taus[t].data_ptr():
+                taus[t].sub_(base_t)
+            else:
+                torch.sub(raw, base_t, out=taus[t])
         _check_finite(ck, entry, all_finite(taus[t]))
     return TensorInputs(entry.key, entry.role, base_t, taus, factors if any(f is not None for f in factors) else ())
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -217,9 +216,6 @@ class ZeroShotTask:
             return self.encoder.read(key, out)
         value = self.head[key]
         return value if out is None else out.view(-1).view(value.dtype).view(value.shape).copy_(value)
-
-    def mapped(self, key: str) -> AbstractContextManager[Tensor | None]:
-        return nullcontext(None) if key in self.head else self.encoder.mapped(key)
 
     def nbytes(self, key: str) -> int:
         return self.head[key].nbytes if key in self.head else self.encoder.nbytes(key)
