@@ -253,7 +253,9 @@ def test_the_static_device_forecast_is_near_the_measured_peak(tmp_path, method):
     before = torch.cuda.memory_allocated()
     run_merge_job(job)
     measured = torch.cuda.max_memory_allocated() - before
-    assert 0.5 * measured <= predicted <= 2 * measured + 2**20, (predicted, measured)
+    # the forecast counts the next inputs going up and the last result coming down at their largest; a run where
+    # the copies happen not to overlap the merge peaks lower
+    assert 0.5 * measured <= predicted <= 3 * measured + 2**20, (predicted, measured)
 
 
 @pytest.mark.gpu
