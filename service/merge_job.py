@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.device import resolve_device
 from rankmerge.workers.checkpoint_writer import check_disk_space, check_output_free, check_output_parent, parse_size
 from rankmerge.workers.errors import MergeInputError
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class PreparedMerge:
     job: MergeJob
     base: ModelCheckpoint
-    tasks: list[ModelCheckpoint]
+    tasks: list[Checkpoint]
     plan: MergePlan
     method: MergeMethod
 
@@ -94,7 +94,7 @@ def prepare_zero_shot_heads(job: MergeJob) -> None:
         prepare_heads(job.heads, job.models, job.clip_model, job.resolved_job_dir)
 
 
-def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[ModelCheckpoint], MergePlan]:
+def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[Checkpoint], MergePlan]:
     """Everything cheap, in order: output location, headers, config, key/shape/dtype agreement, disk space."""
     _check_output_location(job)
     _check_base_config(job)
@@ -104,7 +104,7 @@ def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[
     return base, tasks, plan
 
 
-def publication(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
+def publication(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[Checkpoint],
                 params: dict[str, Any]) -> Publication:
     """The job's output as workers/publish.py writes it; `params`: the method's validated parameters."""
     data = dict(job.tta.data) if job.tta is not None else {}

@@ -27,7 +27,7 @@ from rankmerge.cluster.sharding import shard_columns
 from rankmerge.service.driver import take_driver_lease
 from rankmerge.service.merge_job import open_inputs, prepare_zero_shot_heads, publication
 from rankmerge.service.spec import MergeJob, parse_adaptive_params
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.checkpoint_writer import check_output_free
 from rankmerge.workers.device import resolve_device
 from rankmerge.workers.errors import MergeInputError
@@ -51,7 +51,7 @@ class AdaptationDegraded(MergeInputError):
     """--strict: the adaptation ended worse than its step-0 merge by the label-free guard (nothing is published)."""
 
 
-def build_merger(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> AdaptiveMerger:
+def build_merger(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[Checkpoint]) -> AdaptiveMerger:
     """The whole job's merger in one object (tests and benchmarks; jobs run through shards)."""
     return make_merger(parse_adaptive_params(job.method, job.params), job.tta.lr, plan, base, tasks)
 
@@ -69,7 +69,7 @@ def accuracy(models: TaskModels, weights: dict[str, torch.Tensor], task: int, da
     return correct / total
 
 
-def evaluate(models: TaskModels, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
+def evaluate(models: TaskModels, plan: MergePlan, base: ModelCheckpoint, tasks: list[Checkpoint],
              datasets: list[dict[str, torch.Tensor]], merges: dict[str, dict[str, torch.Tensor]], batch: int,
              device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """Per-task accuracy of the pretrained backbone, each individual model, then each named merge (labelled tasks),
@@ -183,7 +183,7 @@ def dry_run_adaptive_job(job: MergeJob) -> str:
     ])
 
 
-def check_adaptation_data(job: MergeJob, tasks: list[ModelCheckpoint], datasets: list[dict[str, torch.Tensor]]) -> None:
+def check_adaptation_data(job: MergeJob, tasks: list[Checkpoint], datasets: list[dict[str, torch.Tensor]]) -> None:
     """What the readers cannot see alone: too few rows for a batch, labels the task's head does not have, images of
     another size than the model's (adapted on interpolated position embeddings: allowed, but said)."""
     for ck, data in zip(tasks, datasets):
@@ -203,7 +203,7 @@ def check_adaptation_data(job: MergeJob, tasks: list[ModelCheckpoint], datasets:
                         "embeddings", ck.name, "x".join(map(str, pixels.shape[-2:])), size, size)
 
 
-def prepare_teachers(job: MergeJob, plan: MergePlan, models: TaskModels, tasks: list[ModelCheckpoint],
+def prepare_teachers(job: MergeJob, plan: MergePlan, models: TaskModels, tasks: list[Checkpoint],
                      datasets: list[dict[str, torch.Tensor]], identity: str) -> tuple[Path, float]:
     """Compute the teacher targets once per job (or reuse the job's intact cache of the same `identity`: spec and
     input fingerprints) and attach them to the datasets; returns the cache path and the seconds spent (0: reused)."""
@@ -344,7 +344,7 @@ def _safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
     return save_safetensors(tensors or {"none": torch.zeros(0)}, metadata=metadata)
 
 
-def export(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], side_files: dict[str, bytes],
+def export(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: list[Checkpoint], side_files: dict[str, bytes],
            final: dict[str, torch.Tensor], report: dict[str, Any], start_time: float) -> dict[str, Any]:
     """Publish the dense merged backbone (hard masks applied) with what was learned (`side_files`) beside it
     (workers/publish.py: the same path and report fields as a static merge); returns the full report."""

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -22,6 +23,31 @@ log = logging.getLogger(__name__)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin.index.json", "pytorch_model.bin", "model.pt", "model.bin", "adapter_model.bin")
+
+
+class Checkpoint(Protocol):
+    """What a merge reads a fine-tuned model through: a full checkpoint (`ModelCheckpoint`), a PEFT adapter on the base
+    (`peft_adapter.AdapterCheckpoint`) or an encoder with its zero-shot head (`zero_shot.ZeroShotTask`). Keys, shapes
+    and dtypes come from headers; a tensor is read only when asked for, into the caller's buffer when given one."""
+
+    name: str
+    path: Path
+    files: list[Path]  # what identifies the model's content (fingerprints, resume checks)
+    config: dict
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+
+    def keys(self) -> list[str]: ...
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def nbytes(self, key: str) -> int: ...
+
+    def low_rank(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The task vector of `key` as (left, right) factors where the model holds it so (LoRA), else None."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class ModelCheckpoint:

@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.device import DevicePeak, device_name
 from rankmerge.workers.methods.registry import MergeMethod, TensorInputs
 from rankmerge.workers.memory import current_rss_bytes, peak_rss_bytes
@@ -103,7 +103,7 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
     return value, time.perf_counter() - start
 
 
-def _sample_merged(entry: TensorPlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint], device: torch.device = CPU) -> tuple[float, float, float, int]:
+def _sample_merged(entry: TensorPlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[Checkpoint], device: torch.device = CPU) -> tuple[float, float, float, int]:
     """(read s, stat-pass s, merge s) of one merged tensor through a fresh method instance sized to that tensor
     (its whole-model statistics, e.g. TIES' k-th magnitude, are then statistics of the sample)."""
     inputs, read_s = timed(lambda: load_inputs(entry, base, tasks, factors_only=method.from_factors(entry.role, entry.shape)))
@@ -163,7 +163,7 @@ def device_pipeline_bytes(plan: MergePlan, num_tasks: int) -> int:
     return max(ahead, default=0) + max((e.numel * 4 for e in plan.merged), default=0)
 
 
-def forecast(plan: MergePlan, new_method: Callable[[int], MergeMethod], base: ModelCheckpoint, tasks: list[ModelCheckpoint],
+def forecast(plan: MergePlan, new_method: Callable[[int], MergeMethod], base: ModelCheckpoint, tasks: list[Checkpoint],
              output: Path, device: torch.device = CPU) -> Forecast:
     """Measure one tensor per (role, shape) group, largest last, on `device`, and extrapolate to the whole merge.
 

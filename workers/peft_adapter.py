@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.roles import rules_for
 
@@ -102,7 +102,7 @@ def read_adapter_config(path: Path, name: str) -> dict:
 
 
 class AdapterCheckpoint:
-    """A LoRA adapter read as the fine-tuned model it makes with `base` (the same interface as ModelCheckpoint)."""
+    """A LoRA adapter read as the fine-tuned model it makes with `base` (a `Checkpoint`, like `ModelCheckpoint`)."""
 
     def __init__(self, path: str | Path, name: str, base: ModelCheckpoint, allow_pickle: bool = False) -> None:
         self.path, self.name, self.base = Path(path), name, base
@@ -196,7 +196,7 @@ class AdapterCheckpoint:
                                   f"{list(self.base.shapes[target])} in the base", "merge the adapter on the model it was trained on")
         self.full[target or inner] = key
 
-    # ---- access (as ModelCheckpoint) -------------------------------------------------------------------------------
+    # ---- access (the Checkpoint interface) ---------------------------------------------------------------------------
     def keys(self) -> list[str]:
         return list(self.shapes)
 
@@ -234,7 +234,7 @@ class AdapterCheckpoint:
         self.close()
 
 
-def open_model(path: str | Path, name: str, base: ModelCheckpoint, allow_pickle: bool = False) -> ModelCheckpoint | AdapterCheckpoint:
+def open_model(path: str | Path, name: str, base: ModelCheckpoint, allow_pickle: bool = False) -> Checkpoint:
     """A fine-tuned input: a full checkpoint folder, or a PEFT LoRA adapter folder on `base`."""
     if is_adapter(Path(path)):
         return AdapterCheckpoint(path, name, base, allow_pickle)

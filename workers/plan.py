@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.memory import current_rss_bytes
 from rankmerge.workers.roles import ArchitectureRules, Role, classify, is_embedding, is_head, rules_for, tied_source
@@ -115,7 +115,7 @@ def _align(rules: ArchitectureRules, base_keys: set[str], task_keys: list[str]) 
     return mapping, heads, extras
 
 
-def build_plan(base: ModelCheckpoint, tasks: dict[str, ModelCheckpoint], out_dtype: torch.dtype | None = None) -> MergePlan:
+def build_plan(base: ModelCheckpoint, tasks: dict[str, Checkpoint], out_dtype: torch.dtype | None = None) -> MergePlan:
     """Check that every task model matches the base and decide what happens to each tensor."""
     if not tasks:
         raise MergeInputError("no fine-tuned models given", "add at least one --model NAME=PATH")

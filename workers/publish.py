@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.checkpoint_writer import StreamingCheckpointWriter
 from rankmerge.workers.fingerprint import input_fingerprint
 from rankmerge.workers.memory import peak_rss_bytes
@@ -38,7 +38,7 @@ class Publication:
     out: Path
     plan: MergePlan
     base: ModelCheckpoint
-    tasks: list[ModelCheckpoint]
+    tasks: list[Checkpoint]
     method: str
     params: dict[str, Any]
     data: Mapping[str, Path] = field(default_factory=dict)  # test-time data per task (adaptive), fingerprinted too
@@ -79,7 +79,7 @@ def tensor_records(plan: MergePlan, records: TensorRecords) -> list[dict[str, An
 HEAD_CONFIG_KEY = "config"  # head file metadata: the task model's config.json (class, labels), to rebuild that model
 
 
-def write_heads(writer: StreamingCheckpointWriter, plan: MergePlan, tasks: list[ModelCheckpoint]) -> dict[str, list[str]]:
+def write_heads(writer: StreamingCheckpointWriter, plan: MergePlan, tasks: list[Checkpoint]) -> dict[str, list[str]]:
     """Per-task heads are never merged: each task's head goes to heads/<task>.safetensors under its own names, with
     the task model's config in its metadata (the output's config.json is the base's: other labels, no head class)."""
     written = {}

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.checkpoint_writer import StreamingCheckpointWriter
 from rankmerge.workers.device import CopyStreams, device_name, to_device
 from rankmerge.workers.errors import MergeInputError
@@ -36,7 +36,7 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
-def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
+def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[Checkpoint],
                 dtype: torch.dtype = torch.float32, pin: bool = False, buffer: torch.Tensor | None = None,
                 factors_only: bool = False) -> TensorInputs:
     """Read one tensor from every model and form task vectors (computed in fp32, stored in `dtype`), each written
@@ -73,7 +73,7 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheck
     return TensorInputs(entry.key, entry.role, base_t, taus, factors if any(f is not None for f in factors) else ())
 
 
-def _check_finite(ck: ModelCheckpoint, entry: TensorPlan, finite: bool) -> None:
+def _check_finite(ck: Checkpoint, entry: TensorPlan, finite: bool) -> None:
     if not finite:
         raise MergeInputError(
             f"the task vector of {ck.name!r} has NaN/Inf values in {entry.key!r}",
@@ -97,7 +97,7 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // SLOT_ALIGN) * SLOT_ALIGN
 
 
-def input_bytes(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], dtype: torch.dtype = torch.float32) -> int:
+def input_bytes(entry: TensorPlan, base: ModelCheckpoint, tasks: list[Checkpoint], dtype: torch.dtype = torch.float32) -> int:
     """Bytes `load_inputs` needs in a buffer: the fp32 base, the [T, ...] task vectors in `dtype` (one contiguous
     stack, laid out as torch.empty lays it out), and one read slot for inputs stored in another dtype (a bf16
     checkpoint), converted out of it."""
@@ -111,7 +111,7 @@ def input_bytes(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheck
 class _Slots:
     """Views of `load_inputs`' buffer: [base fp32 | task vectors | read slot]; with no buffer, no views."""
 
-    def __init__(self, entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], dtype: torch.dtype,
+    def __init__(self, entry: TensorPlan, base: ModelCheckpoint, tasks: list[Checkpoint], dtype: torch.dtype,
                  buffer: torch.Tensor | None) -> None:
         self.buffer, self.n = buffer, entry.numel
         if buffer is None:
@@ -248,7 +248,7 @@ def _pipelined(entries: list[TensorPlan], load, budget: int | None = PREFETCH_BU
             del current  # else this frame keeps the consumed inputs alive while the next ones are read
 
 
-def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], desc: str,
+def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[Checkpoint], desc: str,
                 device: torch.device = CPU) -> Iterator[TensorInputs]:
     entries = plan.merged
     streams = CopyStreams.of(device)
@@ -259,7 +259,7 @@ def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpo
             bar.update(entry.numel * 4 * (len(tasks) + 1))
 
 
-def run_stat_passes(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
+def run_stat_passes(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[Checkpoint],
                     device: torch.device = CPU) -> list[str]:
     names = []
     for stat_pass in method.stat_passes():
@@ -271,7 +271,7 @@ def run_stat_passes(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint,
 
 
 def merge_into(
-    writer: StreamingCheckpointWriter, plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[ModelCheckpoint],
+    writer: StreamingCheckpointWriter, plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[Checkpoint],
     device: torch.device = CPU,
 ) -> dict[str, dict[str, Any]]:
     """Write every planned tensor: merged ones through the method (on `device`), the rest copied from the base.

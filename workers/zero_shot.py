@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from rankmerge.workers.atomic_io import write_atomic
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.fingerprint import input_fingerprint
 
@@ -194,7 +194,7 @@ class ZeroShotTask:
     """A fine-tuned encoder's checkpoint plus its cached zero-shot head, read as one `CLIPZeroShotClassifier`
     checkpoint: the head's keys and config join the encoder's; everything else is the encoder's."""
 
-    def __init__(self, encoder: ModelCheckpoint, head_file: Path) -> None:
+    def __init__(self, encoder: Checkpoint, head_file: Path) -> None:
         try:
             self.head = load_file(str(head_file))
             self.config = json.loads(_metadata(head_file)["config"])

@@ -17,7 +17,7 @@ from accelerate import init_empty_weights
 from torch import Tensor
 from torch.func import functional_call
 
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.plan import MergePlan
 from rankmerge.workers.roles import Role
@@ -108,7 +108,7 @@ def model_class(arch: str) -> type | None:
     return MODEL_CLASSES.get(arch) or getattr(transformers, arch, None)
 
 
-def build_task_models(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint]) -> TaskModels:
+def build_task_models(plan: MergePlan, base: ModelCheckpoint, tasks: list[Checkpoint]) -> TaskModels:
     archs = {tuple(ck.config.get("architectures") or ()) for ck in tasks}
     if len(archs) != 1 or len(next(iter(archs))) != 1:
         raise MergeInputError(f"task models have architectures {sorted(archs)}", "adaptive merging needs one task-model class for all tasks")

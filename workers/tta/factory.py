@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.methods.registry import MergeContext
 from rankmerge.workers.plan import MergePlan
 from rankmerge.workers.roles import Role, is_embedding
@@ -26,7 +26,7 @@ def static_keys(params: AdaptiveParams, plan: MergePlan, output_kind: str) -> fr
 
 
 def make_merger(params: AdaptiveParams, lr: float, plan: MergePlan, base: ModelCheckpoint,
-                tasks: list[ModelCheckpoint], columns: list[int] | None = None,
+                tasks: list[Checkpoint], columns: list[int] | None = None,
                 static: frozenset[str] = frozenset(), device: torch.device = torch.device("cpu")) -> AdaptiveMerger:
     """`static`: keys merged once at λ0 and not adapted (see static_keys); `device`: where the state lives."""
     method = params.method(MergeContext(tuple(t.name for t in tasks), plan.merged_numel))

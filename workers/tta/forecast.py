@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.device import DevicePeak, device_name
 from rankmerge.workers.forecast import (Forecast, device_peak_bytes, group_entries, process_age_seconds, timed,
                                         write_seconds_per_byte)
@@ -102,7 +102,7 @@ def model_step(models: TaskModels, plan: MergePlan, base: ModelCheckpoint, data:
 
 
 def forecast_adaptive(plan: MergePlan, params: AdaptiveParams, lr: float, base: ModelCheckpoint,
-                      tasks: list[ModelCheckpoint], models: TaskModels, data: list[dict[str, Tensor]], batch: int,
+                      tasks: list[Checkpoint], models: TaskModels, data: list[dict[str, Tensor]], batch: int,
                       steps: int, dtype: torch.dtype, output_dir, device: torch.device = torch.device("cpu")) -> Forecast:
     """`device`: where the in-process executor's shard and worker compute (the samples run there)."""
     start, startup_s = time.perf_counter(), process_age_seconds()

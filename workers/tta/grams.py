@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers.pytorch_utils import Conv1D
 
 from rankmerge.workers.atomic_io import read_checked, write_checked
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.methods.registry import GramLookup
 from rankmerge.workers.plan import MergePlan
@@ -46,7 +46,7 @@ def linear_layers(models: TaskModels, task: int) -> dict[str, tuple[torch.nn.Mod
 
 
 @torch.no_grad()
-def task_grams(models: TaskModels, plan: MergePlan, ck: ModelCheckpoint, task: int, data: dict[str, Tensor],
+def task_grams(models: TaskModels, plan: MergePlan, ck: Checkpoint, task: int, data: dict[str, Tensor],
                batch: int, max_rows: int) -> tuple[dict[str, Tensor], list[str]]:
     """Task `task`'s Gram matrix per linear layer over its first `max_rows` rows (each batch's in float32, their sum in
     float64), and the keys stored [in, out]. A layer the forward never calls has none (RegMean then averages it, as FusionBench)."""

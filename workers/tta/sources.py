@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.peft_adapter import open_model
 from rankmerge.workers.plan import MergePlan, build_plan
@@ -24,7 +24,7 @@ class Sources:
     heads: dict[str, Path] = field(default_factory=dict)  # task name -> its computed zero-shot head (workers/zero_shot.py)
 
 
-def open_tasks(sources: Sources, base: ModelCheckpoint, stack: ExitStack) -> list[ModelCheckpoint]:
+def open_tasks(sources: Sources, base: ModelCheckpoint, stack: ExitStack) -> list[Checkpoint]:
     """The task checkpoints in order (closed with the stack): full checkpoints or PEFT adapters on `base`; a task with
     a zero-shot head is read with it."""
     from rankmerge.workers.zero_shot import ZeroShotTask
@@ -33,7 +33,7 @@ def open_tasks(sources: Sources, base: ModelCheckpoint, stack: ExitStack) -> lis
     return [ZeroShotTask(ck, sources.heads[ck.name]) if ck.name in sources.heads else ck for ck in tasks]
 
 
-def open_sources(sources: Sources, stack: ExitStack) -> tuple[ModelCheckpoint, list[ModelCheckpoint], MergePlan]:
+def open_sources(sources: Sources, stack: ExitStack) -> tuple[ModelCheckpoint, list[Checkpoint], MergePlan]:
     """Open base and task checkpoints (closed with the stack) and build the merge plan from their headers."""
     base = stack.enter_context(ModelCheckpoint(sources.base, "base", sources.allow_pickle))
     tasks = open_tasks(sources, base, stack)

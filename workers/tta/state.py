@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.methods.adaptive import TaskVectorSum
 from rankmerge.workers.methods.registry import TaskVectorMethod
 from rankmerge.workers.plan import MergePlan, TensorPlan
@@ -60,7 +60,7 @@ class StateOptions:
         return min(caps) if caps else None
 
 
-def build_state(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], method: TaskVectorMethod,
+def build_state(plan: MergePlan, base: ModelCheckpoint, tasks: list[Checkpoint], method: TaskVectorMethod,
                 options: StateOptions, device: torch.device = torch.device("cpu")) -> tuple[list[Slot], Tensor]:
     """Read every merged tensor once and build its slot on `device` (factorizations run there); returns (slots, λ init
     of shape [T+1, K] on `device`), one λ column per slot."""
@@ -73,7 +73,7 @@ def build_state(plan: MergePlan, base: ModelCheckpoint, tasks: list[ModelCheckpo
     return slots, lam.to(device)
 
 
-def build_slot(entry: TensorPlan, base: ModelCheckpoint, tasks: list[ModelCheckpoint], method: TaskVectorMethod,
+def build_slot(entry: TensorPlan, base: ModelCheckpoint, tasks: list[Checkpoint], method: TaskVectorMethod,
                options: StateOptions, device: torch.device = torch.device("cpu")) -> tuple[Slot, float]:
     """One tensor's slot (on `device`) and its initial λ."""
     factorized = method.factorized(entry.role, entry.shape)

@@ -21,7 +21,7 @@ from safetensors.torch import load, load_file, save
 from torch import Tensor
 
 from rankmerge.workers.atomic_io import read_checked, write_checked
-from rankmerge.workers.checkpoint_reader import ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint
 from rankmerge.workers.plan import MergePlan
 from rankmerge.workers.progress import progress
 from rankmerge.workers.tta.adapters import TaskModels
@@ -34,7 +34,7 @@ CACHE = "teachers.safetensors"
 
 
 @torch.no_grad()
-def teacher_targets(models: TaskModels, plan: MergePlan, tasks: list[ModelCheckpoint], datasets: list[dict[str, Tensor]],
+def teacher_targets(models: TaskModels, plan: MergePlan, tasks: list[Checkpoint], datasets: list[dict[str, Tensor]],
                     batch: int, dtype: torch.dtype) -> list[dict[str, Tensor]]:
     """Per task: the task model's outputs on every row (TEACHER_LOGITS, and TEACHER_INDEX for causal LMs)."""
     out = []
