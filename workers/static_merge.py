@@ -252,8 +252,11 @@ def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[Checkpoint],
                 device: torch.device = CPU) -> Iterator[TensorInputs]:
     entries = plan.merged
     streams = CopyStreams.of(device)
+
+    def load(entry: TensorPlan) -> tuple[TensorInputs, Any]:
+        return upload(load_inputs(entry, base, tasks, pin=streams is not None), device, streams)
+
     with _progress(sum(e.numel for e in entries) * 4 * (len(tasks) + 1), desc) as bar:
-        load = lambda e: upload(load_inputs(e, base, tasks, pin=streams is not None), device, streams)  # noqa: E731
         for entry, staged in _pipelined(entries, load):
             yield arrived(staged, streams)
             bar.update(entry.numel * 4 * (len(tasks) + 1))
