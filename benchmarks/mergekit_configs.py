@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/mergekit_configs.py [--workdir .bench] [--json results.json]
 
 A small Llama family (service/tiny_models.py: real LlamaForCausalLM checkpoints, float32, a base and three seeded
-fine-tunes; linear, task_arithmetic and ties configs) is merged once per config by `mergekit-yaml CONFIG OUT` in mergekit's own venv (benchmarks/venvs.py) and
+fine-tunes, plus two seeded PEFT LoRA adapters on the base for `BASE+ADAPTER` references; linear, task_arithmetic
+and ties configs) is merged once per config by `mergekit-yaml CONFIG OUT` in mergekit's own venv (benchmarks/venvs.py) and
 by `rankmerge merge CONFIG --out OUT`. The table gives per config the max |rankmerge − mergekit| over every tensor of
 the output, next to the largest |value|, and the tensors compared. mergekit's `dtype: float32` makes both compute in
 float32; the remaining difference is summation order.
@@ -33,10 +34,37 @@ MERGEKIT_REQS = REPO / "benchmarks" / "mergekit-requirements.txt"
 SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 128}
 
 
-def configs(base: Path, tasks: list[Path]) -> dict[str, dict]:
-    """The compared configs: per-model weights, top-level defaults, both normalisation rules."""
+def lora_adapters(base: Path, root: Path) -> list[Path]:
+    """Two PEFT LoRA adapters on `base` with seeded factors (B = 0 at init would make them no change at all)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapters = []
+    for seed in (1, 2):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                               LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        model.save_pretrained(root / f"lora{seed}")
+        adapters.append(root / f"lora{seed}")
+    return adapters
+
+
+def configs(base: Path, tasks: list[Path], adapters: list[Path]) -> dict[str, dict]:
+    """The compared configs: per-model weights, top-level defaults, both normalisation rules, LoRA references."""
     t0, t1, t2 = (str(t) for t in tasks)
+    l1, l2 = (f"{base}+{a}" for a in adapters)
     return {
+        "task_arithmetic, LoRA refs BASE+ADAPTER and a full model": {
+            "merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+            "models": [{"model": l1, "parameters": {"weight": 0.5}}, {"model": l2, "parameters": {"weight": 0.8}},
+                       {"model": t0, "parameters": {"weight": 0.3}}]},
+        "ties, LoRA refs BASE+ADAPTER, density 0.4": {
+            "merge_method": "ties", "base_model": str(base), "dtype": "float32", "parameters": {"density": 0.4, "weight": 0.7},
+            "models": [{"model": l1}, {"model": l2}]},
         "task_arithmetic, weights 0.3/0.7/-0.2": {
             "merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
             "models": [{"model": t0, "parameters": {"weight": 0.3}}, {"model": t1, "parameters": {"weight": 0.7}},
@@ -101,10 +129,12 @@ def main() -> None:
     mergekit = ensure_venv("mergekit", MERGEKIT_REQS, args.workdir.resolve()).parent / "mergekit-yaml"
     base, tasks = make_family("llama", work / "models", sizes=SIZES)
     results = {}
-    for n, (label, config) in enumerate(configs(base, list(tasks.values())).items()):
+    adapters = lora_adapters(base, work / "models")
+    for n, (label, config) in enumerate(configs(base, list(tasks.values()), adapters).items()):
         cfg = work / f"config{n}.yml"
         cfg.write_text(yaml.safe_dump(config, sort_keys=False))
-        run([str(mergekit), str(cfg), str(work / f"mergekit{n}")], work / f"mergekit{n}.log")
+        run([str(mergekit), str(cfg), str(work / f"mergekit{n}"), "--lora-merge-cache", str(work / "lora-cache")],
+            work / f"mergekit{n}.log")
         run([args.rankmerge, "merge", str(cfg), "--out", str(work / f"rankmerge{n}")], work / f"rankmerge{n}.log")
         results[label] = compare(work / f"rankmerge{n}", work / f"mergekit{n}")
         LOG.info("%s: %s", label, results[label])

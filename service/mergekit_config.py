@@ -10,8 +10,11 @@ rankmerge jobs, for the methods whose result rankmerge reproduces exactly.
   magnitude cuts) with each model's `weight`, `density` and `gamma` (`normalize` and `rescale` default off, `lambda`).
 
 Per-model `parameters` override the top-level ones. Model paths are relative to the current directory (as mergekit
-reads them); `org/name` ids come from the local Hugging Face cache. The `dare_*` methods are refused: mergekit draws
-its own random masks (and rescales by the L1 norm), so the result would not be mergekit's.
+reads them); `org/name` ids come from the local Hugging Face cache. A LoRA reference `model: BASE+ADAPTER` (mergekit's
+syntax for the model the adapter makes) is a PEFT adapter input on the base, when BASE is the model the task vectors
+start from; the result then equals mergekit's up to float32 rounding (mergekit forms BASE + s·B·A densely and
+subtracts BASE again). The `dare_*` methods are refused: mergekit draws its own random masks (and rescales by the L1
+norm), so the result would not be mergekit's.
 """
 
 from __future__ import annotations
@@ -86,8 +89,8 @@ def _models(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for n, entry in enumerate(entries, 1):
         ref = entry.get("model") if isinstance(entry, dict) else None
-        if not isinstance(ref, str) or "+" in ref:
-            raise _fail(f"models entry {n} has model {ref!r}", "give `model:` a path or an org/name id (LoRA `+` refs are not supported)")
+        if not isinstance(ref, str) or ref.count("+") > 1 or "" in ref.split("+"):
+            raise _fail(f"models entry {n} has model {ref!r}", "give `model:` a path or an org/name id, or BASE+ADAPTER for a LoRA")
         out.append((ref, _parameters(entry.get("parameters"), MODEL_PARAMETERS, f"model {ref}")))
     return out
 
@@ -175,6 +178,9 @@ def job_data_from_mergekit(data: dict[str, Any], cwd: Path) -> tuple[dict[str, A
     weights = [0.0 if method != "linear" and ref == base else _weight(ref, own, shared) for ref, own in models]
     normalize = bool(shared.get("normalize", NORMALIZE_DEFAULT[method]))
     origin, scale = _origin_and_scale(method, refs, weights, base, normalize)
+    if "+" in origin:
+        raise _fail(f"the task vectors would start from {origin!r}, a LoRA reference",
+                    "set `base_model:` to the plain model the adapters were trained on (for linear: list it first)")
     taken: set[str] = set()
     tasks: dict[str, str] = {}
     task_weights: dict[str, float] = {}
@@ -183,8 +189,9 @@ def job_data_from_mergekit(data: dict[str, Any], cwd: Path) -> tuple[dict[str, A
     for (ref, own), weight in zip(models, weights):
         if ref == origin:
             continue  # its own task vector is zero: its weight only counts in the normalisation
-        name = _task_name(ref, taken)
-        tasks[name], written[f"models.{name}"] = _absolute(ref, cwd, f"model {ref}"), ref
+        path = _adapter_on(ref, origin, cwd) if "+" in ref else ref
+        name = _task_name(path, taken)
+        tasks[name], written[f"models.{name}"] = _absolute(path, cwd, f"model {ref}"), ref
         task_weights[name] = weight
         for key, default in PER_MODEL_DEFAULTS.items():
             per_model[key][name] = float(own.get(key, shared.get(key, default)))
@@ -197,6 +204,16 @@ def job_data_from_mergekit(data: dict[str, Any], cwd: Path) -> tuple[dict[str, A
         job["out_dtype"] = dtype
     log.info("mergekit %s config: %s from %s with %s", method, rankmerge_method, origin, params)
     return job, written
+
+
+def _adapter_on(ref: str, origin: str, cwd: Path) -> str:
+    """The adapter of a `BASE+ADAPTER` reference, whose BASE must be the origin: a task vector is s·B·A from there."""
+    model, adapter = ref.split("+")
+    if _absolute(model, cwd, f"model {ref}") != _absolute(origin, cwd, "base_model"):
+        raise _fail(f"model {ref!r} applies a LoRA to {model!r}, not to {origin!r} (the model the task vectors start from)",
+                    f"write `model: {origin}+{adapter}` when the adapter was trained on it, or merge the adapter into "
+                    "its model first (peft's merge_and_unload) and list that")
+    return adapter
 
 
 def _absolute(ref: str, cwd: Path, field: str) -> str:

@@ -289,3 +289,28 @@ def test_an_embedding_lora_adds_peft_s_own_delta(tmp_path):
     expected = layer.base_layer.weight.detach() + layer.get_delta_weight("default").detach()
     got = cli_merge(base_dir, {"t": tmp_path / "adapter"}, "task_arithmetic", tmp_path / "out", "lambda=1.0")
     torch.testing.assert_close(got["model.embed_tokens.weight"], expected, atol=1e-6, rtol=1e-6)
+
+
+def test_mergekit_lora_references_merge_as_the_models_they_make(llama_family, tmp_path, monkeypatch, capsys):
+    """`model: BASE+ADAPTER` in a mergekit config is the adapter on the base: the merge equals the same config over the
+    adapters' merge_and_unload models; a LoRA on another model, or as the origin, is a one-line error."""
+    base, adapters, full = llama_family
+    monkeypatch.chdir(tmp_path)
+
+    def run(models, out, base_model=str(base)):
+        config = {"merge_method": "ties", "base_model": base_model, "parameters": {"weight": 0.6, "density": 0.5},
+                  "models": [{"model": m} for m in models]}
+        (tmp_path / f"{out}.yml").write_text(yaml.safe_dump(config))
+        return main(["merge", f"{out}.yml", "--out", out])
+
+    assert run([str(full[t]) for t in TASKS], "full") == 0
+    assert run([f"{base}+{adapters[t]}" for t in TASKS], "lora") == 0
+    assert_same_state(load_file(str(tmp_path / "lora" / "model.safetensors")), load_file(str(tmp_path / "full" / "model.safetensors")))
+    capsys.readouterr()
+    assert run([f"{full['t0']}+{adapters['t1']}"], "other") == 2
+    err = capsys.readouterr().err
+    assert "applies a LoRA to" in err and "merge_and_unload" in err and err.count("\n") == 1, err
+    assert run([f"{base}+{adapters['t1']}"], "origin", base_model=f"{base}+{adapters['t0']}") == 2
+    err = capsys.readouterr().err
+    assert "a LoRA reference" in err and err.count("\n") == 1, err
+    assert not any((tmp_path / out).exists() for out in ("other", "origin"))
