@@ -31,6 +31,7 @@ from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.checkpoint_writer import check_output_free
 from rankmerge.workers.device import resolve_device
 from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.methods.registry import MergeContext
 from rankmerge.workers.plan import MergePlan, build_plan
 from rankmerge.workers.publish import publish, tensor_writer
 from rankmerge.workers.tta.adapters import TaskModels, build_task_models, label_count
@@ -131,8 +132,9 @@ def adaptive_work(job: MergeJob, plan: MergePlan, shards: int, output_kind: str 
     """`output_kind`: the task models' output kind (workers/tta/adapters.py), which decides AdaRank's `vocab: auto`;
     `teachers`: the job's teacher-target cache (workers read it; the in-process worker gets the driver's rows);
     `devices`: the shards' and the workers' device settings."""
-    columns = shard_columns(plan, shards)
     params = parse_adaptive_params(job.method, job.params)
+    factorized = params.method(MergeContext(tuple(plan.task_names), plan.merged_numel)).factorized
+    columns = shard_columns(plan, shards, factorized)
     return AdaptiveWork(job.sources, params, job.tta.lr, dict(job.tta.data),
                         job.tta.max_length, columns, [[plan.merged[c].key for c in cols] for cols in columns],
                         len(plan.merged), job.resources.partition, compute_dtype(job.tta.compute_dtype, plan),

@@ -76,3 +76,35 @@ def test_adarank_over_all_2d_starts_at_the_static_all_2d_merge(families, tmp_pat
         got = merger.final_weights()
     for key, value in got.items():
         torch.testing.assert_close(value, expected[key].float(), atol=2e-5, rtol=1e-4)
+
+
+def test_ray_shards_weigh_an_all_2d_embedding_as_the_svd_it_is(families, tmp_path):
+    """With all_2d an LLM's embedding (32000 × 4096) is the largest SVD of the model, 7.8 block weights' worth: the
+    job's shards balance that work, where counting it as a read (its role) stacks it on top of half the blocks."""
+    import dataclasses
+
+    from rankmerge.cluster.sharding import shard_columns, tensor_cost
+    from rankmerge.service.tta_job import adaptive_work
+    from rankmerge.workers.plan import TensorPlan
+
+    base, tasks = families("gpt2")
+    spec = make_adaptive_spec(families, tmp_path, params={"base": "tsv_m", "base_params": {"spectral_keys": "all_2d"}}, family="vit")
+    spec.update(base=str(base), models={k: str(v) for k, v in tasks.items()})
+    with ExitStack() as stack:
+        job = job_from_dict(spec, tmp_path)
+        _, _, plan = open_inputs(job, stack)
+    sources = plan.merged[0].sources
+    shaped = [TensorPlan("transformer.wte.weight", Role.ELEMENTWISE, (32000, 4096), torch.float32, sources),
+              *(TensorPlan(f"transformer.h.{i}.attn.c_attn.weight", Role.SPECTRAL, (4096, 4096), torch.float32, sources)
+                for i in range(8))]
+    plan = dataclasses.replace(plan, tensors=shaped)
+    method = make_method("tsv_m", {"spectral_keys": "all_2d"}, MergeContext(tuple(plan.task_names), plan.merged_numel))
+
+    def spread(shards):  # the busiest shard's SVD work over the idlest's
+        loads = [sum(tensor_cost(plan.merged[c].shape, method.factorized(plan.merged[c].role, plan.merged[c].shape),
+                                 len(plan.task_names)) for c in cols) for cols in shards]
+        return max(loads) / min(loads)
+
+    columns = adaptive_work(job, plan, 2).columns
+    assert columns == [[0], list(range(1, 9))] and spread(columns) < 1.05
+    assert spread(shard_columns(plan, 2)) > 2.5  # by role: the embedding counted as a read
