@@ -314,3 +314,33 @@ def test_mergekit_lora_references_merge_as_the_models_they_make(llama_family, tm
     err = capsys.readouterr().err
     assert "a LoRA reference" in err and err.count("\n") == 1, err
     assert not any((tmp_path / out).exists() for out in ("other", "origin"))
+
+
+@pytest.mark.slow
+def test_adapters_on_the_ray_executor_learn_what_the_local_one_does(llama_family, tmp_path, monkeypatch):
+    """Shards open the adapters themselves and factorize them from B·A on their side: a real local Ray run of AdaRank
+    over adapter inputs learns the masks the in-process one learns, and publishes the same model."""
+    import ray
+
+    from rankmerge.service.tta_job import run_adaptive_job
+
+    base, adapters, _ = llama_family
+    data = {}
+    for i, name in enumerate(TASKS):
+        data[name] = str(tmp_path / f"{name}.safetensors")
+        gen = torch.Generator().manual_seed(i)
+        save_file({"input_ids": torch.randint(1, 64, (8, 6), generator=gen), "attention_mask": torch.ones(8, 6, dtype=torch.long)}, data[name])
+    spec = {"base": str(base), "models": {k: str(v) for k, v in adapters.items()}, "method": "adarank",
+            "params": {"base": "tsv_m"}, "resources": {"shards": 2, "workers": 1},
+            "tta": {"data": data, "steps": 3, "batch_size": 4, "objective": "entropy", "select": "final", "lr": 0.05}}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=128 * 1024**2, log_to_driver=False)
+    try:
+        reports = {ex: run_adaptive_job(job_from_dict(dict(spec, output=str(tmp_path / ex)), tmp_path), executor=ex)
+                   for ex in ("local", "ray")}
+    finally:
+        ray.shutdown()
+    assert reports["ray"]["executor"] == "ray" and sum(h["flips"] for h in reports["local"]["history"]) > 0
+    local, remote = (load_file(str(tmp_path / ex / "adaptive" / "masks.safetensors")) for ex in ("local", "ray"))
+    assert local.keys() == remote.keys() and all(torch.equal(local[k], remote[k]) for k in local)
+    assert_same_state(load_file(str(tmp_path / "ray" / "model.safetensors")), load_file(str(tmp_path / "local" / "model.safetensors")))
