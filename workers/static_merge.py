@@ -281,7 +281,8 @@ def merge_into(
 
     Three stages overlap: the next tensor is read while this one is merged, and the previous one is being written.
     On the CPU every input is read into one reused `ReadRing`; a block is given back once the method's result no
-    longer needs it (after the write when the result is the block itself: a copied tensor). On a GPU the inputs are
+    longer needs it (after the write when the result is the block itself: a copied tensor, or a merged one summed
+    into its base's slot). On a GPU the inputs are
     read into pinned memory and copied up by the read-ahead, and the merged tensor comes back to pinned memory while
     the next one is merged (`CopyStreams`); the writer waits for that copy.
     """
@@ -325,9 +326,13 @@ def merge_into(
                     # read at the end: on a GPU, reading it now would wait for the merge
                     torch.linalg.vector_norm(delta, out=norms[len(slots)])
                     slots[entry.key], infos[entry.key] = len(slots), info
-                    if ring is not None and delta.dtype == loaded.base.dtype and delta.shape == loaded.base.shape:
-                        value = loaded.base.add_(delta)  # the same sums (addition commutes exactly), in the ring:
-                    elif streams is not None:  # the delta is freed before the write, not after it
+                    # The same sums either way (addition commutes exactly). Into the ring, the delta is freed before
+                    # the write; but a block of over half the ring (an embedding's inputs) would then stay taken until
+                    # its write ends, and nothing could be read meanwhile: that one is written from the delta.
+                    if ring is not None and delta.dtype == loaded.base.dtype and delta.shape == loaded.base.shape \
+                            and 2 * block_bytes(entry) <= ring.size:
+                        value = loaded.base.add_(delta)
+                    elif streams is not None:
                         value, copied = streams.download(delta.add_(loaded.base))
                     else:
                         value = delta.add_(loaded.base)
