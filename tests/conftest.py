@@ -66,3 +66,25 @@ def cli_merge(base, tasks: dict, method: str, out, *sets: str) -> dict:
     assert main(args) == 0
     return load_file(str(out / "model.safetensors"))
 
+
+
+def run_local_and_ray(spec: dict, tmp_path, monkeypatch) -> dict:
+    """The same adaptive job in-process and on a real local Ray (outputs in tmp_path/local, tmp_path/ray); checks
+    both learned the same masks, and that they learned something. Returns the reports by executor."""
+    import ray
+    from safetensors.torch import load_file
+
+    from rankmerge.service.spec import job_from_dict
+    from rankmerge.service.tta_job import run_adaptive_job
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=128 * 1024**2, log_to_driver=False)
+    try:
+        reports = {ex: run_adaptive_job(job_from_dict(dict(spec, output=str(tmp_path / ex)), tmp_path), executor=ex)
+                   for ex in ("local", "ray")}
+    finally:
+        ray.shutdown()
+    assert reports["ray"]["executor"] == "ray" and sum(h["flips"] for h in reports["local"]["history"]) > 0
+    local, remote = (load_file(str(tmp_path / ex / "adaptive" / "masks.safetensors")) for ex in ("local", "ray"))
+    assert local.keys() == remote.keys() and all(torch.equal(local[k], remote[k]) for k in local)
+    return reports

@@ -24,7 +24,7 @@ from rankmerge.workers.peft_adapter import open_model
 from rankmerge.workers.plan import build_plan
 from rankmerge.workers.static_merge import is_unformed, load_inputs
 
-from conftest import cli_merge
+from conftest import cli_merge, run_local_and_ray
 
 TASKS = ("t0", "t1")
 
@@ -119,14 +119,19 @@ def test_lowrank_svd_is_the_svd_of_the_product():
     torch.testing.assert_close(vh[:6] @ vh[:6].T, torch.eye(6), atol=1e-5, rtol=0)
     assert u[:, 6:].abs().max() == 0 and vh[6:].abs().max() == 0  # no invented directions beyond the rank
 
-@pytest.mark.parametrize("base_method", ["tsv_m", "ta_svd"])
-def test_adarank_from_adapters_starts_where_it_does_from_merged_models(llama_family, tmp_path, base_method):
-    base, adapters, full = llama_family
+def token_data(tmp_path) -> dict[str, str]:
+    """Per task, 8 seeded rows of 6 token ids for the tiny Llama (unlabelled: adaptation data)."""
     data = {}
     for i, name in enumerate(TASKS):
         data[name] = str(tmp_path / f"{name}.safetensors")
         gen = torch.Generator().manual_seed(i)
         save_file({"input_ids": torch.randint(1, 64, (8, 6), generator=gen), "attention_mask": torch.ones(8, 6, dtype=torch.long)}, data[name])
+    return data
+
+@pytest.mark.parametrize("base_method", ["tsv_m", "ta_svd"])
+def test_adarank_from_adapters_starts_where_it_does_from_merged_models(llama_family, tmp_path, base_method):
+    base, adapters, full = llama_family
+    data = token_data(tmp_path)
 
     def final_weights(models, out):
         spec = {"base": str(base), "models": {k: str(v) for k, v in models.items()}, "method": "adarank",
@@ -320,27 +325,10 @@ def test_mergekit_lora_references_merge_as_the_models_they_make(llama_family, tm
 def test_adapters_on_the_ray_executor_learn_what_the_local_one_does(llama_family, tmp_path, monkeypatch):
     """Shards open the adapters themselves and factorize them from B·A on their side: a real local Ray run of AdaRank
     over adapter inputs learns the masks the in-process one learns, and publishes the same model."""
-    import ray
-
-    from rankmerge.service.tta_job import run_adaptive_job
-
     base, adapters, _ = llama_family
-    data = {}
-    for i, name in enumerate(TASKS):
-        data[name] = str(tmp_path / f"{name}.safetensors")
-        gen = torch.Generator().manual_seed(i)
-        save_file({"input_ids": torch.randint(1, 64, (8, 6), generator=gen), "attention_mask": torch.ones(8, 6, dtype=torch.long)}, data[name])
+    data = token_data(tmp_path)
     spec = {"base": str(base), "models": {k: str(v) for k, v in adapters.items()}, "method": "adarank",
             "params": {"base": "tsv_m"}, "resources": {"shards": 2, "workers": 1},
             "tta": {"data": data, "steps": 3, "batch_size": 4, "objective": "entropy", "select": "final", "lr": 0.05}}
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=128 * 1024**2, log_to_driver=False)
-    try:
-        reports = {ex: run_adaptive_job(job_from_dict(dict(spec, output=str(tmp_path / ex)), tmp_path), executor=ex)
-                   for ex in ("local", "ray")}
-    finally:
-        ray.shutdown()
-    assert reports["ray"]["executor"] == "ray" and sum(h["flips"] for h in reports["local"]["history"]) > 0
-    local, remote = (load_file(str(tmp_path / ex / "adaptive" / "masks.safetensors")) for ex in ("local", "ray"))
-    assert local.keys() == remote.keys() and all(torch.equal(local[k], remote[k]) for k in local)
+    run_local_and_ray(spec, tmp_path, monkeypatch)
     assert_same_state(load_file(str(tmp_path / "ray" / "model.safetensors")), load_file(str(tmp_path / "local" / "model.safetensors")))

@@ -15,6 +15,8 @@ from rankmerge.service.cli import main
 from rankmerge.service.tiny_models import TINY, perturb_
 from rankmerge.workers.zero_shot import ZeroShot
 
+from conftest import run_local_and_ray
+
 CLASSES = ["cat", "dog", "car"]
 
 
@@ -363,24 +365,9 @@ def test_a_missing_datasets_package_is_one_line_with_the_install_command(tmp_pat
 @pytest.mark.slow
 def test_zero_shot_heads_on_the_ray_executor_match_local(clip_family, tmp_path, monkeypatch):
     """Shards and workers open the job's cached heads themselves: a real local Ray run learns what the local one does."""
-    import ray
-    from safetensors.torch import load_file
-
-    from rankmerge.service.spec import job_from_dict
-    from rankmerge.service.tta_job import run_adaptive_job
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     spec = zero_shot_spec(clip_family, tmp_path, "adarank", objective="entropy", select="final")
     spec["resources"] = {"shards": 2, "workers": 1}
-    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=128 * 1024**2, log_to_driver=False)
-    try:
-        reports = {ex: run_adaptive_job(job_from_dict(dict(spec, output=str(tmp_path / ex)), tmp_path), executor=ex)
-                   for ex in ("local", "ray")}
-    finally:
-        ray.shutdown()
-    assert reports["ray"]["executor"] == "ray" and sum(h["flips"] for h in reports["local"]["history"]) > 0
-    local, remote = (load_file(str(tmp_path / ex / "adaptive" / "masks.safetensors")) for ex in ("local", "ray"))
-    assert local.keys() == remote.keys() and all(torch.equal(local[k], remote[k]) for k in local)
+    reports = run_local_and_ray(spec, tmp_path, monkeypatch)
     assert reports["ray"]["accuracy"] == reports["local"]["accuracy"]
 
 
