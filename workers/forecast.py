@@ -34,7 +34,7 @@ from rankmerge.workers.memory import current_rss_bytes, peak_rss_bytes
 from rankmerge.workers.plan import MergePlan, TensorPlan
 from rankmerge.workers.roles import Role
 from rankmerge.workers.safetensors_format import nbytes
-from rankmerge.workers.static_merge import CPU, PREFETCH_BUDGET_BYTES, inputs_on, load_inputs
+from rankmerge.workers.static_merge import CPU, ahead_bytes, inputs_on, load_inputs, read_ahead
 
 log = logging.getLogger(__name__)
 WRITE_PROBE_BYTES = 64 * 2**20
@@ -151,7 +151,7 @@ def write_seconds_per_byte(directory: Path) -> float:
 def pipeline_extra_bytes(plan: MergePlan, num_tasks: int) -> int:
     """What the pipelined merge holds besides the tensor being merged: the next inputs read ahead (only tensors
     within the prefetch budget are read ahead) and one finished tensor waiting for the writer."""
-    ahead = [e.numel * 4 * (num_tasks + 2) for e in plan.tensors if e.numel * 4 * (num_tasks + 2) <= PREFETCH_BUDGET_BYTES]
+    ahead = [ahead_bytes(e, num_tasks) for e in plan.tensors if read_ahead(e, num_tasks)]
     pending = max((nbytes(e.shape, e.out_dtype) for e in plan.tensors), default=0)
     return max(ahead, default=0) + pending
 
@@ -159,7 +159,7 @@ def pipeline_extra_bytes(plan: MergePlan, num_tasks: int) -> int:
 def device_pipeline_bytes(plan: MergePlan, num_tasks: int) -> int:
     """What a merge on a GPU holds there besides the tensor being merged (`CopyStreams`): the next inputs, uploaded
     by the read-ahead (within the prefetch budget), and the last result on its way down to the host."""
-    ahead = [e.numel * 4 * (num_tasks + 1) for e in plan.merged if e.numel * 4 * (num_tasks + 2) <= PREFETCH_BUDGET_BYTES]
+    ahead = [e.numel * 4 * (num_tasks + 1) for e in plan.merged if read_ahead(e, num_tasks)]  # base + task vectors
     return max(ahead, default=0) + max((e.numel * 4 for e in plan.merged), default=0)
 
 
@@ -185,7 +185,7 @@ def forecast(plan: MergePlan, new_method: Callable[[int], MergeMethod], base: Mo
             if sum(samples[-1]) > CHEAP_SAMPLE_S:
                 break  # one sample of an expensive shape is enough; cheap ones are noisy, take the median of a few
         read_s, stat_s, merge_s = (statistics.median(column) for column in zip(*samples))
-        prefetched = entries[0].numel * 4 * (len(tasks) + 2) <= PREFETCH_BUDGET_BYTES
+        prefetched = read_ahead(entries[0], len(tasks))
         costs.append(GroupCost(role, shape, len(entries), read_s, stat_s, merge_s, prefetched))
     out_bytes = sum(nbytes(shape, dtype) for _, dtype, shape in plan.layout())
     write_s = out_bytes * write_seconds_per_byte(output.parent)

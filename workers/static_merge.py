@@ -225,6 +225,16 @@ class ReadRing:
             self._cond.notify_all()
 
 
+def ahead_bytes(entry: TensorPlan, num_tasks: int) -> int:
+    """What reading `entry` ahead may hold at once: its base and task vectors in fp32 and as much again for one."""
+    return entry.numel * 4 * (num_tasks + 2)
+
+
+def read_ahead(entry: TensorPlan, num_tasks: int) -> bool:
+    """Whether a merge without a ring reads `entry` while the tensor before it is merged (`_pipelined`'s budget)."""
+    return ahead_bytes(entry, num_tasks) <= PREFETCH_BUDGET_BYTES
+
+
 def ring_bytes(sizes: list[int], budget: int = PREFETCH_BUDGET_BYTES) -> int:
     """A ring that holds the largest block, and two of the largest ones a read-ahead may double (≤ budget / 2)."""
     small = [s for s in sizes if 2 * s <= budget]
@@ -242,7 +252,7 @@ def _pipelined(entries: list[TensorPlan], load, budget: int | None = PREFETCH_BU
         for i, entry in enumerate(entries):
             current = ahead.result() if ahead is not None else load(entry)
             following = entries[i + 1] if i + 1 < len(entries) else None
-            fits = following is not None and (budget is None or following.numel * 4 * (len(following.sources) + 2) <= budget)
+            fits = following is not None and (budget is None or ahead_bytes(following, len(following.sources)) <= budget)
             ahead = pool.submit(load, following) if fits else None
             yield entry, current
             del current  # else this frame keeps the consumed inputs alive while the next ones are read
