@@ -1,11 +1,14 @@
 """The streaming merge (reused read buffers, read-ahead, direct writes) gives, bit for bit, what each method computes
 on whole tensors read plainly: the I/O path may never change a merged value."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from rankmerge.service.cli import main
+from rankmerge.workers import static_merge
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 from rankmerge.workers.methods.registry import METHODS, MergeContext, TensorInputs, make_method
 from rankmerge.workers.plan import build_plan
@@ -56,6 +59,56 @@ def expected_outputs(base_dir, task_dirs, method_name, out_dtype):
 @pytest.mark.parametrize("method", STATIC)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_streamed_merge_equals_whole_tensor_math(method, dtype, families, tmp_path):
+    check_streamed_merge(method, dtype, families, tmp_path)
+
+
+# merged entry by entry on some tensors at least: in row blocks there
+SEPARABLE = [m for m in STATIC if METHODS[m].entrywise or METHODS[m].factorizes]
+
+
+@pytest.mark.parametrize("method", SEPARABLE)
+def test_row_blocks_merge_to_the_same_bits(method, families, tmp_path, monkeypatch):
+    """Blocks of a few rows (every tensor of the tiny models is split): the same output, bit for bit."""
+    monkeypatch.setattr(static_merge, "PART_BYTES", 4096)
+    base_dir, tasks = families("llama", dtype=torch.bfloat16)
+    with ModelCheckpoint(base_dir, "base") as base:
+        cks = [ModelCheckpoint(p, n) for n, p in tasks.items()]
+        plan = build_plan(base, dict(zip(tasks, cks)))
+        units = static_merge.row_blocks(plan, make_method(method, {}, MergeContext(tuple(tasks), plan.merged_numel)), base, cks)
+        for ck in cks:
+            ck.close()
+    split = {u.key for u in units if u.rows is not None}
+    assert "model.embed_tokens.weight" in split  # factorizing methods merge it entry by entry (`blocks` keys)
+    assert len(split) > len(plan.tensors) // 2 or not METHODS[method].entrywise, (len(split), len(plan.tensors))
+    assert all(u.shape[0] * 4 * (len(tasks) + 1) * u.numel // u.shape[0] <= 4096 for u in units if u.rows and u.shape[0] > 1)
+    check_streamed_merge(method, torch.bfloat16, families, tmp_path)
+
+
+def test_row_blocks_keep_what_cannot_be_split_whole(families):
+    """Methods with per-tensor statistics, tied tensors and adapters are merged whole; a row read is the rows."""
+    base_dir, tasks = families("llama")
+    with ModelCheckpoint(base_dir, "base") as base:
+        cks = [ModelCheckpoint(p, n) for n, p in tasks.items()]
+        plan = build_plan(base, dict(zip(tasks, cks)))
+        ctx = MergeContext(tuple(tasks), plan.merged_numel)
+        key = max(plan.tensors, key=lambda e: e.numel).key
+        assert torch.equal(base.read(key, rows=(1, 3)), base.read(key)[1:3])
+        with pytest.raises(ValueError, match="outside"):
+            base.read(key, rows=(0, 10**6))
+        old = static_merge.PART_BYTES
+        try:
+            static_merge.PART_BYTES = 64
+            assert static_merge.row_blocks(plan, make_method("ties", {}, ctx), base, cks) == [
+                e for e in plan.tensors] != static_merge.row_blocks(plan, make_method("task_arithmetic", {}, ctx), base, cks)
+            tied = [replace(e, aliases=("copy",)) for e in plan.tensors]
+            assert static_merge.row_blocks(replace(plan, tensors=tied), make_method("task_arithmetic", {}, ctx), base, cks) == tied
+        finally:
+            static_merge.PART_BYTES = old
+            for ck in cks:
+                ck.close()
+
+
+def check_streamed_merge(method, dtype, families, tmp_path):
     base, tasks = families("llama", dtype=dtype)
     tasks = dict(list(tasks.items())[: FEW_MODELS.get(method, len(tasks))])
     out = tmp_path / "merged"

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from rankmerge.workers.errors import MergeInputError
-from rankmerge.workers.safetensors_format import TensorEntry, read_header
+from rankmerge.workers.safetensors_format import TensorEntry, nbytes, read_header
 
 log = logging.getLogger(__name__)
 
@@ -167,31 +167,36 @@ class ModelCheckpoint:
     def keys(self) -> list[str]:
         return list(self.shapes)
 
-    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, key: str, out: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Read one tensor into freshly owned memory (never a view of a shared mapping), or into `out`: any
         contiguous tensor of exactly the tensor's byte size, reused by a caller that reads many tensors (a fresh
-        buffer costs a page fault per 4 KiB on first touch, more than the read itself from the page cache)."""
-        entry_bytes = self.nbytes(key)
+        buffer costs a page fault per 4 KiB on first touch, more than the read itself from the page cache).
+        `rows`: only the row block [start, stop) of its first dimension (stored contiguously: one read)."""
+        shape = self.shapes[key] if rows is None else (rows[1] - rows[0], *self.shapes[key][1:])
+        if rows is not None and not 0 <= rows[0] < rows[1] <= self.shapes[key][0]:
+            raise ValueError(f"{key}: rows {rows} are outside its {self.shapes[key][0]} rows")
+        entry_bytes = nbytes(shape, self.dtypes[key])
         if out is not None and (not out.is_contiguous() or out.numel() * out.element_size() != entry_bytes):
             raise ValueError(f"{key}: a read buffer must be contiguous and hold {entry_bytes} bytes")
         if self._pickled is not None:
-            value = self._pickled[key]
+            value = self._pickled[key] if rows is None else self._pickled[key][rows[0]:rows[1]]
             return value.clone() if out is None else out.view(value.dtype).view(value.shape).copy_(value)
         entry = self.entries[key]
-        buf = torch.empty(entry.nbytes, dtype=torch.uint8) if out is None else out.view(-1).view(torch.uint8)
-        if entry.numel == 0:
-            return buf.view(entry.dtype).reshape(entry.shape)
+        buf = torch.empty(entry_bytes, dtype=torch.uint8) if out is None else out.view(-1).view(torch.uint8)
+        if entry_bytes == 0:
+            return buf.view(entry.dtype).reshape(shape)
         fd = self._fds.get(entry.path)
         if fd is None:
             fd = self._fds[entry.path] = os.open(entry.path, os.O_RDONLY)
         view = memoryview(buf.numpy())
+        start = entry.start + (0 if rows is None else rows[0] * (entry.nbytes // entry.shape[0]))
         done = 0
-        while done < entry.nbytes:
-            n = os.preadv(fd, [view[done:]], entry.start + done)
+        while done < entry_bytes:
+            n = os.preadv(fd, [view[done:]], start + done)
             if n <= 0:
                 raise MergeInputError(f"{self.name}: {entry.path.name} ended while reading {key!r}", "re-download the checkpoint")
             done += n
-        return buf.view(entry.dtype).reshape(entry.shape)
+        return buf.view(entry.dtype).reshape(shape)
 
     def nbytes(self, key: str) -> int:
         """Bytes of one stored tensor, from the header."""

@@ -188,6 +188,7 @@ class StreamingCheckpointWriter:
         self._fds: list[int] = []
         self._streams: dict[int, _DirectStream] = {}  # shard fd -> its sequential direct writer, while it lasts
         self._written: set[str] = set()
+        self._filled: dict[str, int] = {}  # bytes written so far, per tensor written in row blocks
         self._committed = False
 
     @staticmethod
@@ -236,21 +237,32 @@ class StreamingCheckpointWriter:
             for name, (b, e) in offsets.items():
                 self._where[name] = (fd, len(header) + b, e - b)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one tensor (cast to its planned dtype) to its reserved byte range."""
+    def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
+        """Write one tensor (cast to its planned dtype) to its reserved byte range; or, from `first_row` on, a block
+        of its rows (the tensor counts as written once all its bytes are)."""
         dtype, shape = self._layout[name]
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name}: planned shape {shape}, got {tuple(tensor.shape)}")
-        fd, offset, nbytes = self._where[name]
-        if nbytes:
+        got = tuple(tensor.shape)
+        whole = first_row == 0 and got == shape
+        if not whole and not (len(got) == len(shape) >= 1 and got[1:] == shape[1:] and 0 <= first_row
+                              and first_row + got[0] <= shape[0]):
+            raise ValueError(f"{name}: planned shape {shape}, got {got}" + (f" at row {first_row}" if first_row else ""))
+        fd, offset, total = self._where[name]
+        if whole or total == 0:
+            start, size = offset, total
+        else:
+            row_bytes = total // shape[0]
+            start, size = offset + first_row * row_bytes, got[0] * row_bytes
+        if size:
             data = tensor.detach().to("cpu", dtype).contiguous().reshape(-1).view(torch.uint8)
             stream = self._streams.get(fd)
-            if stream is not None and offset == stream.next:
+            if stream is not None and start == stream.next:
                 self._direct(fd, stream, data)
             else:
                 self._end_stream(fd)  # out of order: this shard goes on through the page cache
-                _pwrite_all(fd, data, offset)
-        self._written.add(name)
+                _pwrite_all(fd, data, start)
+        self._filled[name] = self._filled.get(name, 0) + size
+        if self._filled[name] >= total:
+            self._written.add(name)
 
     def _direct(self, fd: int, stream: _DirectStream, data: torch.Tensor) -> None:
         start = stream.next

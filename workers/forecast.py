@@ -1,11 +1,11 @@
 """Predict a static merge's wall time and peak memory before running it, by measuring a sample of the real work.
 
 A formula from shapes alone cannot know this machine's SVD speed, its disk, or how a method's temporaries land in
-the allocator; so the forecast runs the real code on one representative tensor per (role, shape) group — the real
-reads from the real files, the method's real stat passes and merge, the conversion to the output dtype — and
-scales each group's measured time by its tensor count. Peak memory is the process's measured peak over those
-samples (the largest group's working set, read the same way the merge reads it) plus what the pipelined merge holds
-on top: the next tensor read ahead and the previous result waiting to be written.
+the allocator; so the forecast runs the real code on one representative unit of the merge (a tensor, or a block of
+its rows: `row_blocks`) per (role, shape) group — the real reads from the real files, the method's real stat passes
+and merge, the conversion to the output dtype — and scales each group's measured time by its count. Peak memory is
+the process's measured peak over those samples (the largest group's working set, read the same way the merge reads
+it) plus what the pipelined merge holds on top: the next unit read ahead and the previous result being written.
 
 The sample costs about one tensor of each shape: a few percent of a merge over many layers.
 
@@ -34,7 +34,7 @@ from rankmerge.workers.memory import current_rss_bytes, peak_rss_bytes
 from rankmerge.workers.plan import MergePlan, TensorPlan
 from rankmerge.workers.roles import Role
 from rankmerge.workers.safetensors_format import nbytes
-from rankmerge.workers.static_merge import CPU, ahead_bytes, inputs_on, load_inputs, read_ahead
+from rankmerge.workers.static_merge import CPU, ahead_bytes, inputs_on, load_inputs, read_ahead, row_blocks
 
 log = logging.getLogger(__name__)
 WRITE_PROBE_BYTES = 64 * 2**20
@@ -148,11 +148,11 @@ def write_seconds_per_byte(directory: Path) -> float:
         return (time.perf_counter() - start) / len(data)
 
 
-def pipeline_extra_bytes(plan: MergePlan, num_tasks: int) -> int:
-    """What the pipelined merge holds besides the tensor being merged: the next inputs read ahead (only tensors
-    within the prefetch budget are read ahead) and one finished tensor waiting for the writer."""
-    ahead = [ahead_bytes(e, num_tasks) for e in plan.tensors if read_ahead(e, num_tasks)]
-    pending = max((nbytes(e.shape, e.out_dtype) for e in plan.tensors), default=0)
+def pipeline_extra_bytes(units: list[TensorPlan], num_tasks: int) -> int:
+    """What the pipelined merge holds besides the unit (tensor or row block: `row_blocks`) being merged: the next
+    inputs read ahead (only units within the prefetch budget are read ahead) and one result waiting for the writer."""
+    ahead = [ahead_bytes(e, num_tasks) for e in units if read_ahead(e, num_tasks)]
+    pending = max((nbytes(e.shape, e.out_dtype) for e in units), default=0)
     return max(ahead, default=0) + pending
 
 
@@ -170,7 +170,8 @@ def forecast(plan: MergePlan, new_method: Callable[[int], MergeMethod], base: Mo
     `new_method(merged_numel)` builds the method for a model of that many merged entries: each sample gets one
     sized to itself, since whole-model statistics over a model the sample is not cannot be computed from it."""
     start, startup_s = time.perf_counter(), process_age_seconds()
-    groups = sorted(group_entries(plan.tensors).items(), key=lambda kv: kv[1][0].numel)
+    units = row_blocks(plan, new_method(plan.merged_numel), base, tasks, device)  # what the merge will work on
+    groups = sorted(group_entries(units).items(), key=lambda kv: kv[1][0].numel)
     passes = len(new_method(plan.merged_numel).stat_passes()) + 1
     costs, device_working = [], []
     for (role, shape), entries in groups:
@@ -190,7 +191,7 @@ def forecast(plan: MergePlan, new_method: Callable[[int], MergeMethod], base: Mo
     out_bytes = sum(nbytes(shape, dtype) for _, dtype, shape in plan.layout())
     write_s = out_bytes * write_seconds_per_byte(output.parent)
     compute = sum(c.seconds(passes if c.role in (Role.SPECTRAL, Role.ELEMENTWISE) else 1) for c in costs)
-    peak = max(peak_rss_bytes(), current_rss_bytes()) + pipeline_extra_bytes(plan, len(tasks))
+    peak = max(peak_rss_bytes(), current_rss_bytes()) + pipeline_extra_bytes(units, len(tasks))
     parts = {"start-up": startup_s, f"{passes} pass{'es' if passes > 1 else ''} over the inputs": compute, "write": write_s}
     return Forecast(startup_s + compute + write_s, peak, parts, len(costs), time.perf_counter() - start,
                     device_peak_bytes(device, device_pipeline_bytes(plan, len(tasks)), device_working),

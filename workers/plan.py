@@ -27,6 +27,7 @@ class TensorPlan:
     out_dtype: torch.dtype
     sources: tuple[str, ...]  # the same tensor's name in each task model
     aliases: tuple[str, ...] = ()  # tied copies written with this tensor's value
+    rows: tuple[int, int] | None = None  # a row block [start, stop) of `key` (then `shape` is the block's): see row_blocks
 
     @property
     def numel(self) -> int:

@@ -7,11 +7,13 @@ No Ray here: the same function runs in-process or inside an actor over a shard o
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Iterator
 
 import torch
@@ -47,7 +49,7 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[Checkpoint
     `factors_only` (the method merges this tensor from LoRA factors alone): when every task has factors, no dense
     task vector is formed (see `unformed`)."""
     slots = _Slots(entry, base, tasks, dtype, buffer)
-    base_t = base.read(entry.key, slots.take(base.dtypes[entry.key], torch.float32))
+    base_t = _read(base, entry.key, slots.take(base.dtypes[entry.key], torch.float32), entry.rows)
     if base_t.dtype != torch.float32:
         base_t = slots.base.copy_(base_t) if buffer is not None else base_t.float()
     if pin:
@@ -64,13 +66,20 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[Checkpoint
         if factors[t] is not None:  # exactly s·B·A: not (θ0 + s·B·A) − θ0, and the base is not read again
             taus[t].copy_(factors[t][0] @ factors[t][1])
         else:
-            raw = ck.read(src, slots.take(ck.dtypes[src], dtype, taus[t]))
+            raw = _read(ck, src, slots.take(ck.dtypes[src], dtype, taus[t]), entry.rows)
             if raw.data_ptr() == taus[t].data_ptr():
                 taus[t].sub_(base_t)
             else:
                 torch.sub(raw, base_t, out=taus[t])
-        _check_finite(ck, entry, all_finite(taus[t]))
+    if not all_finite(taus):  # one reduction over the stack; which task, only when one is not finite
+        for ck, tau in zip(tasks, taus):
+            _check_finite(ck, entry, all_finite(tau))
     return TensorInputs(entry.key, entry.role, base_t, taus, factors if any(f is not None for f in factors) else ())
+
+
+def _read(ck: Checkpoint, key: str, out: torch.Tensor | None, rows: tuple[int, int] | None) -> torch.Tensor:
+    """`ck.read`, of a row block where the entry is one (only `ModelCheckpoint`s are split: see `row_blocks`)."""
+    return ck.read(key, out) if rows is None else ck.read(key, out, rows=rows)
 
 
 def _check_finite(ck: Checkpoint, entry: TensorPlan, finite: bool) -> None:
@@ -225,6 +234,35 @@ class ReadRing:
             self._cond.notify_all()
 
 
+PART_BYTES = 16 * 2**20  # a row block's fp32 inputs: they stay in the CPU's caches from the read to the write
+
+
+def row_blocks(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[Checkpoint],
+               device: torch.device = CPU) -> list[TensorPlan]:
+    """The host merge's units of work: every planned tensor, where possible as blocks of its rows (`TensorPlan.rows`)
+    of about `PART_BYTES` of inputs.
+
+    Why: a whole tensor's inputs (an embedding's are 0.5 GB with 3 tasks) leave the caches between its read, the
+    task vectors, the method and the write — each a pass over memory — and take the whole read ring, so nothing is
+    read while it is merged and written. A block is done in the caches while the next one is read, in a ring a few
+    blocks long. Split: copied tensors, and merged ones the method merges row by row (`MergeMethod.separable`).
+    Whole: tied tensors (their aliases are written with them), inputs other than full checkpoints, a GPU merge."""
+    if device.type != "cpu" or not all(isinstance(ck, ModelCheckpoint) for ck in (base, *tasks)):
+        return list(plan.tensors)
+    blocks = []
+    for entry in plan.tensors:
+        merged = entry.role in (Role.SPECTRAL, Role.ELEMENTWISE)
+        row = (entry.numel // entry.shape[0] if entry.shape and entry.shape[0] else 0) * 4 * (len(tasks) + 1 if merged else 1)
+        if entry.aliases or not row or entry.shape[0] * row <= 2 * PART_BYTES \
+                or (merged and not method.separable(entry.role, entry.shape)):
+            blocks.append(entry)
+            continue
+        step, rows = max(1, PART_BYTES // row), entry.shape[0]
+        blocks.extend(replace(entry, shape=(min(r + step, rows) - r, *entry.shape[1:]), rows=(r, min(r + step, rows)))
+                      for r in range(0, rows, step))
+    return blocks
+
+
 def ahead_bytes(entry: TensorPlan, num_tasks: int) -> int:
     """What reading `entry` ahead may hold at once: its base and task vectors in fp32 and as much again for one."""
     return entry.numel * 4 * (num_tasks + 2)
@@ -236,9 +274,10 @@ def read_ahead(entry: TensorPlan, num_tasks: int) -> bool:
 
 
 def ring_bytes(sizes: list[int], budget: int = PREFETCH_BUDGET_BYTES) -> int:
-    """A ring that holds the largest block, and two of the largest ones a read-ahead may double (≤ budget / 2)."""
+    """A ring that holds the largest block, two of the largest ones a read-ahead may double (≤ budget / 2), and four
+    small blocks (row blocks: one read, one merged, one written, one spare)."""
     small = [s for s in sizes if 2 * s <= budget]
-    return max(max(sizes, default=0), 2 * max(small, default=0), SLOT_ALIGN)
+    return max(max(sizes, default=0), 2 * max(small, default=0), 4 * min(max(small, default=0), 2 * PART_BYTES), SLOT_ALIGN)
 
 
 def _pipelined(entries: list[TensorPlan], load, budget: int | None = PREFETCH_BUDGET_BYTES) -> Iterator[tuple[TensorPlan, Any]]:
@@ -299,32 +338,37 @@ def merge_into(
     streams = CopyStreams.of(device)
     pin = streams is not None
     merged = (Role.SPECTRAL, Role.ELEMENTWISE)
+    units = row_blocks(plan, method, base, tasks, device)
+
+    def stored_bytes(entry: TensorPlan) -> int:
+        return entry.numel * base.dtypes[entry.key].itemsize
 
     def block_bytes(entry: TensorPlan) -> int:
-        return input_bytes(entry, base, tasks) if entry.role in merged else _aligned(base.nbytes(entry.key))
+        return input_bytes(entry, base, tasks) if entry.role in merged else _aligned(stored_bytes(entry))
 
-    ring = None if pin else ReadRing(ring_bytes([block_bytes(e) for e in plan.tensors]))
+    ring = None if pin else ReadRing(ring_bytes([block_bytes(e) for e in units]))
 
     def load(entry: TensorPlan):
         data, block = ring.take(block_bytes(entry)) if ring is not None else (None, None)
         if entry.role in merged:
             inputs = load_inputs(entry, base, tasks, pin=pin, buffer=data, factors_only=method.from_factors(entry.role, entry.shape))
             return upload(inputs, device, streams), block
-        return base.read(entry.key, None if data is None else data[: base.nbytes(entry.key)]), block
+        return _read(base, entry.key, None if data is None else data[: stored_bytes(entry)], entry.rows), block
 
     def write(entry: TensorPlan, value: torch.Tensor, block: list | None, copied: Any = None) -> None:
         if copied is not None:
             copied.synchronize()  # the result's copy down from the GPU
         for name in (entry.key, *entry.aliases):
-            writer.write(name, value)
+            writer.write(name, value, entry.rows[0] if entry.rows else 0)
         if block is not None:
             ring.release(block)
 
     infos: dict[str, dict[str, Any]] = {}
-    # ‖delta‖ per merged tensor, in one allocation (0-d tensors kept between the big ones fragment the host heap)
-    norms, slots = torch.empty(len(plan.tensors), device=device), {}
-    loads = _pipelined(plan.tensors, load, budget=None if ring is not None else PREFETCH_BUDGET_BYTES)
-    with _progress(sum(e.numel for e in plan.tensors) * 4 * (len(tasks) + 1), f"merge ({method.name})") as bar, \
+    # ‖delta‖ per merged unit, in one allocation (0-d tensors kept between the big ones fragment the host heap);
+    # a tensor merged in row blocks gets √Σ of its blocks' squares at the end
+    norms, slots, counted = torch.empty(len(units), device=device), {}, 0
+    loads = _pipelined(units, load, budget=None if ring is not None else PREFETCH_BUDGET_BYTES)
+    with _progress(sum(e.numel for e in units) * 4 * (len(tasks) + 1), f"merge ({method.name})") as bar, \
             ThreadPoolExecutor(1, thread_name_prefix="rankmerge-write") as write_pool:
         try:
             pending = None
@@ -334,8 +378,9 @@ def merge_into(
                     loaded = arrived(loaded, streams)
                     delta, info = method.merge(loaded)
                     # read at the end: on a GPU, reading it now would wait for the merge
-                    torch.linalg.vector_norm(delta, out=norms[len(slots)])
-                    slots[entry.key], infos[entry.key] = len(slots), info
+                    torch.linalg.vector_norm(delta, out=norms[counted])
+                    slots.setdefault(entry.key, []).append(counted)
+                    counted, infos[entry.key] = counted + 1, info
                     # The same sums either way (addition commutes exactly). Into the ring, the delta is freed before
                     # the write; but a block of over half the ring (an embedding's inputs) would then stay taken until
                     # its write ends, and nothing could be read meanwhile: that one is written from the delta.
@@ -364,7 +409,8 @@ def merge_into(
                 ring.close()  # a read-ahead waiting for room raises instead of blocking the shutdown below
             loads.close()
     on_host = norms.tolist()
-    return {key: {"delta_norm": round(on_host[slots[key]], 6), **info} if key in slots else info for key, info in infos.items()}
+    delta_norms = {key: math.sqrt(math.fsum(on_host[i] ** 2 for i in at)) for key, at in slots.items()}
+    return {key: {"delta_norm": round(delta_norms[key], 6), **info} if key in slots else info for key, info in infos.items()}
 
 
 def run_static_merge(pub: Publication, method: MergeMethod, report: Mapping[str, Any] | None = None,

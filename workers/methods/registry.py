@@ -73,6 +73,7 @@ class MergeMethod:
     factorizes: ClassVar[bool] = False  # builds per-task SVD factors of spectral tensors
     svd_from_factors: ClassVar[bool] = False  # its factorization needs only each τ_t's SVD (LoRA factors suffice)
     needs_data: ClassVar[bool] = False  # reads each task's unlabeled inputs (`tta.data`) before merging
+    entrywise: ClassVar[bool] = False  # each merged entry depends on that entry's inputs alone (no per-tensor statistic)
 
     def __init__(self, params: Params, ctx: MergeContext) -> None:
         self.params = params
@@ -93,6 +94,12 @@ class MergeMethod:
         `spectral_keys: all_2d` every other merged 2-D tensor as well."""
         all_2d = getattr(self.params, "spectral_keys", "blocks") == "all_2d"
         return self.factorizes and (role is Role.SPECTRAL or (all_2d and role is Role.ELEMENTWISE and len(shape) == 2))
+
+    def separable(self, role: Role, shape: tuple[int, ...]) -> bool:
+        """Whether merging a block of this tensor's rows gives those rows of its merge (so the host merges it block
+        by block: `static_merge.row_blocks`): entrywise methods, and factorizing ones off the tensors they factorize,
+        which get an entrywise rule."""
+        return self.entrywise or (self.factorizes and not self.factorized(role, shape))
 
     def from_factors(self, role: Role, shape: tuple[int, ...]) -> bool:
         """Whether this tensor is merged from per-task SVDs alone: LoRA inputs then never form a dense task vector."""
@@ -195,6 +202,7 @@ Lambda = Field(0.3, alias="lambda", ge=-LAMBDA_BOUND, le=LAMBDA_BOUND, descripti
 @register
 class WeightAverage(MergeMethod):
     name = "weight_average"
+    entrywise = True
     summary = "θ = mean of the fine-tuned models"
 
     class Params(Params):
@@ -237,6 +245,7 @@ def check_per_task(value: PerTask, low: float, high: float) -> PerTask:
 @register
 class TaskArithmetic(TaskVectorMethod):
     name = "task_arithmetic"
+    entrywise = True
     summary = "θ = θ0 + Σ λ_t τ_t (one λ, or one per task)"
 
     class Params(Params):
@@ -284,6 +293,7 @@ class Dare(MergeMethod):
 @register
 class Consensus(MergeMethod):
     name = "consensus"
+    entrywise = True
     task_copies = 2.0
     summary = "TALL masks per task, keep entries used by >= k tasks, α Σ τ_t"
 
@@ -559,6 +569,7 @@ class Sce(MergeMethod):
 @register
 class MagMax(MergeMethod):
     name = "magmax"
+    entrywise = True
     summary = "MagMax (FusionBench): per entry the task value of largest magnitude (later task on ties), × scaling_factor"
 
     class Params(Params):
