@@ -16,13 +16,13 @@ from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
 from rankmerge.workers.device import resolve_device
 from rankmerge.workers.checkpoint_writer import check_disk_space, check_output_free, check_output_parent, parse_size
 from rankmerge.workers.errors import MergeInputError
-from rankmerge.workers.forecast import Forecast, forecast
+from rankmerge.workers.forecast import Forecast, forecast, pipeline_extra_bytes
 from rankmerge.workers.methods.registry import MergeContext, MergeMethod, make_method
 from rankmerge.workers.plan import MergePlan
 from rankmerge.workers.publish import Publication, dtype_name
 from rankmerge.workers.safetensors_format import nbytes
 from rankmerge.workers.roles import Role
-from rankmerge.workers.static_merge import run_static_merge
+from rankmerge.workers.static_merge import CPU, row_blocks, run_static_merge
 from rankmerge.workers.tta.sources import open_sources
 from rankmerge.workers.zero_shot import prepare_heads
 
@@ -39,9 +39,12 @@ class PreparedMerge:
     plan: MergePlan
     method: MergeMethod
 
-    @property
-    def predicted_peak_bytes(self) -> int:
-        return self.plan.predicted_peak_bytes(self.method.task_copies, self.method.factorized)
+    def predicted_peak_bytes(self, device: torch.device = CPU) -> int:
+        """From shapes: memory now, the largest working set of the units the merge works on there, and what the
+        pipeline holds besides (the next unit read ahead, the last one being written)."""
+        units = row_blocks(self.plan, self.method, self.base, self.tasks, device)
+        return (self.plan.predicted_peak_bytes(self.method.task_copies, self.method.factorized, units)
+                + pipeline_extra_bytes(units, len(self.tasks)))
 
 
 def _overlaps(a: Path, b: Path) -> bool:
@@ -179,7 +182,7 @@ def describe_plan(prepared: PreparedMerge, predicted: Forecast | None = None) ->
         f"method: {job.method} {prepared.method.params.model_dump(by_alias=True)}",
         f"tensors: {counts}; merged entries per model: {plan.merged_numel:,}",
         f"passes over the inputs: {len(passes) + 1} ({', '.join(passes + ['merge'])})",
-        predicted.summary() if predicted is not None else f"predicted peak memory: {prepared.predicted_peak_bytes / 2**30:.2f} GiB",
+        predicted.summary() if predicted is not None else f"predicted peak memory: {prepared.predicted_peak_bytes() / 2**30:.2f} GiB",
         f"output: {job.output} (nothing written: dry run)",
     ]
     return "\n".join(lines)
@@ -197,7 +200,7 @@ def run_merge_job(job: MergeJob, dry_run: bool = False) -> dict[str, Any] | str:
         log.info("merging %d models with %s into %s on %s", len(prepared.tasks), job.method, job.output, device)
         pub = publication(job, prepared.plan, prepared.base, prepared.tasks, prepared.method.params.model_dump(by_alias=True))
         return run_static_merge(pub, prepared.method,
-                                {"out_dtype": job.out_dtype, "predicted_peak_bytes": prepared.predicted_peak_bytes}, device)
+                                {"out_dtype": job.out_dtype, "predicted_peak_bytes": prepared.predicted_peak_bytes(device)}, device)
 
 
 def summarize_report(report: dict[str, Any]) -> str:

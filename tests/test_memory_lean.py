@@ -191,3 +191,26 @@ def test_a_static_merge_never_imports_model_classes(families, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_task_arithmetic_merge_holds_row_blocks_not_whole_embeddings(tmp_path):
+    """The embeddings' inputs (base + 3 fine-tunes: 4 × 66 MB) never sit in memory at once: an entrywise method merges
+    them in row blocks of ~16 MiB of inputs, so the merge's peak stays far below one embedding's inputs."""
+    import subprocess
+    import sys
+
+    from rankmerge.service.tiny_models import make_family
+
+    base, tasks = make_family("llama", tmp_path / "family", sizes={"vocab_size": 32000, "hidden_size": 512,
+                                                                    "num_hidden_layers": 1, "intermediate_size": 64})
+    args = ["merge", "--base", str(base), "--method", "task_arithmetic", "--out", str(tmp_path / "out"), "--overwrite"]
+    args += [a for name, path in tasks.items() for a in ("--model", f"{name}={path}")]
+    warm_up = args + ["--model", f"d={tasks['task0']}", "--set", "lambda=0.0"]  # every import done, no more
+    code = ("from rankmerge.service.cli import main\nfrom rankmerge.workers.memory import current_rss_bytes, peak_rss_bytes\n"
+            f"assert main({warm_up!r}) == 0\nbefore = current_rss_bytes()\n"
+            f"assert main({args!r}) == 0\nprint(peak_rss_bytes() - before)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown = int(done.stdout.strip().splitlines()[-1])
+    one_embedding_inputs = 4 * 32000 * 512 * 4
+    assert grown < one_embedding_inputs / 2, (grown / 2**20, one_embedding_inputs / 2**20)

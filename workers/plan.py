@@ -69,8 +69,10 @@ class MergePlan:
         counts[Role.HEAD.value] = counts.get(Role.HEAD.value, 0) + sum(len(h) for h in self.heads.values())
         return counts
 
-    def predicted_peak_bytes(self, task_copies: float = 0.0, factorized: Callable[[Role, tuple[int, ...]], bool] | None = None) -> int:
-        """Resident memory now plus the largest per-tensor working set of the merge loop.
+    def predicted_peak_bytes(self, task_copies: float = 0.0, factorized: Callable[[Role, tuple[int, ...]], bool] | None = None,
+                             units: list[TensorPlan] | None = None) -> int:
+        """Resident memory now plus the largest per-tensor working set of the merge loop (per unit of `units`, the
+        merge's units of work where it merges blocks of rows: `static_merge.row_blocks`).
 
         Per tensor: the raw read, the fp32 base, T stacked fp32 task vectors, the delta, `task_copies` more [T, ...]
         fp32 temporaries of the method, and for the tensors it factorizes (`factorized(role, shape)`; a method's
@@ -79,7 +81,7 @@ class MergePlan:
         """
         num_tasks = len(self.task_names)
         worst = 0
-        for t in self.merged:
+        for t in self.merged if units is None else [u for u in units if u.role in (Role.SPECTRAL, Role.ELEMENTWISE)]:
             n = t.numel
             work = (num_tasks + 3) * 4 * n + task_copies * num_tasks * 4 * n
             if factorized is not None and factorized(t.role, t.shape):
