@@ -12,6 +12,7 @@ from rankmerge.workers import static_merge
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 from rankmerge.workers.methods.registry import METHODS, MergeContext, TensorInputs, make_method
 from rankmerge.workers.plan import build_plan
+from rankmerge.workers.roles import Role
 from rankmerge.workers.tta.params import ADAPTIVE_METHODS
 
 FEW_MODELS = {"slerp": 1, "nuslerp": 2}
@@ -62,8 +63,9 @@ def test_streamed_merge_equals_whole_tensor_math(method, dtype, families, tmp_pa
     check_streamed_merge(method, dtype, families, tmp_path)
 
 
-# merged entry by entry on some tensors at least: in row blocks there
-SEPARABLE = [m for m in STATIC if METHODS[m].entrywise or METHODS[m].factorizes]
+# merged entry by entry on the embeddings at least (with their default parameters): in row blocks there
+SEPARABLE = [m for m in STATIC if make_method(m, {}, MergeContext(("a", "b", "c")[: FEW_MODELS.get(m, 3)], 10**6))
+             .separable(Role.ELEMENTWISE, (64, 32))]
 
 
 @pytest.mark.parametrize("method", SEPARABLE)
@@ -98,7 +100,7 @@ def test_row_blocks_keep_what_cannot_be_split_whole(families):
         old = static_merge.PART_BYTES
         try:
             static_merge.PART_BYTES = 64
-            assert static_merge.row_blocks(plan, make_method("ties", {}, ctx), base, cks) == [
+            assert static_merge.row_blocks(plan, make_method("ties", {"scope": "tensor"}, ctx), base, cks) == [
                 e for e in plan.tensors] != static_merge.row_blocks(plan, make_method("task_arithmetic", {}, ctx), base, cks)
             tied = [replace(e, aliases=("copy",)) for e in plan.tensors]
             assert static_merge.row_blocks(replace(plan, tensors=tied), make_method("task_arithmetic", {}, ctx), base, cks) == tied
@@ -161,3 +163,9 @@ def _take_or_record(ring, nbytes, errors):
         ring.take(nbytes)
     except RuntimeError as exc:
         errors.append(str(exc))
+
+
+def test_a_tensor_merged_in_row_blocks_reports_its_blocks_info_weighted_by_size():
+    parts = [(10, {"kept_fraction": 0.5, "note": "x"}), (30, {"kept_fraction": 0.1, "note": "x"})]
+    assert static_merge.joined_info(parts) == {"kept_fraction": 0.2, "note": "x"}
+    assert static_merge.joined_info(parts[:1]) == parts[0][1]

@@ -297,9 +297,10 @@ def _pipelined(entries: list[TensorPlan], load, budget: int | None = PREFETCH_BU
             del current  # else this frame keeps the consumed inputs alive while the next ones are read
 
 
-def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[Checkpoint], desc: str,
+def iter_inputs(entries: list[TensorPlan], base: ModelCheckpoint, tasks: list[Checkpoint], desc: str,
                 device: torch.device = CPU) -> Iterator[TensorInputs]:
-    entries = plan.merged
+    """Every merged entry's inputs in turn, the next one read ahead (within the prefetch budget)."""
+    entries = [e for e in entries if e.role in (Role.SPECTRAL, Role.ELEMENTWISE)]
     streams = CopyStreams.of(device)
 
     def load(entry: TensorPlan) -> tuple[TensorInputs, Any]:
@@ -313,9 +314,9 @@ def iter_inputs(plan: MergePlan, base: ModelCheckpoint, tasks: list[Checkpoint],
 
 def run_stat_passes(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[Checkpoint],
                     device: torch.device = CPU) -> list[str]:
-    names = []
+    names, units = [], row_blocks(plan, method, base, tasks, device)  # a separable method's statistics: per block too
     for stat_pass in method.stat_passes():
-        for inputs in iter_inputs(plan, base, tasks, stat_pass.description, device):
+        for inputs in iter_inputs(units, base, tasks, stat_pass.description, device):
             stat_pass.observe(inputs)
         stat_pass.finish()
         names.append(stat_pass.description)
@@ -363,7 +364,7 @@ def merge_into(
         if block is not None:
             ring.release(block)
 
-    infos: dict[str, dict[str, Any]] = {}
+    infos: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # per tensor, (entries, info) of each unit
     # ‖delta‖ per merged unit, in one allocation (0-d tensors kept between the big ones fragment the host heap);
     # a tensor merged in row blocks gets √Σ of its blocks' squares at the end
     norms, slots, counted = torch.empty(len(units), device=device), {}, 0
@@ -380,7 +381,8 @@ def merge_into(
                     # read at the end: on a GPU, reading it now would wait for the merge
                     torch.linalg.vector_norm(delta, out=norms[counted])
                     slots.setdefault(entry.key, []).append(counted)
-                    counted, infos[entry.key] = counted + 1, info
+                    counted = counted + 1
+                    infos.setdefault(entry.key, []).append((entry.numel, info))
                     # The same sums either way (addition commutes exactly). Into the ring, the delta is freed before
                     # the write; but a block of over half the ring (an embedding's inputs) would then stay taken until
                     # its write ends, and nothing could be read meanwhile: that one is written from the delta.
@@ -393,7 +395,7 @@ def merge_into(
                         value = delta.add_(loaded.base)
                     del delta
                 else:
-                    value, infos[entry.key] = loaded, {}
+                    value, infos[entry.key] = loaded, [(entry.numel, {})]
                 del loaded
                 if block is not None and not ring.holds(value):
                     ring.release(block)  # the result is the method's own memory: the inputs' block is free now
@@ -410,7 +412,18 @@ def merge_into(
             loads.close()
     on_host = norms.tolist()
     delta_norms = {key: math.sqrt(math.fsum(on_host[i] ** 2 for i in at)) for key, at in slots.items()}
-    return {key: {"delta_norm": round(delta_norms[key], 6), **info} if key in slots else info for key, info in infos.items()}
+    joined = {key: joined_info(parts) for key, parts in infos.items()}
+    return {key: {"delta_norm": round(delta_norms[key], 6), **info} if key in slots else info for key, info in joined.items()}
+
+
+def joined_info(parts: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """A tensor's report info from its row blocks' (a separable method's info numbers are per-entry means, such as
+    TIES' kept fraction): each number weighted by its block's entries."""
+    if len(parts) == 1:
+        return parts[0][1]
+    total = sum(n for n, _ in parts)
+    return {key: round(sum(n * info[key] for n, info in parts) / total, 6) if isinstance(value, (int, float)) else value
+            for key, value in parts[0][1].items()}
 
 
 def run_static_merge(pub: Publication, method: MergeMethod, report: Mapping[str, Any] | None = None,

@@ -98,7 +98,8 @@ class MergeMethod:
     def separable(self, role: Role, shape: tuple[int, ...]) -> bool:
         """Whether merging a block of this tensor's rows gives those rows of its merge (so the host merges it block
         by block: `static_merge.row_blocks`): entrywise methods, and factorizing ones off the tensors they factorize,
-        which get an entrywise rule."""
+        which get an entrywise rule. The stat passes then see the blocks too, and the numbers of its report info
+        must be per-entry means (a tensor's are its blocks', weighted by their sizes)."""
         return self.entrywise or (self.factorizes and not self.factorized(role, shape))
 
     def from_factors(self, role: Role, shape: tuple[int, ...]) -> bool:
@@ -385,6 +386,10 @@ class Ties(MergeMethod):
             return []
         return ["ties with one model: sign election is a no-op (the result is its trimmed task vector × λ) — "
                 "merge two or more models, or use task_arithmetic"]
+
+    def separable(self, role, shape):
+        """With one threshold per task over the whole model (from the stat passes), every entry is merged alone."""
+        return self.params.scope == "model"
 
     def thresholds(self) -> Tensor:
         """Per-task trim thresholds; valid once both histogram passes have run."""
