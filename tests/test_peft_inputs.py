@@ -16,6 +16,7 @@ from rankmerge.service.cli import main
 from rankmerge.service.spec import job_from_dict
 from rankmerge.service.merge_job import open_inputs
 from rankmerge.service.tta_job import build_merger
+from rankmerge.workers import static_merge
 from rankmerge.workers.checkpoint_reader import ModelCheckpoint
 from rankmerge.workers.methods import spectral as sp
 from rankmerge.workers.methods.registry import MergeContext, make_method
@@ -107,6 +108,15 @@ def test_adapters_merge_as_their_merged_models(request, tmp_path, family, method
         for t in TASKS:
             heads = load_file(str(tmp_path / "adapters" / "heads" / f"{t}.safetensors"))
             torch.testing.assert_close(heads["score.weight"], load_file(str(full[t] / "model.safetensors"))["score.weight"])
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", ["lambda=0.5"]), ("ties", ["k=0.3", "lambda=0.7"])])
+def test_adapters_merge_in_row_blocks_as_their_merged_models(llama_family, tmp_path, monkeypatch, method, params):
+    """Blocks of a few rows (a block of B·A is B's rows times A): still the merge of the merged models."""
+    monkeypatch.setattr(static_merge, "PART_BYTES", 2048)
+    base, adapters, full = llama_family
+    expected = cli_merge(base, full, method, tmp_path / "full", *params)
+    assert_same_state(cli_merge(base, adapters, method, tmp_path / "adapters", *params), expected)
+
 
 def test_lowrank_svd_is_the_svd_of_the_product():
     gen = torch.Generator().manual_seed(0)
@@ -282,9 +292,12 @@ def test_keys_with_an_adapter_name_map_like_saved_ones(gpt2_family, tmp_path, ca
     assert main(["merge", "--base", str(base), "--model", f"two={two}", "--method", "task_arithmetic", "--out", str(tmp_path / "o")]) == 2
     assert "holds several adapters (cars, dtd)" in capsys.readouterr().err
 
-def test_an_embedding_lora_adds_peft_s_own_delta(tmp_path):
+@pytest.mark.parametrize("part_bytes", [None, 1024])
+def test_an_embedding_lora_adds_peft_s_own_delta(tmp_path, monkeypatch, part_bytes):
     """LoRA on nn.Embedding (lora_embedding_A/B, stored transposed): task arithmetic at λ = 1 on one adapter gives the
-    base plus the delta PEFT's own layer computes."""
+    base plus the delta PEFT's own layer computes, also merged in blocks of a few rows."""
+    if part_bytes:
+        monkeypatch.setattr(static_merge, "PART_BYTES", part_bytes)
     base_dir = tmp_path / "base"
     base_model_of(tiny_llama)().save_pretrained(base_dir)
     model = get_peft_model(base_model_of(tiny_llama)(), LoraConfig(r=4, lora_alpha=12, target_modules=["embed_tokens"]))

@@ -87,7 +87,7 @@ def test_row_blocks_merge_to_the_same_bits(method, families, tmp_path, monkeypat
 
 
 def test_row_blocks_keep_what_cannot_be_split_whole(families):
-    """Methods with per-tensor statistics, tied tensors and adapters are merged whole; a row read is the rows."""
+    """Methods with per-tensor statistics and tied tensors are merged whole; a row read is the rows."""
     base_dir, tasks = families("llama")
     with ModelCheckpoint(base_dir, "base") as base:
         cks = [ModelCheckpoint(p, n) for n, p in tasks.items()]

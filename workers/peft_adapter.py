@@ -115,6 +115,7 @@ class AdapterCheckpoint:
         self.config = base.config
         self.lora: dict[str, LoraModule] = {}
         self.full: dict[str, str] = {}  # key -> adapter key of a modules_to_save tensor
+        self._stored_is_base: dict[str, bool] = {}  # key in `full` -> whether its stored weight is the base's
         self._map_keys()
         self.shapes = dict(base.shapes)
         self.dtypes = dict(base.dtypes)
@@ -202,9 +203,13 @@ class AdapterCheckpoint:
 
     def low_rank(self, key: str) -> tuple[Tensor, Tensor] | None:
         """The task vector of `key` as (left m×r, right r×n) fp32 factors; None where it is not low-rank (also where
-        the adapter stores a pre-LoRA weight that differs from the base's)."""
-        if key in self.full and not torch.equal(self.weights.read(self.full[key]), self.base.read(key)):
-            return None
+        the adapter stores a pre-LoRA weight that differs from the base's: compared once per key, as a merge in row
+        blocks asks for every block)."""
+        if key in self.full:
+            if key not in self._stored_is_base:
+                self._stored_is_base[key] = torch.equal(self.weights.read(self.full[key]), self.base.read(key))
+            if not self._stored_is_base[key]:
+                return None
         return self._factors(key)
 
     def _factors(self, key: str) -> tuple[Tensor, Tensor] | None:
@@ -213,11 +218,13 @@ class AdapterCheckpoint:
             return None
         return lora_factors(self.weights.read(module.a_key), self.weights.read(module.b_key), module.scaling, module.transposed)
 
-    def read(self, key: str, out: Tensor | None = None) -> Tensor:
-        """The fine-tuned tensor: the adapter's stored weight (modules_to_save, an embedding's pre-LoRA weight) or
-        the base's, plus s·B·A (in fp32) where the module is adapted; into `out` (`nbytes` bytes) when given."""
-        start = self.weights.read(self.full[key]) if key in self.full else self.base.read(key)
+    def read(self, key: str, out: Tensor | None = None, rows: tuple[int, int] | None = None) -> Tensor:
+        """The fine-tuned tensor (or its `rows`): the adapter's stored weight (modules_to_save, an embedding's
+        pre-LoRA weight) or the base's, plus s·B·A (in fp32) where the module is adapted; into `out` when given."""
+        start = self.weights.read(self.full[key], rows=rows) if key in self.full else self.base.read(key, rows=rows)
         factors = self._factors(key)
+        if factors is not None and rows is not None:
+            factors = (factors[0][rows[0]:rows[1]], factors[1])
         value = start if factors is None else torch.addmm(start.float(), *factors)
         return value if out is None else out.view(-1).view(value.dtype).view(value.shape).copy_(value)
 

@@ -49,14 +49,14 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[Checkpoint
     `factors_only` (the method merges this tensor from LoRA factors alone): when every task has factors, no dense
     task vector is formed (see `unformed`)."""
     slots = _Slots(entry, base, tasks, dtype, buffer)
-    base_t = _read(base, entry.key, slots.take(base.dtypes[entry.key], torch.float32), entry.rows)
+    base_t = base.read(entry.key, slots.take(base.dtypes[entry.key], torch.float32), entry.rows)
     if base_t.dtype != torch.float32:
         base_t = slots.base.copy_(base_t) if buffer is not None else base_t.float()
     if pin:
         base_t = base_t.pin_memory()
     if not all_finite(base_t):
         raise MergeInputError(f"the base has NaN/Inf values in {entry.key!r}", "use a healthy base checkpoint")
-    factors = tuple(ck.low_rank(src) for ck, src in zip(tasks, entry.sources))
+    factors = tuple(_rows(ck.low_rank(src), entry.rows) for ck, src in zip(tasks, entry.sources))
     if factors_only and all(f is not None for f in factors):
         for ck, (left, right) in zip(tasks, factors):
             _check_finite(ck, entry, all_finite(left) and all_finite(right))
@@ -66,7 +66,7 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[Checkpoint
         if factors[t] is not None:  # exactly s·B·A: not (θ0 + s·B·A) − θ0, and the base is not read again
             taus[t].copy_(factors[t][0] @ factors[t][1])
         else:
-            raw = _read(ck, src, slots.take(ck.dtypes[src], dtype, taus[t]), entry.rows)
+            raw = ck.read(src, slots.take(ck.dtypes[src], dtype, taus[t]), entry.rows)
             if raw.data_ptr() == taus[t].data_ptr():
                 taus[t].sub_(base_t)
             else:
@@ -77,9 +77,9 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[Checkpoint
     return TensorInputs(entry.key, entry.role, base_t, taus, factors if any(f is not None for f in factors) else ())
 
 
-def _read(ck: Checkpoint, key: str, out: torch.Tensor | None, rows: tuple[int, int] | None) -> torch.Tensor:
-    """`ck.read`, of a row block where the entry is one (only `ModelCheckpoint`s are split: see `row_blocks`)."""
-    return ck.read(key, out) if rows is None else ck.read(key, out, rows=rows)
+def _rows(factors: tuple[torch.Tensor, torch.Tensor] | None, rows: tuple[int, int] | None):
+    """A row block's share of a task vector's (left, right) factors: the left factor's rows."""
+    return factors if factors is None or rows is None else (factors[0][rows[0]:rows[1]], factors[1])
 
 
 def _check_finite(ck: Checkpoint, entry: TensorPlan, finite: bool) -> None:
@@ -246,8 +246,8 @@ def row_blocks(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, task
     task vectors, the method and the write — each a pass over memory — and take the whole read ring, so nothing is
     read while it is merged and written. A block is done in the caches while the next one is read, in a ring a few
     blocks long. Split: copied tensors, and merged ones the method merges row by row (`MergeMethod.separable`).
-    Whole: tied tensors (their aliases are written with them), inputs other than full checkpoints, a GPU merge."""
-    if device.type != "cpu" or not all(isinstance(ck, ModelCheckpoint) for ck in (base, *tasks)):
+    Whole: tied tensors (their aliases are written with them), and every tensor of a GPU merge."""
+    if device.type != "cpu":
         return list(plan.tensors)
     blocks = []
     for entry in plan.tensors:
@@ -354,7 +354,7 @@ def merge_into(
         if entry.role in merged:
             inputs = load_inputs(entry, base, tasks, pin=pin, buffer=data, factors_only=method.from_factors(entry.role, entry.shape))
             return upload(inputs, device, streams), block
-        return _read(base, entry.key, None if data is None else data[: stored_bytes(entry)], entry.rows), block
+        return base.read(entry.key, None if data is None else data[: stored_bytes(entry)], entry.rows), block
 
     def write(entry: TensorPlan, value: torch.Tensor, block: list | None, copied: Any = None) -> None:
         if copied is not None:

@@ -211,10 +211,10 @@ class ZeroShotTask:
     def keys(self) -> list[str]:
         return list(self._keys)
 
-    def read(self, key: str, out: Tensor | None = None) -> Tensor:
+    def read(self, key: str, out: Tensor | None = None, rows: tuple[int, int] | None = None) -> Tensor:
         if key not in self.head:
-            return self.encoder.read(key, out)
-        value = self.head[key]
+            return self.encoder.read(key, out, rows)
+        value = self.head[key] if rows is None else self.head[key][rows[0]:rows[1]]
         return value if out is None else out.view(-1).view(value.dtype).view(value.shape).copy_(value)
 
     def nbytes(self, key: str) -> int:
