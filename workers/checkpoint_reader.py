@@ -53,6 +53,12 @@ class Checkpoint(Protocol):
     def close(self) -> None: ...
 
 
+def factor_rows(factors: tuple[torch.Tensor, torch.Tensor] | None,
+                rows: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A row block's share of a task vector given as (left, right) factors (`Checkpoint.low_rank`): left's rows."""
+    return factors if factors is None or rows is None else (factors[0][rows[0]:rows[1]], factors[1])
+
+
 class ModelCheckpoint:
     """One HF model directory, opened lazily. Only headers are read at construction."""
 

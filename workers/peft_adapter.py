@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint, factor_rows
 from rankmerge.workers.errors import MergeInputError
 from rankmerge.workers.roles import rules_for
 
@@ -222,9 +222,7 @@ class AdapterCheckpoint:
         """The fine-tuned tensor (or its `rows`): the adapter's stored weight (modules_to_save, an embedding's
         pre-LoRA weight) or the base's, plus s·B·A (in fp32) where the module is adapted; into `out` when given."""
         start = self.weights.read(self.full[key], rows=rows) if key in self.full else self.base.read(key, rows=rows)
-        factors = self._factors(key)
-        if factors is not None and rows is not None:
-            factors = (factors[0][rows[0]:rows[1]], factors[1])
+        factors = factor_rows(self._factors(key), rows)
         value = start if factors is None else torch.addmm(start.float(), *factors)
         return value if out is None else out.view(-1).view(value.dtype).view(value.shape).copy_(value)
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint
+from rankmerge.workers.checkpoint_reader import Checkpoint, ModelCheckpoint, factor_rows
 from rankmerge.workers.checkpoint_writer import StreamingCheckpointWriter
 from rankmerge.workers.device import CopyStreams, device_name, to_device
 from rankmerge.workers.errors import MergeInputError
@@ -56,7 +56,7 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[Checkpoint
         base_t = base_t.pin_memory()
     if not all_finite(base_t):
         raise MergeInputError(f"the base has NaN/Inf values in {entry.key!r}", "use a healthy base checkpoint")
-    factors = tuple(_rows(ck.low_rank(src), entry.rows) for ck, src in zip(tasks, entry.sources))
+    factors = tuple(factor_rows(ck.low_rank(src), entry.rows) for ck, src in zip(tasks, entry.sources))
     if factors_only and all(f is not None for f in factors):
         for ck, (left, right) in zip(tasks, factors):
             _check_finite(ck, entry, all_finite(left) and all_finite(right))
@@ -75,11 +75,6 @@ def load_inputs(entry: TensorPlan, base: ModelCheckpoint, tasks: list[Checkpoint
         for ck, tau in zip(tasks, taus):
             _check_finite(ck, entry, all_finite(tau))
     return TensorInputs(entry.key, entry.role, base_t, taus, factors if any(f is not None for f in factors) else ())
-
-
-def _rows(factors: tuple[torch.Tensor, torch.Tensor] | None, rows: tuple[int, int] | None):
-    """A row block's share of a task vector's (left, right) factors: the left factor's rows."""
-    return factors if factors is None or rows is None else (factors[0][rows[0]:rows[1]], factors[1])
 
 
 def _check_finite(ck: Checkpoint, entry: TensorPlan, finite: bool) -> None:
