@@ -1,6 +1,7 @@
 """Streaming static merge: run a method's statistic passes, then merge tensor by tensor into the writer.
 
-Peak memory is one tensor's inputs (base + T task vectors) plus the method's workspace, never whole models.
+Peak memory is one tensor's inputs (base + T task vectors) plus the method's workspace, never whole models; where the
+method merges entry by entry, one block of a tensor's rows (`row_blocks`).
 No Ray here: the same function runs in-process or inside an actor over a shard of the plan.
 """
 
@@ -322,7 +323,8 @@ def merge_into(
     writer: StreamingCheckpointWriter, plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[Checkpoint],
     device: torch.device = CPU,
 ) -> dict[str, dict[str, Any]]:
-    """Write every planned tensor: merged ones through the method (on `device`), the rest copied from the base.
+    """Write every planned tensor: merged ones through the method (on `device`), the rest copied from the base; on
+    the host, tensors that `row_blocks` splits go block by block (a unit below is a tensor or a block).
 
     Three stages overlap: the next tensor is read while this one is merged, and the previous one is being written.
     On the CPU every input is read into one reused `ReadRing`; a block is given back once the method's result no
@@ -376,7 +378,7 @@ def merge_into(
                     # read at the end: on a GPU, reading it now would wait for the merge
                     torch.linalg.vector_norm(delta, out=norms[counted])
                     slots.setdefault(entry.key, []).append(counted)
-                    counted = counted + 1
+                    counted += 1
                     infos.setdefault(entry.key, []).append((entry.numel, info))
                     # The same sums either way (addition commutes exactly). Into the ring, the delta is freed before
                     # the write; but a block of over half the ring (an embedding's inputs) would then stay taken until
