@@ -75,10 +75,9 @@ def disjoint_merge_(trimmed: Tensor, majority_sign: float, mode: str = "sum") ->
     total = torch.zeros_like(gamma)
     count = torch.zeros_like(gamma) if mode == "mean" else None
     for tau in trimmed:
-        agree = tau * gamma > 0
-        total.add_(tau.masked_fill_(~agree, 0.0))
         if count is not None:
-            count.add_(agree)
+            count.add_(tau * gamma > 0)
+        total.add_(tau.mul_(gamma).clamp_(min=0).mul_(gamma))  # τ where sign(τ) = γ (±1), else 0: exact, no mask
     return total if count is None else total.div_(count.clamp_(min=1))
 
 
