@@ -215,8 +215,8 @@ def summarize_report(report: dict[str, Any]) -> str:
 def run_merge_job_on_ray(job: MergeJob, address: str | None = None) -> dict[str, Any]:
     """A static merge as one Ray task on the cluster (with the spec's CPUs per shard), after the cheap checks here.
 
-    The merge already streams one tensor at a time in bounded memory, so one task per job is the unit; the output path
-    must be visible to the node that runs it (a shared filesystem on a multi-node cluster).
+    The merge already streams one tensor (or block of rows) at a time in bounded memory, so one task per job is the
+    unit; the output path must be visible to the node that runs it (a shared filesystem on a multi-node cluster).
     """
     from rankmerge.cluster.ray_runtime import ensure_ray, run_remote
 
