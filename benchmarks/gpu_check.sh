@@ -11,8 +11,9 @@
 # the air-gapped way: README, GPU machines. Without ray the Ray row is skipped with one line.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd -P)
-cd "${TMPDIR:-/tmp}"  # not the checkout: its rankmerge/ folder would shadow the installed package
 PYTHON="${PYTHON:-python3}"
+[[ "$PYTHON" == */* && "$PYTHON" != /* ]] && PYTHON="$PWD/$PYTHON"  # a relative path (.venv/bin/python) survives the cd
+cd "${TMPDIR:-/tmp}"  # not the checkout: its rankmerge/ folder would shadow the installed package
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 if [[ "$DEVICE" == cuda* ]]; then
     "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else f"torch {torch.__version__} sees no CUDA GPU: install its CUDA build (README: GPU machines), or run with GPU_CHECK_DEVICE=cpu")'
