@@ -351,6 +351,23 @@ def test_the_cli_and_the_in_process_path_import_neither_ray_nor_deepspeed(tmp_pa
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without a GPU")
+def test_gpu_check_without_a_gpu_stops_at_once_with_one_line_even_given_a_relative_python():
+    """benchmarks/gpu_check.sh leaves the checkout before importing anything: a relative PYTHON must still be found."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": os.path.relpath(sys.executable, repo)}
+    env.pop("GPU_CHECK_DEVICE", None)
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=120)
+    err = done.stderr.strip()
+    assert done.returncode != 0 and "sees no CUDA GPU" in err and "GPU_CHECK_DEVICE=cpu" in err and "\n" not in err
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_copy_streams_move_tensors_beside_the_compute_stream_and_back():
