@@ -8,10 +8,6 @@ from rankmerge.workers.plan import MergePlan
 from rankmerge.workers.roles import Role
 
 
-def spectral_role(role: Role, shape: tuple[int, ...]) -> bool:
-    return role is Role.SPECTRAL
-
-
 def tensor_cost(shape: tuple[int, ...], factorized: bool, num_tasks: int) -> float:
     """SVD work ≈ T · m · n · min(m, n) for a factorized 2-D tensor; any other costs its T · numel reads."""
     numel = 1
@@ -22,8 +18,7 @@ def tensor_cost(shape: tuple[int, ...], factorized: bool, num_tasks: int) -> flo
     return float(num_tasks) * numel
 
 
-def shard_columns(plan: MergePlan, num_shards: int,
-                  factorized: Callable[[Role, tuple[int, ...]], bool] = spectral_role) -> list[list[int]]:
+def shard_columns(plan: MergePlan, num_shards: int, factorized: Callable[[Role, tuple[int, ...]], bool]) -> list[list[int]]:
     """Longest-processing-time greedy: each tensor (a column of plan.merged) goes to the least-loaded shard.
 
     `factorized`: which tensors the method merges from SVDs (`MergeMethod.factorized`: with `spectral_keys: all_2d`

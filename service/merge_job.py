@@ -42,7 +42,7 @@ class PreparedMerge:
     def predicted_peak_bytes(self, device: torch.device = CPU) -> int:
         """From shapes: memory now, the largest working set of the units the merge works on there, and what the
         pipeline holds besides (the next unit read ahead, the last one being written)."""
-        units = row_blocks(self.plan, self.method, self.base, self.tasks, device)
+        units = row_blocks(self.plan, self.method, device)
         return (self.plan.predicted_peak_bytes(self.method.task_copies, self.method.factorized, units)
                 + pipeline_extra_bytes(units, len(self.tasks)))
 

@@ -67,7 +67,6 @@ def cli_merge(base, tasks: dict, method: str, out, *sets: str) -> dict:
     return load_file(str(out / "model.safetensors"))
 
 
-
 def run_local_and_ray(spec: dict, tmp_path, monkeypatch) -> dict:
     """The same adaptive job in-process and on a real local Ray (outputs in tmp_path/local, tmp_path/ray); checks
     both learned the same masks, and that they learned something. Returns the reports by executor."""

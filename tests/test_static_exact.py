@@ -76,7 +76,7 @@ def test_row_blocks_merge_to_the_same_bits(method, families, tmp_path, monkeypat
     with ModelCheckpoint(base_dir, "base") as base:
         cks = [ModelCheckpoint(p, n) for n, p in tasks.items()]
         plan = build_plan(base, dict(zip(tasks, cks)))
-        units = static_merge.row_blocks(plan, make_method(method, {}, MergeContext(tuple(tasks), plan.merged_numel)), base, cks)
+        units = static_merge.row_blocks(plan, make_method(method, {}, MergeContext(tuple(tasks), plan.merged_numel)))
         for ck in cks:
             ck.close()
     split = {u.key for u in units if u.rows is not None}
@@ -86,28 +86,25 @@ def test_row_blocks_merge_to_the_same_bits(method, families, tmp_path, monkeypat
     check_streamed_merge(method, torch.bfloat16, families, tmp_path)
 
 
-def test_row_blocks_keep_what_cannot_be_split_whole(families):
+def test_row_blocks_keep_what_cannot_be_split_whole(families, monkeypatch):
     """Methods with per-tensor statistics and tied tensors are merged whole; a row read is the rows."""
+    monkeypatch.setattr(static_merge, "PART_BYTES", 64)
     base_dir, tasks = families("llama")
     with ModelCheckpoint(base_dir, "base") as base:
         cks = [ModelCheckpoint(p, n) for n, p in tasks.items()]
         plan = build_plan(base, dict(zip(tasks, cks)))
-        ctx = MergeContext(tuple(tasks), plan.merged_numel)
+        for ck in cks:
+            ck.close()
         key = max(plan.tensors, key=lambda e: e.numel).key
         assert torch.equal(base.read(key, rows=(1, 3)), base.read(key)[1:3])
         with pytest.raises(ValueError, match="outside"):
             base.read(key, rows=(0, 10**6))
-        old = static_merge.PART_BYTES
-        try:
-            static_merge.PART_BYTES = 64
-            assert static_merge.row_blocks(plan, make_method("ties", {"scope": "tensor"}, ctx), base, cks) == [
-                e for e in plan.tensors] != static_merge.row_blocks(plan, make_method("task_arithmetic", {}, ctx), base, cks)
-            tied = [replace(e, aliases=("copy",)) for e in plan.tensors]
-            assert static_merge.row_blocks(replace(plan, tensors=tied), make_method("task_arithmetic", {}, ctx), base, cks) == tied
-        finally:
-            static_merge.PART_BYTES = old
-            for ck in cks:
-                ck.close()
+    ctx = MergeContext(tuple(tasks), plan.merged_numel)
+    ta = make_method("task_arithmetic", {}, ctx)
+    assert static_merge.row_blocks(plan, make_method("ties", {"scope": "tensor"}, ctx)) == plan.tensors
+    assert static_merge.row_blocks(plan, ta) != plan.tensors
+    tied = [replace(e, aliases=("copy",)) for e in plan.tensors]
+    assert static_merge.row_blocks(replace(plan, tensors=tied), ta) == tied
 
 
 def check_streamed_merge(method, dtype, families, tmp_path):
@@ -166,6 +163,7 @@ def _take_or_record(ring, nbytes, errors):
 
 
 def test_a_tensor_merged_in_row_blocks_reports_its_blocks_info_weighted_by_size():
-    parts = [(10, {"kept_fraction": 0.5, "note": "x"}), (30, {"kept_fraction": 0.1, "note": "x"})]
-    assert static_merge.joined_info(parts) == {"kept_fraction": 0.2, "note": "x"}
+    parts = [(10, {"kept_fraction": 0.5, "note": "x", "flag": True}), (30, {"kept_fraction": 0.1, "note": "x", "flag": True})]
+    assert static_merge.joined_info(parts) == {"kept_fraction": 0.2, "note": "x", "flag": True}
+    assert type(static_merge.joined_info(parts)["flag"]) is bool
     assert static_merge.joined_info(parts[:1]) == parts[0][1]

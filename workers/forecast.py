@@ -170,9 +170,10 @@ def forecast(plan: MergePlan, new_method: Callable[[int], MergeMethod], base: Mo
     `new_method(merged_numel)` builds the method for a model of that many merged entries: each sample gets one
     sized to itself, since whole-model statistics over a model the sample is not cannot be computed from it."""
     start, startup_s = time.perf_counter(), process_age_seconds()
-    units = row_blocks(plan, new_method(plan.merged_numel), base, tasks, device)  # what the merge will work on
+    method = new_method(plan.merged_numel)
+    units = row_blocks(plan, method, device)  # what the merge will work on
     groups = sorted(group_entries(units).items(), key=lambda kv: kv[1][0].numel)
-    passes = len(new_method(plan.merged_numel).stat_passes()) + 1
+    passes = len(method.stat_passes()) + 1
     costs, device_working = [], []
     for (role, shape), entries in groups:
         samples = []

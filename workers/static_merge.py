@@ -233,8 +233,7 @@ class ReadRing:
 PART_BYTES = 16 * 2**20  # a row block's fp32 inputs: they stay in the CPU's caches from the read to the write
 
 
-def row_blocks(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[Checkpoint],
-               device: torch.device = CPU) -> list[TensorPlan]:
+def row_blocks(plan: MergePlan, method: MergeMethod, device: torch.device = CPU) -> list[TensorPlan]:
     """The host merge's units of work: every planned tensor, where possible as blocks of its rows (`TensorPlan.rows`)
     of about `PART_BYTES` of inputs.
 
@@ -245,10 +244,10 @@ def row_blocks(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, task
     Whole: tied tensors (their aliases are written with them), and every tensor of a GPU merge."""
     if device.type != "cpu":
         return list(plan.tensors)
-    blocks = []
+    blocks, num_tasks = [], len(plan.task_names)
     for entry in plan.tensors:
         merged = entry.role in (Role.SPECTRAL, Role.ELEMENTWISE)
-        row = (entry.numel // entry.shape[0] if entry.shape and entry.shape[0] else 0) * 4 * (len(tasks) + 1 if merged else 1)
+        row = (entry.numel // entry.shape[0] if entry.shape and entry.shape[0] else 0) * 4 * (num_tasks + 1 if merged else 1)
         if entry.aliases or not row or entry.shape[0] * row <= 2 * PART_BYTES \
                 or (merged and not method.separable(entry.role, entry.shape)):
             blocks.append(entry)
@@ -310,7 +309,7 @@ def iter_inputs(entries: list[TensorPlan], base: ModelCheckpoint, tasks: list[Ch
 
 def run_stat_passes(plan: MergePlan, method: MergeMethod, base: ModelCheckpoint, tasks: list[Checkpoint],
                     device: torch.device = CPU) -> list[str]:
-    names, units = [], row_blocks(plan, method, base, tasks, device)  # a separable method's statistics: per block too
+    names, units = [], row_blocks(plan, method, device)  # a separable method's statistics: per block too
     for stat_pass in method.stat_passes():
         for inputs in iter_inputs(units, base, tasks, stat_pass.description, device):
             stat_pass.observe(inputs)
@@ -336,7 +335,7 @@ def merge_into(
     streams = CopyStreams.of(device)
     pin = streams is not None
     merged = (Role.SPECTRAL, Role.ELEMENTWISE)
-    units = row_blocks(plan, method, base, tasks, device)
+    units = row_blocks(plan, method, device)
 
     def stored_bytes(entry: TensorPlan) -> int:
         return entry.numel * base.dtypes[entry.key].itemsize
@@ -419,8 +418,11 @@ def joined_info(parts: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
     if len(parts) == 1:
         return parts[0][1]
     total = sum(n for n, _ in parts)
-    return {key: round(sum(n * info[key] for n, info in parts) / total, 6) if isinstance(value, (int, float)) else value
-            for key, value in parts[0][1].items()}
+    def mean(key: str, value: Any) -> Any:
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return round(sum(n * info[key] for n, info in parts) / total, 6) if numeric else value
+
+    return {key: mean(key, value) for key, value in parts[0][1].items()}
 
 
 def run_static_merge(pub: Publication, method: MergeMethod, report: Mapping[str, Any] | None = None,
