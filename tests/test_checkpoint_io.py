@@ -86,8 +86,24 @@ def test_writer_takes_row_blocks_only_inside_the_tensor_and_wants_all_of_them(tm
                 writer.write("w", torch.ones(2, 3), 3)
             with pytest.raises(ValueError, match=r"got \(2, 4\)"):
                 writer.write("w", torch.ones(2, 4))
-            writer.write("w", torch.ones(2, 3), 2)  # rows 0-1 never come
-    assert not (tmp_path / "o").exists()
+            writer.write("w", torch.ones(2, 3), 2)
+            with pytest.raises(ValueError, match=r"w: rows 2..3 written twice"):
+                writer.write("w", torch.ones(2, 3), 2)  # by bytes alone, rows 0-1 would now look written
+            with pytest.raises(ValueError, match=r"w: rows 1..2 written twice"):
+                writer.write("w", torch.ones(2, 3), 1)
+    assert not (tmp_path / "o").exists()  # rows 0-1 never came
+
+
+def test_writer_refuses_a_whole_tensor_written_twice(tmp_path):
+    with StreamingCheckpointWriter(tmp_path / "o", [("w", torch.float32, (4, 3)), ("s", torch.float32, ())]) as writer:
+        writer.write("w", torch.ones(4, 3))
+        writer.write("s", torch.tensor(2.0))
+        with pytest.raises(ValueError, match=r"w: rows 2..3 written twice"):
+            writer.write("w", torch.zeros(2, 3), 2)
+        with pytest.raises(ValueError, match=r"s: rows 0..0 written twice"):
+            writer.write("s", torch.tensor(3.0))
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("w"), torch.ones(4, 3)) and f.get_tensor("s").item() == 2.0
 
 
 def test_writer_casts_to_planned_dtype(tmp_path):

@@ -188,7 +188,7 @@ class StreamingCheckpointWriter:
         self._fds: list[int] = []
         self._streams: dict[int, _DirectStream] = {}  # shard fd -> its sequential direct writer, while it lasts
         self._written: set[str] = set()
-        self._filled: dict[str, int] = {}  # bytes written so far, per tensor written in row blocks
+        self._rows: dict[str, list[tuple[int, int]]] = {}  # row ranges written so far, per tensor
         self._committed = False
 
     @staticmethod
@@ -239,13 +239,19 @@ class StreamingCheckpointWriter:
 
     def write(self, name: str, tensor: torch.Tensor, first_row: int = 0) -> None:
         """Write one tensor (cast to its planned dtype) to its reserved byte range; or, from `first_row` on, a block
-        of its rows (the tensor counts as written once all its bytes are)."""
+        of its rows. The tensor counts as written once its blocks cover every row; a row written twice is refused,
+        so a repeated block can never stand in for a missing one."""
         dtype, shape = self._layout[name]
         got = tuple(tensor.shape)
         whole = first_row == 0 and got == shape
         if not whole and not (len(got) == len(shape) >= 1 and got[1:] == shape[1:] and 0 <= first_row
                               and first_row + got[0] <= shape[0]):
             raise ValueError(f"{name}: planned shape {shape}, got {got}" + (f" at row {first_row}" if first_row else ""))
+        rows = shape[0] if shape else 1
+        lo, hi = (0, rows) if whole else (first_row, first_row + got[0])
+        done = self._rows.setdefault(name, [])
+        if name in self._written or any(lo < end and start < hi for start, end in done):
+            raise ValueError(f"{name}: rows {lo}..{hi - 1} written twice")
         fd, offset, total = self._where[name]
         if whole or total == 0:
             start, size = offset, total
@@ -260,8 +266,8 @@ class StreamingCheckpointWriter:
             else:
                 self._end_stream(fd)  # out of order: this shard goes on through the page cache
                 _pwrite_all(fd, data, start)
-        self._filled[name] = self._filled.get(name, 0) + size
-        if self._filled[name] >= total:
+        done.append((lo, hi))
+        if sum(end - start for start, end in done) == rows:
             self._written.add(name)
 
     def _direct(self, fd: int, stream: _DirectStream, data: torch.Tensor) -> None:
