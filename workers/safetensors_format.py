@@ -32,10 +32,6 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -44,7 +40,7 @@ def numel(shape: tuple[int, ...]) -> int:
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return numel(shape) * dtype_size(dtype)
+    return numel(shape) * dtype.itemsize
 
 
 @dataclass(frozen=True)
