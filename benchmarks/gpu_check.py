@@ -49,7 +49,7 @@ def _peaks(device: str) -> dict:
     from rankmerge.workers.memory import peak_rss_bytes
 
     on_gpu = device.startswith("cuda")
-    return {"rss": peak_rss_bytes(), "device_peak": torch.cuda.max_memory_allocated() if on_gpu else 0}
+    return {"rss": peak_rss_bytes(), "device_peak": torch.cuda.max_memory_allocated(torch.device(device)) if on_gpu else 0}
 
 
 def _sync(device: str) -> float:
@@ -57,7 +57,7 @@ def _sync(device: str) -> float:
     import torch
 
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
     return time.perf_counter()
 
 

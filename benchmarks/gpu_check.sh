@@ -15,9 +15,21 @@ PYTHON="${PYTHON:-python3}"
 [[ "$PYTHON" == */* && "$PYTHON" != /* ]] && PYTHON="$PWD/$PYTHON"  # a relative path (.venv/bin/python) survives the cd
 cd "${TMPDIR:-/tmp}"  # not the checkout: its rankmerge/ folder would shadow the installed package
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
-if [[ "$DEVICE" == cuda* ]]; then
-    "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else f"torch {torch.__version__} sees no CUDA GPU: install its CUDA build (README: GPU machines), or run with GPU_CHECK_DEVICE=cpu")'
-fi
-"$PYTHON" -c 'import rankmerge.service.cli, pytest' 2>/dev/null \
-    || { echo "rankmerge or pytest is not importable by $PYTHON: install them (README: GPU machines)" >&2; exit 1; }
+# Preflight, one line on what is missing. --no-deps installs skip rankmerge's own requirements: check them here, not
+# in the middle of the table.
+"$PYTHON" - "$DEVICE" <<'PREFLIGHT'
+import importlib.util, sys
+missing = [m for m in ("torch", "transformers", "accelerate", "safetensors", "pytest", "rankmerge") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"{sys.executable} cannot import {', '.join(missing)}: install them (README: GPU machines)")
+try:
+    import rankmerge.service.cli
+except ImportError as exc:
+    sys.exit(f"rankmerge cannot start under {sys.executable} ({exc}): install what it lacks (README: GPU machines)")
+import torch, transformers
+if int(transformers.__version__.split(".")[0]) < 5:
+    sys.exit(f"transformers {transformers.__version__} is older than rankmerge needs (5.0 or newer): install a newer wheel")
+if sys.argv[1].startswith("cuda") and not torch.cuda.is_available():
+    sys.exit(f"torch {torch.__version__} sees no CUDA GPU: install its CUDA build (README: GPU machines), or run with GPU_CHECK_DEVICE=cpu")
+PREFLIGHT
 exec "$PYTHON" "$ROOT/benchmarks/gpu_check.py" --device "$DEVICE" "$@"

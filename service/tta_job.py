@@ -150,11 +150,14 @@ def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, addre
     if executor == "local":  # shard and worker share one device: the job's, resolved here
         device = str(resolve_device(job.device))
         return LocalExecutor(adaptive_work(job, plan, 1, output_kind, teachers, (device, device)), loaded=loaded)
+    res = job.resources
+    devices = (role_device(job.device, res.gpus_per_shard, "shard"), role_device(job.device, res.gpus_per_worker, "worker"))
+    if devices[1] == "cuda" and res.workers > 1 and res.gpus_per_worker < 1:
+        raise MergeInputError(f"{res.workers} workers with gpus_per_worker {res.gpus_per_worker:g} may be placed on one GPU, "
+                              "and NCCL refuses two ranks on one GPU", "set resources.gpus_per_worker: 1, or workers: 1")
     from rankmerge.cluster.ray_executor import RayExecutor
     from rankmerge.cluster.ray_runtime import ensure_ray
 
-    res = job.resources
-    devices = (role_device(job.device, res.gpus_per_shard, "shard"), role_device(job.device, res.gpus_per_worker, "worker"))
     work = adaptive_work(job, plan, res.shards, output_kind, teachers, devices)
     ensure_ray(address, res.shards * res.cpus_per_shard + res.workers * res.cpus_per_worker,
                plan.merged_numel * work.dtype.itemsize)

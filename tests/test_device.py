@@ -14,6 +14,8 @@ from rankmerge.service.cli import main
 from rankmerge.service.merge_job import open_inputs
 from rankmerge.service.spec import job_from_dict
 from rankmerge.service.tta_job import start_executor
+from rankmerge.workers.errors import MergeInputError
+from rankmerge.workers.methods.registry import METHODS
 from rankmerge.workers.tta.state import ElementwiseSlot, SpectralSlot
 
 from conftest import make_adaptive_spec as make_job
@@ -22,10 +24,13 @@ HAS_CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="torch sees no CUDA GPU")
 
 
+FEW_TASKS = {"slerp": 1, "nuslerp": 2}  # methods defined for a fixed number of fine-tuned models
+
+
 def merge(families, out, method, *extra):
     base, tasks = families("vit")
     args = ["merge", "--base", str(base), "--method", method, "--out", str(out)]
-    for name, path in tasks.items():
+    for name, path in list(tasks.items())[:FEW_TASKS.get(method)]:
         args += ["--model", f"{name}={path}"]
     assert main(args + list(extra)) == 0
     return (out / "model.safetensors").read_bytes(), json.loads((out / "merge_report.json").read_text())
@@ -78,15 +83,27 @@ def test_explicit_cpu_adaptive_run_equals_the_default(families, tmp_path):
     assert outputs[0] == outputs[1]
 
 
-def executor(families, tmp_path, device: str, stack: ExitStack, method: str = "adarank", params: dict | None = None):
-    """An in-process executor over the tiny ViT family, entropy objective (no teacher targets needed)."""
+def executor(families, tmp_path, device: str, stack: ExitStack, method: str = "adarank", params: dict | None = None,
+             objective: str = "entropy"):
+    """An in-process executor over the tiny ViT family (entropy or infomax: no teacher targets needed)."""
     tmp_path.mkdir(exist_ok=True)
-    spec = make_job(families, tmp_path, method=method, params=params, objective="entropy")
+    spec = make_job(families, tmp_path, method=method, params=params, objective=objective)
     job = job_from_dict({**spec, "device": device}, tmp_path)
     _, tasks, plan = open_inputs(job, stack)
     runner = start_executor(job, plan, "local", None)
     stack.callback(runner.close)
     return runner, len(tasks)
+
+
+def test_several_worker_ranks_sharing_a_gpu_are_refused_before_ray_starts(families, tmp_path):
+    """NCCL refuses two ranks of one group on one GPU: fractional GPUs per worker with several workers is a spec
+    error, caught before a cluster is touched (no GPU needed to see it)."""
+    spec = make_job(families, tmp_path, objective="entropy")
+    job = job_from_dict({**spec, "resources": {"workers": 2, "gpus_per_worker": 0.5}}, tmp_path)
+    with ExitStack() as stack:
+        _, _, plan = open_inputs(job, stack)
+        with pytest.raises(MergeInputError, match="NCCL refuses two ranks on one GPU.*gpus_per_worker: 1"):
+            start_executor(job, plan, "ray", None)
 
 
 def batch(num_tasks: int, step: int) -> list[torch.Tensor]:
@@ -148,10 +165,14 @@ def test_a_checkpoint_resumes_under_another_device_setting(families, tmp_path):
 
 
 # ---- CUDA against the CPU (benchmarks/gpu_check.sh runs these on a GPU machine) -----------------------------------------
+LOOSE = {"wudi": {"atol": 1e-4, "rtol": 1e-3}}  # hundreds of Adam steps: rounding differences compound
+
+
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("method", ["tsv_m", "task_arithmetic", "ties"])
+@pytest.mark.parametrize("method", sorted(m for m, cls in METHODS.items() if not cls.needs_data))
 def test_cuda_static_merge_matches_cpu(families, tmp_path, method):
+    """Every static method (its own masks, draws and statistics included) on the GPU gives the CPU's merge."""
     from safetensors.torch import load_file
 
     merge(families, tmp_path / "cpu", method, "--device", "cpu")
@@ -160,16 +181,16 @@ def test_cuda_static_merge_matches_cpu(families, tmp_path, method):
     cpu, cuda = load_file(str(tmp_path / "cpu" / "model.safetensors")), load_file(str(tmp_path / "cuda" / "model.safetensors"))
     assert cpu.keys() == cuda.keys()
     for key in cpu:
-        torch.testing.assert_close(cuda[key], cpu[key], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cuda[key], cpu[key], **LOOSE.get(method, {"atol": 1e-5, "rtol": 1e-4}))
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("method, params", [("adarank", None), ("adamerging", None)])
-def test_cuda_adaptive_steps_match_cpu(families, tmp_path, method, params):
+@pytest.mark.parametrize("method, objective", [("adarank", "entropy"), ("adamerging", "entropy"), ("adarank", "infomax")])
+def test_cuda_adaptive_steps_match_cpu(families, tmp_path, method, objective):
     with ExitStack() as stack:
-        cpu, num_tasks = executor(families, tmp_path / "cpu", "cpu", stack, method, params)
-        cuda, _ = executor(families, tmp_path / "cuda", "cuda", stack, method, params)
+        cpu, num_tasks = executor(families, tmp_path / "cpu", "cpu", stack, method, None, objective)
+        cuda, _ = executor(families, tmp_path / "cuda", "cuda", stack, method, None, objective)
         run_steps(cpu, num_tasks, range(4))
         run_steps(cuda, num_tasks, range(4))
         a, b = cpu.state(), cuda.state()

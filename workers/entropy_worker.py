@@ -143,7 +143,7 @@ class EntropyWorker:
         else:
             grads, losses = self._replicated_gradients(batches)
         if self.world > 1:
-            losses_t = torch.tensor(losses, dtype=torch.float64)
+            losses_t = torch.tensor(losses, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
             dist.all_reduce(losses_t)
             losses = (losses_t / self.world).tolist()
         if not grads:

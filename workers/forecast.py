@@ -97,9 +97,12 @@ def _spread(entries: list[TensorPlan], most: int = 5) -> list[TensorPlan]:
     return [entries[i] for i in picks]
 
 
-def timed(fn: Callable[[], object]) -> tuple[object, float]:
+def timed(fn: Callable[[], object], device: torch.device = CPU) -> tuple[object, float]:
+    """`fn()` and its seconds; on a GPU, until the kernels it queued have run (they run asynchronously)."""
     start = time.perf_counter()
     value = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return value, time.perf_counter() - start
 
 
@@ -113,7 +116,7 @@ def _sample_merged(entry: TensorPlan, method: MergeMethod, base: ModelCheckpoint
         inputs = inputs_on(inputs, device)
         stat_s = 0.0
         for stat_pass in method.stat_passes():
-            _, spent = timed(lambda: (stat_pass.observe(inputs), stat_pass.finish()))
+            _, spent = timed(lambda: (stat_pass.observe(inputs), stat_pass.finish()), device)
             stat_s += spent
 
         def merge() -> torch.Tensor:

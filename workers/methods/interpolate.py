@@ -77,7 +77,7 @@ def karcher_mean(tensors: Tensor, max_iter: int = 10, tol: float = 1e-5) -> Tens
     time, and the directions are normalised in place: `tensors` is consumed, and no other [N, ...] tensor is made.
     """
     flat = tensors.reshape(len(tensors), -1)
-    norms = torch.tensor([_norm(row) for row in flat], dtype=torch.float64)
+    norms = torch.tensor([_norm(row) for row in flat], dtype=torch.float64, device=flat.device)
     valid = norms > tol
     if not bool(valid.any()):
         return torch.zeros_like(tensors[0])

@@ -32,7 +32,7 @@ def magnitude_outliers(tau: Tensor, density: float, gamma: float) -> Tensor:
     if n_bottom < 0:
         n_top, n_bottom = n_top + n_bottom, 0
     order = torch.argsort(tau.abs().reshape(-1).float())
-    mask = torch.zeros(n, dtype=tau.dtype)
+    mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
     mask[order[n_bottom:n - n_top if n_top > 0 else 0]] = 1  # mergekit slices [n_bottom:-n_top]: empty at n_top = 0
     return tau * mask.reshape_as(tau)
 
@@ -56,7 +56,8 @@ def della_magprune(tau: Tensor, density: float, epsilon: float, seed: int) -> Te
     if density <= 0:
         return torch.zeros_like(tau)
     gen = torch.Generator().manual_seed(seed)
-    keep = torch.rand(tau.shape, generator=gen) < della_keep_probabilities(tau, density, epsilon)
+    draws = torch.rand(tau.shape, generator=gen).to(tau.device)  # drawn on the host: the same drop on any device
+    keep = draws < della_keep_probabilities(tau, density, epsilon)
     return tau * keep
 
 
@@ -72,10 +73,10 @@ def sce_variance_mask(taus: Tensor, select_topk: float) -> Tensor:
     """SCE's select step (mergekit `sce`): keep the ⌊select_topk · #nonzero-variance⌋ entries of highest variance
     across tasks (population variance; ties by topk order); ≥ 1 keeps all, ≤ 0 none."""
     if select_topk >= 1:
-        return torch.ones(taus.shape[1:], dtype=taus.dtype)
+        return torch.ones(taus.shape[1:], dtype=taus.dtype, device=taus.device)
     var = taus.var(0, unbiased=False)
     count = int(int(torch.count_nonzero(var)) * select_topk) if select_topk > 0 else 0
-    mask = torch.zeros(var.numel(), dtype=taus.dtype)
+    mask = torch.zeros(var.numel(), dtype=taus.dtype, device=taus.device)
     mask[torch.topk(var.reshape(-1), count).indices] = 1
     return mask.reshape(var.shape)
 

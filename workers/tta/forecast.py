@@ -117,12 +117,12 @@ def forecast_adaptive(plan: MergePlan, params: AdaptiveParams, lr: float, base: 
     make_merger(params, lr, plan, base, tasks, [index[smallest[0].key]], device=device)
     for entries in groups.values():
         with PeakRss() as rss, DevicePeak(device) as on_device:
-            merger, seconds = timed(lambda: make_merger(params, lr, plan, base, tasks, [index[entries[0].key]], device=device))
+            merger, seconds = timed(lambda: make_merger(params, lr, plan, base, tasks, [index[entries[0].key]], device=device), device)
         build_peak = max(build_peak, rss.peak - before)
         build_device = max(build_device, on_device.peak)
         build_s += seconds * len(entries)
-        (_, weight), forward_s = timed(lambda: next(merger.iter_merged_weights()))
-        _, backward_s = timed(lambda: torch.autograd.backward(weight, torch.ones_like(weight)))
+        (_, weight), forward_s = timed(lambda: next(merger.iter_merged_weights()), device)
+        _, backward_s = timed(lambda: torch.autograd.backward(weight, torch.ones_like(weight)), device)
         merge_s += (forward_s + backward_s) * len(entries)
         state_bytes += kept_bytes(merger) * len(entries)
         del merger, weight

@@ -59,7 +59,7 @@ def infomax(logits: Tensor, valid: Tensor | None = None, group_sum: GroupSum | N
     the marginal term is the linearisation whose gradient, averaged over ranks, is the full-batch gradient."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     probs = logp.exp()
-    mask = (torch.ones(probs.shape[:-1]) if valid is None or probs.dim() == 2 else valid).to(probs.dtype)
+    mask = (torch.ones(probs.shape[:-1], device=probs.device) if valid is None or probs.dim() == 2 else valid).to(probs.dtype)
     flat_p, flat_m = probs.reshape(-1, probs.shape[-1]), mask.reshape(-1, 1)
     local_sum, local_count = (flat_p * flat_m).sum(0), flat_m.sum()
     if world == 1 or group_sum is None:
