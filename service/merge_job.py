@@ -139,10 +139,10 @@ def forecast_merge(prepared: PreparedMerge, device: torch.device = torch.device(
     return forecast(prepared.plan, sample_method, prepared.base, prepared.tasks, job.output, device)
 
 
-def attach_grams(prepared: PreparedMerge) -> None:
-    """RegMean's input Gram matrices (workers/tta/grams.py): computed once per job — each task model over the first
-    rows of its `tta.data` — or reused from the job folder when the models, data and row count are the same. Imported
-    here: a plain static merge never loads transformers."""
+def attach_grams(prepared: PreparedMerge, device: torch.device = CPU) -> None:
+    """RegMean's input Gram matrices (workers/tta/grams.py): computed once per job on `device` — each task model over
+    the first rows of its `tta.data` — or reused from the job folder when the models, data and row count are the same.
+    Imported here: a plain static merge never loads transformers."""
     from rankmerge.cluster.checkpoints import job_identity
     from rankmerge.workers.tta.adapters import build_task_models
     from rankmerge.workers.tta.data import load_task_data
@@ -157,9 +157,9 @@ def attach_grams(prepared: PreparedMerge) -> None:
 
     def compute(t: int):
         if not models:
-            models.append(build_task_models(plan, prepared.base, tasks))
+            models.append(build_task_models(plan, prepared.base, tasks).on(device))
         data = load_task_data(tta.data[names[t]], names[t], job.base, tta.max_length)
-        return task_grams(models[0], plan, tasks[t], t, data, tta.eval_batch_size, rows)
+        return task_grams(models[0], plan, tasks[t], t, data, tta.eval_batch_size, rows, device)
 
     prepared.method.grams = prepare_grams(job.resolved_job_dir, names, identity, compute)
 
@@ -196,7 +196,7 @@ def run_merge_job(job: MergeJob, dry_run: bool = False) -> dict[str, Any] | str:
         if dry_run:
             return describe_plan(prepared, forecast_merge(prepared, device))
         if prepared.method.needs_data:
-            attach_grams(prepared)
+            attach_grams(prepared, device)
         log.info("merging %d models with %s into %s on %s", len(prepared.tasks), job.method, job.output, device)
         pub = publication(job, prepared.plan, prepared.base, prepared.tasks, prepared.method.params.model_dump(by_alias=True))
         return run_static_merge(pub, prepared.method,

@@ -209,15 +209,16 @@ def check_adaptation_data(job: MergeJob, tasks: list[Checkpoint], datasets: list
 
 
 def prepare_teachers(job: MergeJob, plan: MergePlan, models: TaskModels, tasks: list[Checkpoint],
-                     datasets: list[dict[str, torch.Tensor]], identity: str) -> tuple[Path, float]:
-    """Compute the teacher targets once per job (or reuse the job's intact cache of the same `identity`: spec and
-    input fingerprints) and attach them to the datasets; returns the cache path and the seconds spent (0: reused)."""
+                     datasets: list[dict[str, torch.Tensor]], identity: str, device: torch.device) -> tuple[Path, float]:
+    """Compute the teacher targets once per job on `device` (or reuse the job's intact cache of the same `identity`:
+    spec and input fingerprints) and attach them to the datasets; returns the cache path and the seconds spent (0:
+    reused)."""
     names, job_dir = [ck.name for ck in tasks], job.resolved_job_dir
     targets, seconds = load_teachers(job_dir, names, identity), 0.0
     if targets is None:
         started = time.perf_counter()
         dtype = getattr(torch, compute_dtype(job.tta.compute_dtype, plan))
-        targets = teacher_targets(models, plan, tasks, datasets, job.tta.eval_batch_size, dtype)
+        targets = teacher_targets(models, plan, tasks, datasets, job.tta.eval_batch_size, dtype, device)
         save_teachers(job_dir, names, targets, identity)
         seconds = time.perf_counter() - started
         log.info("teacher targets for %d tasks in %.1f s", len(names), seconds)
@@ -227,19 +228,21 @@ def prepare_teachers(job: MergeJob, plan: MergePlan, models: TaskModels, tasks: 
 
 
 def make_guard(runner: Executor, models: TaskModels, datasets: list[dict[str, torch.Tensor]], held: list[torch.Tensor],
-               batch: int) -> Guard:
-    """Score the executor's current state on each task's held-out rows against the task model (no labels)."""
+               batch: int, device: torch.device) -> Guard:
+    """Score the executor's current state on each task's held-out rows against the task model (no labels), on
+    `device`."""
     references = [reference_labels({k: d[k] for k in TARGET_KEYS if k in d}) for d in datasets]
+    on = models.on(device)
 
     @torch.no_grad()
     def score() -> list[dict[str, float]]:
-        weights = collect_weights(runner, "final")
+        weights = {k: v.to(device) for k, v in collect_weights(runner, "final").items()}
         out = []
         for t, (data, rows, reference) in enumerate(zip(datasets, held, references)):
             tally = GuardTally()
             for part in torch.split(rows, batch):
-                inputs = model_inputs(data, part)
-                tally.add(models.logits(weights, t, inputs), reference[part], models.valid(inputs))
+                inputs = {k: v.to(device) for k, v in model_inputs(data, part).items()}
+                tally.add(on.logits(weights, t, inputs), reference[part], on.valid(inputs))
             out.append(tally.signals())
         return out
 
@@ -252,8 +255,9 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
     step is worse than step 0 by the label-free guard."""
     start_time = time.perf_counter()
     tta = job.tta
-    if executor == "local":
-        resolve_device(job.device)  # an absent GPU is refused before any heavy work
+    # the driver's own model math (teacher targets, guard, evaluation): the job's device in-process; under Ray the
+    # devices are the actors' and the driver stays on the CPU. An absent GPU is refused before any heavy work.
+    where = resolve_device(job.device) if executor == "local" else torch.device("cpu")
     with ExitStack() as stack:
         lease = stack.enter_context(take_driver_lease(job))  # one driver per job dir, before any heavy work
         job_dir, spec_hash = job.resolved_job_dir, job.spec_hash()
@@ -271,13 +275,13 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
         models = build_task_models(plan, base, tasks)  # checks the adapter before any actor starts
         splits = [holdout_split(num_rows(d), tta.holdout, tta.holdout_max_rows, tta.seed, ck.name) for ck, d in zip(tasks, datasets)]
         guarded = all(held.numel() > 0 for held, _ in splits)
-        teachers, teacher_seconds = (prepare_teachers(job, plan, models, tasks, datasets, spec_hash)
+        teachers, teacher_seconds = (prepare_teachers(job, plan, models, tasks, datasets, spec_hash, where)
                                      if guarded or tta.objective == "distill" else (None, 0.0))
         runner = start_executor(job, plan, executor, address, loaded=(models, datasets), teachers=teachers)
         stack.callback(runner.close)
         streams = [IndexStream(ck.name, num_rows(data), tta.seed, pool=pool if guarded else None)
                    for ck, data, (_, pool) in zip(tasks, datasets, splits)]
-        guard = make_guard(runner, models, datasets, [held for held, _ in splits], tta.eval_batch_size) if guarded else None
+        guard = make_guard(runner, models, datasets, [held for held, _ in splits], tta.eval_batch_size, where) if guarded else None
         loop = LoopConfig(tta.steps, tta.batch_size, tta.checkpoint_every, tta.keep_checkpoints)
         coordinator = Coordinator(runner, streams, loop, job_dir, spec_hash, guard, lease)
         history = coordinator.run(resume)
@@ -315,7 +319,6 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
         }
         if labelled:
             merges = {"initial": collect_weights(runner, "initial"), "merged": final, **merges}
-            where = resolve_device(job.device) if executor == "local" else torch.device("cpu")
             report["accuracy"] = evaluate(models, plan, base, tasks, datasets, merges, tta.eval_batch_size, where)
         lease.check()  # a replaced driver publishes nothing
         side_files = adaptive_files(runner.hard_masks(), runner.owners(), state["lambda"], plan)

@@ -186,6 +186,24 @@ def test_cuda_static_merge_matches_cpu(families, tmp_path, method):
 
 @pytest.mark.gpu
 @needs_gpu
+def test_cuda_regmean_gram_matrices_match_cpu(families, tmp_path):
+    """RegMean's Gram matrices come from forwards of each task model over its data: on the job's device."""
+    from safetensors.torch import load_file
+
+    from rankmerge.service.merge_job import run_merge_job
+
+    spec = make_job(families, tmp_path, method="regmean")
+    for device in ("cpu", "cuda"):
+        assert run_merge_job(job_from_dict({**spec, "device": device, "output": str(tmp_path / device)}, tmp_path))
+    for name in ("{}/model.safetensors", *(f"{{}}.job/grams/{t}.safetensors" for t in spec["models"])):
+        a, b = (load_file(str(tmp_path / name.format(device))) for device in ("cpu", "cuda"))
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("method, objective", [("adarank", "entropy"), ("adamerging", "entropy"), ("adarank", "infomax")])
 def test_cuda_adaptive_steps_match_cpu(families, tmp_path, method, objective):
     with ExitStack() as stack:
@@ -199,6 +217,33 @@ def test_cuda_adaptive_steps_match_cpu(families, tmp_path, method, objective):
         on_cpu, on_cuda = next(cpu.weights_by_shard("final")), next(cuda.weights_by_shard("final"))
         for key, weight in on_cpu.items():
             torch.testing.assert_close(on_cuda[key], weight, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_distilled_job_with_its_guard_matches_cpu(families, tmp_path):
+    """The driver's own model math runs on the job's device too: teacher targets, the guard's held-out scoring and
+    the evaluation; the same job as on the CPU."""
+    assert_same_job_on(families, tmp_path, ("cpu", "cuda"))
+
+
+def assert_same_job_on(families, tmp_path, devices: tuple[str, str]) -> None:
+    from safetensors.torch import load_file
+
+    from rankmerge.service.tta_job import run_adaptive_job
+
+    spec = make_job(families, tmp_path, params={"factorization": "ta", "lambda": 0.3}, objective="distill", steps=4)
+    reports = [run_adaptive_job(job_from_dict({**spec, "device": device, "output": str(tmp_path / f"out{i}")}, tmp_path))
+               for i, device in enumerate(devices)]
+    assert reports[1]["device"].startswith(devices[1]) and reports[1]["timing"]["teacher_seconds"] > 0
+    for name in ("out{}.job/teachers.safetensors", "out{}/model.safetensors"):
+        a, b = (load_file(str(tmp_path / name.format(i))) for i in (0, 1))
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-4)
+    curves = [[t["agreement"] for point in r["guard"]["curve"] for t in point["tasks"]] for r in reports]
+    assert curves[0] and curves[1] == pytest.approx(curves[0], abs=1e-6)
+    assert reports[1]["accuracy"] == reports[0]["accuracy"]
 
 
 # ---- peak device memory in --dry-run ------------------------------------------------------------------------------------

@@ -47,14 +47,15 @@ def linear_layers(models: TaskModels, task: int) -> dict[str, tuple[torch.nn.Mod
 
 @torch.no_grad()
 def task_grams(models: TaskModels, plan: MergePlan, ck: Checkpoint, task: int, data: dict[str, Tensor],
-               batch: int, max_rows: int) -> tuple[dict[str, Tensor], list[str]]:
+               batch: int, max_rows: int, device: torch.device = torch.device("cpu")) -> tuple[dict[str, Tensor], list[str]]:
     """Task `task`'s Gram matrix per linear layer over its first `max_rows` rows (each batch's in float32, their sum in
-    float64), and the keys stored [in, out]. A layer the forward never calls has none (RegMean then averages it, as FusionBench)."""
+    float64), and the keys stored [in, out]. A layer the forward never calls has none (RegMean then averages it, as FusionBench).
+    `models` on `device` (`TaskModels.on`), where the forwards and products run; the matrices come back to the host."""
     layers = linear_layers(models, task)
     if not layers:
         raise MergeInputError(f"regmean: task model {ck.name!r} has no linear layer among the merged tensors",
                               "use a model with nn.Linear/Conv1D layers, or another method")
-    own = {e.key: ck.read(e.sources[task]).float() for e in plan.merged}
+    own = {e.key: ck.read(e.sources[task]).to(device, torch.float32) for e in plan.merged}
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     current: dict[str, Tensor] = {}
@@ -76,12 +77,12 @@ def task_grams(models: TaskModels, plan: MergePlan, ck: Checkpoint, task: int, d
     rows = min(num_rows(data), max_rows)
     try:
         for start in progress(iterable=range(0, rows, batch), desc=f"gram {ck.name}", leave=False):
-            current = model_inputs(data, torch.arange(start, min(start + batch, rows)))
+            current = {k: v.to(device) for k, v in model_inputs(data, torch.arange(start, min(start + batch, rows))).items()}
             models.logits(own, task, current)
     finally:
         for handle in handles:
             handle.remove()
-    grams = {key: (total / counts[key]).float().contiguous() for key, total in sums.items()}
+    grams = {key: (total / counts[key]).float().cpu().contiguous() for key, total in sums.items()}
     return grams, sorted(key for key in grams if not layers[key][1])
 
 

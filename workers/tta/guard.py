@@ -46,7 +46,8 @@ class GuardTally:
 
     @torch.no_grad()
     def add(self, logits: Tensor, reference: Tensor, valid: Tensor | None = None) -> None:
-        mask = torch.ones(reference.shape, dtype=torch.bool) if valid is None or logits.dim() == 2 else valid.bool()
+        reference = reference.to(logits.device)
+        mask = torch.ones(reference.shape, dtype=torch.bool, device=logits.device) if valid is None or logits.dim() == 2 else valid.bool()
         self.agree += float(((logits.argmax(-1) == reference) & mask).sum())
         self.count += float(mask.sum())
         probs = torch.softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])[mask.reshape(-1)].sum(0)

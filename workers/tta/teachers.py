@@ -35,21 +35,23 @@ CACHE = "teachers.safetensors"
 
 @torch.no_grad()
 def teacher_targets(models: TaskModels, plan: MergePlan, tasks: list[Checkpoint], datasets: list[dict[str, Tensor]],
-                    batch: int, dtype: torch.dtype) -> list[dict[str, Tensor]]:
-    """Per task: the task model's outputs on every row (TEACHER_LOGITS, and TEACHER_INDEX for causal LMs)."""
-    out = []
+                    batch: int, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> list[dict[str, Tensor]]:
+    """Per task: the task model's outputs on every row (TEACHER_LOGITS, and TEACHER_INDEX for causal LMs), computed
+    on `device` a batch at a time; the targets come back to the host (they are cached, and shipped to workers)."""
+    out, on = [], models.on(device)
     for t, (ck, data) in enumerate(zip(tasks, datasets)):
-        own = {e.key: ck.read(e.sources[t]).to(dtype) for e in plan.merged}
+        own = {e.key: ck.read(e.sources[t]).to(device, dtype) for e in plan.merged}
         values, index = [], []
         rows = num_rows(data)
         for start in progress(iterable=range(0, rows, batch), desc=f"teacher {ck.name}", leave=False):
-            logits = models.logits(own, t, model_inputs(data, torch.arange(start, min(start + batch, rows)))).float()
+            inputs = {k: v.to(device) for k, v in model_inputs(data, torch.arange(start, min(start + batch, rows))).items()}
+            logits = on.logits(own, t, inputs).float()
             if models.output_kind == "causal_lm":
                 top = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1)
-                values.append(top.values)
-                index.append(top.indices.to(torch.int32))
+                values.append(top.values.cpu())
+                index.append(top.indices.to(torch.int32).cpu())
             else:
-                values.append(logits)
+                values.append(logits.cpu())
         targets = {TEACHER_LOGITS: torch.cat(values)}
         if index:
             targets[TEACHER_INDEX] = torch.cat(index)
