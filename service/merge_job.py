@@ -91,17 +91,18 @@ def _check_base_config(job: MergeJob) -> None:
                               "copy the pretrained model's config.json into the base folder")
 
 
-def prepare_zero_shot_heads(job: MergeJob) -> None:
-    """The spec's zero-shot heads, computed into the job directory once (reused when already there)."""
+def prepare_zero_shot_heads(job: MergeJob, device: torch.device = CPU) -> None:
+    """The spec's zero-shot heads, computed into the job directory once on `device` (reused when already there)."""
     if job.heads:
-        prepare_heads(job.heads, job.models, job.clip_model, job.resolved_job_dir)
+        prepare_heads(job.heads, job.models, job.clip_model, job.resolved_job_dir, device)
 
 
-def open_inputs(job: MergeJob, stack: ExitStack) -> tuple[ModelCheckpoint, list[Checkpoint], MergePlan]:
-    """Everything cheap, in order: output location, headers, config, key/shape/dtype agreement, disk space."""
+def open_inputs(job: MergeJob, stack: ExitStack, device: torch.device = CPU) -> tuple[ModelCheckpoint, list[Checkpoint], MergePlan]:
+    """Everything cheap, in order: output location, headers, config, key/shape/dtype agreement, disk space (and the
+    zero-shot heads, computed once per job on `device`)."""
     _check_output_location(job)
     _check_base_config(job)
-    prepare_zero_shot_heads(job)
+    prepare_zero_shot_heads(job, device)
     base, tasks, plan = open_sources(job.sources, stack)
     check_disk_space(job.output, sum(nbytes(shape, dtype) for _, dtype, shape in plan.layout()))
     return base, tasks, plan
@@ -114,8 +115,8 @@ def publication(job: MergeJob, plan: MergePlan, base: ModelCheckpoint, tasks: li
     return Publication(job.output, plan, base, tasks, job.method, params, data, parse_size(job.max_shard_size), job.overwrite)
 
 
-def prepare(job: MergeJob, stack: ExitStack) -> PreparedMerge:
-    base, tasks, plan = open_inputs(job, stack)
+def prepare(job: MergeJob, stack: ExitStack, device: torch.device = CPU) -> PreparedMerge:
+    base, tasks, plan = open_inputs(job, stack, device)
     method = make_method(job.method, job.params, MergeContext(tuple(job.models), plan.merged_numel))
     for caveat in method.caveats():
         log.warning(caveat)
@@ -192,7 +193,7 @@ def run_merge_job(job: MergeJob, dry_run: bool = False) -> dict[str, Any] | str:
     """Dry run → the plan text; otherwise merge and return the report."""
     device = resolve_device(job.device)  # an absent GPU is refused before anything is read
     with ExitStack() as stack:
-        prepared = prepare(job, stack)
+        prepared = prepare(job, stack, device)
         if dry_run:
             return describe_plan(prepared, forecast_merge(prepared, device))
         if prepared.method.needs_data:

@@ -92,8 +92,9 @@ def evaluate(models: TaskModels, plan: MergePlan, base: ModelCheckpoint, tasks: 
 
 def evaluate_output(job: MergeJob, data: dict[str, Any], batch: int = 256, max_length: int = 128) -> dict[str, Any]:
     """`rankmerge eval`: accuracy of a published output (static or adaptive) next to pretrained and individual models."""
+    device = resolve_device(job.device)
     with ExitStack() as stack:
-        prepare_zero_shot_heads(job)
+        prepare_zero_shot_heads(job, device)
         base = stack.enter_context(ModelCheckpoint(job.base, "base", job.allow_pickle))
         tasks = open_tasks(job.sources, base, stack)
         merged_ck = stack.enter_context(ModelCheckpoint(job.output, "output"))
@@ -104,7 +105,7 @@ def evaluate_output(job: MergeJob, data: dict[str, Any], batch: int = 256, max_l
         datasets = [load_task_data(data[ck.name], ck.name, job.base, max_length) for ck in tasks]
         models = build_task_models(plan, base, tasks)
         merged = {e.key: merged_ck.read(e.key).float() for e in plan.merged}
-        return evaluate(models, plan, base, tasks, datasets, {"merged": merged}, batch, resolve_device(job.device))
+        return evaluate(models, plan, base, tasks, datasets, {"merged": merged}, batch, device)
 
 
 # ---- the job ------------------------------------------------------------------------------------------------------
@@ -167,16 +168,16 @@ def start_executor(job: MergeJob, plan: MergePlan, executor: ExecutorName, addre
 
 def dry_run_adaptive_job(job: MergeJob) -> str:
     """Every check a run makes, then the forecast of the in-process run (workers/tta/forecast.py); writes nothing."""
-    tta = job.tta
+    tta, device = job.tta, resolve_device(job.device)
     with ExitStack() as stack:
-        base, tasks, plan = open_inputs(job, stack)
+        base, tasks, plan = open_inputs(job, stack, device)
         datasets = [load_task_data(tta.data[ck.name], ck.name, job.base, tta.max_length) for ck in tasks]
         check_adaptation_data(job, tasks, datasets)
         models = build_task_models(plan, base, tasks)
         params = parse_adaptive_params(job.method, job.params)
         dtype = getattr(torch, compute_dtype(tta.compute_dtype, plan))
         predicted = forecast_adaptive(plan, params, tta.lr, base, tasks, models, datasets, tta.batch_size, tta.steps,
-                                      dtype, job.output.parent, resolve_device(job.device))
+                                      dtype, job.output.parent, device)
     counts = ", ".join(f"{n} {role}" for role, n in plan.role_counts().items())
     return "\n".join([
         f"architecture rules: {plan.rules.name}; tasks: {', '.join(plan.task_names)}",
@@ -268,7 +269,7 @@ def run_adaptive_job(job: MergeJob, resume: bool = False, executor: ExecutorName
             check_output_free(job.output, job.overwrite)  # a refused restart removes nothing
             log.warning("restart: removing the checkpoints in %s", job_dir)
             shutil.rmtree(job_dir / "checkpoints")
-        base, tasks, plan = open_inputs(job, stack)
+        base, tasks, plan = open_inputs(job, stack, where)
         datasets = [load_task_data(tta.data[ck.name], ck.name, job.base, tta.max_length) for ck in tasks]
         check_adaptation_data(job, tasks, datasets)
         spec_hash = job_identity(spec_hash, [base, *tasks], tta.data.values())  # --resume refuses replaced input files

@@ -380,3 +380,21 @@ def test_a_bad_class_name_file_is_one_line_and_nothing_is_written(clip_family, t
     assert main(["run", str(tmp_path / "job.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "names.txt" in err[-1] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU")
+def test_zero_shot_heads_computed_on_cuda_match_the_cpu(clip_family, tmp_path):
+    """Every class × template prompt goes through the text tower on the job's device; the head is the CPU's."""
+    from safetensors.torch import load_file
+
+    from rankmerge.workers.zero_shot import TaskHead, prepare_heads
+
+    base, tasks = clip_family
+    heads = {"task0": TaskHead(zero_shot=ZeroShot(classnames=CLASSES, templates=["a photo of a {c}.", "a blurry {c}"]))}
+    files = {device: prepare_heads(heads, {"task0": tasks["task0"]}, base, tmp_path / device, torch.device(device))["task0"]
+             for device in ("cpu", "cuda")}
+    cpu, cuda = load_file(str(files["cpu"])), load_file(str(files["cuda"]))
+    assert cpu.keys() == cuda.keys() and all(v.device.type == "cpu" for v in cuda.values())
+    for key in cpu:
+        torch.testing.assert_close(cuda[key], cpu[key], atol=1e-4, rtol=1e-4)

@@ -249,6 +249,8 @@ class StreamingCheckpointWriter:
             raise ValueError(f"{name}: planned shape {shape}, got {got}" + (f" at row {first_row}" if first_row else ""))
         rows = shape[0] if shape else 1
         lo, hi = (0, rows) if whole else (first_row, first_row + got[0])
+        if hi == lo and not whole:
+            return  # an empty block writes nothing
         done = self._rows.setdefault(name, [])
         if name in self._written or any(lo < end and start < hi for start, end in done):
             raise ValueError(f"{name}: rows {lo}..{hi - 1} written twice")

@@ -112,18 +112,21 @@ def task_config(encoder_config: dict, clip_config: dict, classnames: list[str]) 
 # ---- computing and caching the head -------------------------------------------------------------------------------
 @torch.no_grad()
 def compute_head(clip: Any, tokenizer: Any, classnames: list[str], templates: list[str], batch: int = 256) -> dict[str, Tensor]:
-    """The head's tensors from a pretrained `CLIPModel` and its tokenizer (prompts cut at the text tower's length)."""
+    """The head's tensors from a pretrained `CLIPModel` and its tokenizer (prompts cut at the text tower's length),
+    computed where `clip` is (every class × template prompt goes through the text tower); returned on the host."""
+    device = clip.logit_scale.device
     prompts = [t.replace("{c}", name) for name in classnames for t in templates]
     limit = clip.config.text_config.max_position_embeddings  # CLIP's 77 tokens
     embeds = []
     for start in range(0, len(prompts), batch):
         tokens = tokenizer(prompts[start : start + batch], padding=True, truncation=True, max_length=limit,
                            return_tensors="pt")
-        pooled = clip.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+        pooled = clip.text_model(input_ids=tokens["input_ids"].to(device),
+                                 attention_mask=tokens["attention_mask"].to(device)).pooler_output
         embeds.append(clip.text_projection(pooled).float())
     classes = class_embeddings(torch.cat(embeds).reshape(len(classnames), len(templates), -1))
-    return {WEIGHT: (clip.logit_scale.float().exp() * classes).contiguous(),
-            PROJECTION: clip.visual_projection.weight.float().contiguous()}
+    return {WEIGHT: (clip.logit_scale.float().exp() * classes).cpu().contiguous(),
+            PROJECTION: clip.visual_projection.weight.float().cpu().contiguous()}
 
 
 def load_clip(clip_dir: Path) -> tuple[Any, Any]:
@@ -160,9 +163,10 @@ def _metadata(path: Path) -> dict[str, str]:
         return {}
 
 
-def prepare_heads(heads: dict[str, TaskHead], models: dict[str, Path], clip_dir: Path, job_dir: Path) -> dict[str, Path]:
-    """Compute each named head once per job (a resume reuses the cached file of the same identity); task -> file.
-    The CLIP model is loaded only when a head is missing, and then once."""
+def prepare_heads(heads: dict[str, TaskHead], models: dict[str, Path], clip_dir: Path, job_dir: Path,
+                  device: torch.device = torch.device("cpu")) -> dict[str, Path]:
+    """Compute each named head once per job on `device` (a resume reuses the cached file of the same identity); task ->
+    file. The CLIP model is loaded only when a head is missing, and then once."""
     out: dict[str, Path] = {}
     with ModelCheckpoint(clip_dir, "zero_shot_model") as ck:
         clip_weights, clip_config = input_fingerprint(ck.files), ck.config
@@ -178,7 +182,9 @@ def prepare_heads(heads: dict[str, TaskHead], models: dict[str, Path], clip_dir:
         if _metadata(path).get("identity") == identity:
             log.info("zero-shot head of %r: reusing %s", task, path)
         else:
-            clip = clip or load_clip(clip_dir)
+            if clip is None:
+                model, tokenizer = load_clip(clip_dir)
+                clip = (model.to(device), tokenizer)
             names = head.zero_shot.resolved_classnames()
             tensors = compute_head(*clip, names, head.zero_shot.resolved_templates())
             metadata = {"identity": identity, "config": json.dumps(task_config(config, clip_config, names), sort_keys=True)}
